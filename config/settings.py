@@ -1,0 +1,192 @@
+"""Django settings, read from the environment. `python -m config.stack` sets the variables for the
+embedded servers; in external mode the operator sets them (see README, Configuration)."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+import dj_database_url
+
+from config.env import ConfigError, env_bool, env_int, env_list, env_str, state_dir
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+STATE_DIR = state_dir()
+
+
+def _secret_key() -> str:
+    from_env = env_str("DJANGO_SECRET_KEY", "-")
+    if from_env != "-":
+        return from_env
+    # Embedded mode: one key per state folder, made on first start and kept.
+    key_file = STATE_DIR / "secret_key"
+    if not key_file.exists():
+        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        key_file.write_text(secrets.token_urlsafe(50))
+        key_file.chmod(0o600)
+    return key_file.read_text().strip()
+
+
+SECRET_KEY = _secret_key()
+DEBUG = env_bool("DJANGO_DEBUG", False)
+ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]", "testserver"])
+CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", [])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django.contrib.postgres",
+    "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
+    "registry",
+    "pipelines",
+    "deployer",
+    "monitoring",
+    "frontend",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "config.urls"
+WSGI_APPLICATION = "config.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+                "frontend.context.roles",
+            ],
+        },
+    }
+]
+
+try:
+    DATABASE_URL = env_str("DATABASE_URL")
+except ConfigError:
+    raise ConfigError(
+        "DATABASE_URL is not set. Start the platform with `make run` (embedded PostgreSQL) "
+        "or set DATABASE_URL=postgresql://user:password@host:port/dbname"
+    ) from None
+DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=60, conn_health_checks=True)}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
+
+# MLflow: its tracking/registry store lives in PostgreSQL (its own database by default, on the same
+# server); artifacts under a local folder unless an object store URI is given.
+MLFLOW_BACKEND_STORE_URI = env_str("MLFLOW_BACKEND_STORE_URI", "")
+MLFLOW_ARTIFACTS_URI = env_str("MLFLOW_ARTIFACTS_URI", str(STATE_DIR / "mlartifacts"))
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+]
+LOGIN_URL = "frontend:login"
+LOGIN_REDIRECT_URL = "frontend:model-list"
+LOGOUT_REDIRECT_URL = "frontend:login"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = False
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = STATE_DIR / "static"
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
+WHITENOISE_USE_FINDERS = True
+
+# Uploads: archives stream to disk; the registry enforces its own limits on top.
+FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
+DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
+FILE_UPLOAD_TEMP_DIR = None
+
+PLATFORM = {
+    # Largest model archive accepted, compressed (bytes).
+    "MAX_UPLOAD_BYTES": env_int("PLATFORM_MAX_UPLOAD_BYTES", 512 * 1024 * 1024),
+    # Largest total size once unpacked, and most members, to stop archive bombs.
+    "MAX_UNPACKED_BYTES": env_int("PLATFORM_MAX_UNPACKED_BYTES", 2 * 1024 * 1024 * 1024),
+    "MAX_ARCHIVE_MEMBERS": env_int("PLATFORM_MAX_ARCHIVE_MEMBERS", 10_000),
+    "MAX_COMPRESSION_RATIO": env_int("PLATFORM_MAX_COMPRESSION_RATIO", 200),
+    # Refuse flavors whose artifacts are pickles (sklearn, pytorch, cloudpickle pyfunc) outright.
+    "REFUSE_PICKLE_FLAVORS": env_bool("PLATFORM_REFUSE_PICKLE_FLAVORS", False),
+    # Seconds an isolated model inspection may take before it is stopped.
+    "INSPECT_TIMEOUT_S": env_int("PLATFORM_INSPECT_TIMEOUT_S", 120),
+    "TOKEN_DEFAULT_DAYS": env_int("PLATFORM_TOKEN_DEFAULT_DAYS", 90),
+}
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "registry.auth.TokenAuthentication",
+        "registry.auth.BasicPasswordAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PAGINATION_CLASS": "registry.api.pagination.Pagination",
+    "PAGE_SIZE": 50,
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "registry.api.errors.exception_handler",
+    "DEFAULT_RENDERER_CLASSES": [
+        "rest_framework.renderers.JSONRenderer",
+        "rest_framework.renderers.BrowsableAPIRenderer",
+    ],
+    "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "MLOps platform API",
+    "DESCRIPTION": "Registry, engine builds, deployments and monitoring. Authenticate with "
+    "`Authorization: Bearer <token>` (create tokens in the web UI under Tokens).",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "COMPONENT_SPLIT_REQUEST": True,
+}
+
+CELERY_BROKER_URL = REDIS_URL
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_TASK_DEFAULT_QUEUE = "default"
+CELERY_BEAT_SCHEDULE = {
+    "registry-reconcile": {"task": "registry.tasks.registry_reconcile", "schedule": 60.0},
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
+    "loggers": {
+        "alembic": {"level": "WARNING"},
+        "django.request": {"level": "ERROR"},
+    },
+}

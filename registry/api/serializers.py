@@ -1,0 +1,141 @@
+from __future__ import annotations
+
+from django.contrib.auth import get_user_model
+from rest_framework import serializers
+
+from registry.models import ApiToken, AuditEvent, ModelVersion, RegisteredModel, VersionOrigin, VersionStatus
+from registry.roles import Role
+
+
+class ModelOut(serializers.ModelSerializer):
+    created_by = serializers.CharField(source="created_by.username", default=None)
+
+    class Meta:
+        model = RegisteredModel
+        fields = ["name", "description", "tags", "latest_version", "version_count", "created_by",
+                  "created_at", "updated_at"]
+
+
+class ModelCreateIn(serializers.Serializer):
+    name = serializers.CharField(max_length=128)
+    description = serializers.CharField(required=False, allow_blank=True, default="")
+    tags = serializers.DictField(child=serializers.CharField(allow_blank=True), required=False, default=dict)
+
+
+class ModelUpdateIn(serializers.Serializer):
+    description = serializers.CharField(required=False, allow_blank=True)
+    tags = serializers.DictField(child=serializers.CharField(allow_blank=True), required=False)
+
+
+class VersionOut(serializers.ModelSerializer):
+    model = serializers.CharField(source="model.name")
+    created_by = serializers.CharField(source="created_by.username", default=None)
+
+    class Meta:
+        model = ModelVersion
+        fields = ["model", "version", "status", "status_detail", "origin", "description", "tags", "created_by",
+                  "created_at", "updated_at"]
+
+
+class LineageOut(serializers.Serializer):
+    source = serializers.CharField()
+    storage_location = serializers.CharField()
+    run_id = serializers.CharField()
+    experiment_id = serializers.CharField()
+    params = serializers.DictField()
+    metrics = serializers.DictField()
+    run_tags = serializers.DictField()
+    flavors = serializers.DictField()
+    signature = serializers.JSONField(allow_null=True)
+    input_example = serializers.JSONField(allow_null=True)
+
+
+class VersionDetailOut(VersionOut):
+    lineage = serializers.SerializerMethodField()
+    inspection = serializers.JSONField()
+
+    class Meta(VersionOut.Meta):
+        fields = [*VersionOut.Meta.fields, "lineage", "inspection"]
+
+    def get_lineage(self, obj: ModelVersion) -> dict[str, object]:
+        return LineageOut(obj).data
+
+
+class VersionRegisterIn(serializers.Serializer):
+    """Either `archive` (multipart upload of a .zip/.tar.gz MLflow model folder) or `source`."""
+
+    archive = serializers.FileField(required=False, help_text="MLflow model folder as .zip, .tar or .tar.gz")
+    source = serializers.CharField(required=False, help_text="runs:/<run_id>/<path> or models:/<name>/<version>")
+    description = serializers.CharField(required=False, allow_blank=True, default="")
+    tags = serializers.JSONField(required=False, default=dict)
+
+    def validate(self, attrs: dict[str, object]) -> dict[str, object]:
+        if bool(attrs.get("archive")) == bool(attrs.get("source")):
+            raise serializers.ValidationError("give exactly one of 'archive' (file upload) or 'source' (URI)")
+        return attrs
+
+
+class VersionUpdateIn(serializers.Serializer):
+    description = serializers.CharField(required=False, allow_blank=True)
+    tags = serializers.DictField(child=serializers.CharField(allow_blank=True), required=False)
+
+
+class VersionFilterIn(serializers.Serializer):
+    status = serializers.ChoiceField(choices=VersionStatus.choices, required=False)
+    origin = serializers.ChoiceField(choices=VersionOrigin.choices, required=False)
+
+
+class TokenOut(serializers.ModelSerializer):
+    owner = serializers.CharField(source="user.username")
+
+    class Meta:
+        model = ApiToken
+        fields = ["id", "name", "owner", "prefix", "roles", "created_at", "expires_at", "revoked_at", "last_used_at"]
+
+
+class TokenCreateIn(serializers.Serializer):
+    name = serializers.CharField(max_length=100)
+    roles = serializers.ListField(child=serializers.ChoiceField(choices=Role.choices), required=False)
+    expires_in_days = serializers.IntegerField(required=False, min_value=0, max_value=3650)
+    owner = serializers.CharField(required=False, help_text="username; admins may create tokens for others")
+
+
+class TokenCreatedOut(TokenOut):
+    token = serializers.CharField(help_text="Shown once. Store it now.")
+
+    class Meta(TokenOut.Meta):
+        fields = [*TokenOut.Meta.fields, "token"]
+
+
+class UserOut(serializers.ModelSerializer):
+    roles = serializers.ListField(source="profile.roles", child=serializers.CharField(), default=list)
+    is_service_account = serializers.BooleanField(source="profile.is_service_account", default=False)
+
+    class Meta:
+        model = get_user_model()
+        fields = ["id", "username", "email", "is_active", "roles", "is_service_account"]
+
+
+class UserCreateIn(serializers.Serializer):
+    username = serializers.CharField(max_length=150)
+    email = serializers.EmailField(required=False, allow_blank=True, default="")
+    password = serializers.CharField(required=False, allow_blank=True, write_only=True, default="")
+    roles = serializers.ListField(child=serializers.ChoiceField(choices=Role.choices))
+    is_service_account = serializers.BooleanField(default=False)
+
+
+class UserUpdateIn(serializers.Serializer):
+    roles = serializers.ListField(child=serializers.ChoiceField(choices=Role.choices), required=False)
+    is_active = serializers.BooleanField(required=False)
+
+
+class AuditOut(serializers.ModelSerializer):
+    class Meta:
+        model = AuditEvent
+        fields = ["id", "at", "actor_name", "via", "action", "target_type", "target_id", "before", "after"]
+
+
+class MeOut(serializers.Serializer):
+    username = serializers.CharField()
+    roles = serializers.ListField(child=serializers.CharField())
+    capabilities = serializers.ListField(child=serializers.CharField())

@@ -1,0 +1,272 @@
+"""Thin API views: parse input, check the capability, call one service or selector, shape output."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.shortcuts import get_object_or_404
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import status
+from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from registry import people, selectors, services
+from registry.api import serializers as s
+from registry.api.errors import error_response
+from registry.api.pagination import Pagination
+from registry.api.permissions import HasCapability, request_roles
+from registry.audit import Actor
+from registry.models import ApiToken, RegisteredModel
+from registry.roles import CAPABILITIES, Cap, roles_allow
+from registry.tokens import token_create, token_revoke
+
+
+def actor_of(request: Request) -> Actor:
+    return Actor(request.user, "api")
+
+
+class BaseView(APIView):
+    permission_classes = [HasCapability]
+    capabilities: dict[str, str] = {}
+
+    def paginate(self, queryset: Any, serializer: type, **extra: Any) -> Response:
+        paginator = Pagination()
+        page = paginator.paginate_queryset(queryset, self.request, view=self)
+        return paginator.get_paginated_response(serializer(page, many=True, **extra).data)
+
+
+def _model(name: str) -> RegisteredModel:
+    return get_object_or_404(RegisteredModel, name=name)
+
+
+class ModelListView(BaseView):
+    capabilities = {"GET": Cap.MODEL_READ, "POST": Cap.MODEL_REGISTER}
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("search", str, description="text in the name or description"),
+            OpenApiParameter("tag", str, description="key or key:value"),
+            OpenApiParameter("ordering", str, description="name, -updated_at, ..."),
+        ],
+        responses=s.ModelOut(many=True),
+    )
+    def get(self, request: Request) -> Response:
+        qs = selectors.model_list(request.query_params.get("search", ""), request.query_params.get("tag", ""),
+                                  request.query_params.get("ordering", "name"))
+        return self.paginate(qs, s.ModelOut)
+
+    @extend_schema(request=s.ModelCreateIn, responses={201: s.ModelOut})
+    def post(self, request: Request) -> Response:
+        data = s.ModelCreateIn(data=request.data)
+        data.is_valid(raise_exception=True)
+        model = services.model_create(actor_of(request), **data.validated_data)
+        return Response(s.ModelOut(model).data, status=status.HTTP_201_CREATED)
+
+
+class ModelDetailView(BaseView):
+    capabilities = {"GET": Cap.MODEL_READ, "PATCH": Cap.MODEL_EDIT}
+
+    @extend_schema(responses=s.ModelOut)
+    def get(self, request: Request, name: str) -> Response:
+        return Response(s.ModelOut(_model(name)).data)
+
+    @extend_schema(request=s.ModelUpdateIn, responses=s.ModelOut)
+    def patch(self, request: Request, name: str) -> Response:
+        data = s.ModelUpdateIn(data=request.data)
+        data.is_valid(raise_exception=True)
+        model = services.model_update(actor_of(request), _model(name), **data.validated_data)
+        return Response(s.ModelOut(model).data)
+
+
+class VersionListView(BaseView):
+    capabilities = {"GET": Cap.MODEL_READ, "POST": Cap.MODEL_REGISTER}
+    parser_classes = [MultiPartParser, FormParser, JSONParser]
+
+    @extend_schema(parameters=[s.VersionFilterIn], responses=s.VersionOut(many=True))
+    def get(self, request: Request, name: str) -> Response:
+        filters = s.VersionFilterIn(data=request.query_params)
+        filters.is_valid(raise_exception=True)
+        return self.paginate(selectors.version_list(_model(name), **filters.validated_data), s.VersionOut)
+
+    @extend_schema(request={"multipart/form-data": s.VersionRegisterIn, "application/json": s.VersionRegisterIn},
+                   responses={201: s.VersionDetailOut})
+    def post(self, request: Request, name: str) -> Response:
+        too_big = _upload_too_big(request)
+        if too_big:
+            return too_big
+        data = s.VersionRegisterIn(data=request.data)
+        data.is_valid(raise_exception=True)
+        v = data.validated_data
+        tags = v.get("tags") or {}
+        if isinstance(tags, str):
+            import json
+
+            try:
+                tags = json.loads(tags or "{}")
+            except json.JSONDecodeError:
+                return error_response(400, "invalid_input", "tags must be a JSON object, e.g. {\"team\": \"vision\"}")
+        if v.get("archive"):
+            with _spooled(v["archive"]) as path:
+                version = services.version_register_from_archive(actor_of(request), name, path,
+                                                                 v.get("description", ""), tags)
+        else:
+            version = services.version_register_from_uri(actor_of(request), name, v["source"],
+                                                         v.get("description", ""), tags)
+        return Response(s.VersionDetailOut(version).data, status=status.HTTP_201_CREATED)
+
+
+def _upload_too_big(request: Request) -> Response | None:
+    limit = settings.PLATFORM["MAX_UPLOAD_BYTES"]
+    try:
+        length = int(request.META.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        length = 0
+    if length > limit:
+        return error_response(413, "too_large", f"upload of {length} bytes is over the limit of {limit} bytes "
+                                                "(PLATFORM_MAX_UPLOAD_BYTES)")
+    return None
+
+
+class _spooled:
+    """The uploaded file as a path on disk (Django keeps large uploads in a temp file already)."""
+
+    def __init__(self, upload: Any) -> None:
+        self.upload = upload
+        self.tmp: str | None = None
+
+    def __enter__(self) -> Path:
+        path = getattr(self.upload, "temporary_file_path", None)
+        if path:
+            return Path(path())
+        fd, self.tmp = tempfile.mkstemp(prefix="upload-")
+        with os.fdopen(fd, "wb") as fh:
+            for chunk in self.upload.chunks():
+                fh.write(chunk)
+        return Path(self.tmp)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.tmp:
+            os.unlink(self.tmp)
+
+
+class VersionDetailView(BaseView):
+    capabilities = {"GET": Cap.MODEL_READ, "PATCH": Cap.MODEL_EDIT}
+
+    def _version(self, name: str, version: int) -> Any:
+        found = selectors.version_get(_model(name), version)
+        if found is None:
+            from django.http import Http404
+
+            raise Http404(f"model {name!r} has no version {version}")
+        return found
+
+    @extend_schema(responses=s.VersionDetailOut)
+    def get(self, request: Request, name: str, version: int) -> Response:
+        return Response(s.VersionDetailOut(self._version(name, version)).data)
+
+    @extend_schema(request=s.VersionUpdateIn, responses=s.VersionDetailOut)
+    def patch(self, request: Request, name: str, version: int) -> Response:
+        data = s.VersionUpdateIn(data=request.data)
+        data.is_valid(raise_exception=True)
+        updated = services.version_update(actor_of(request), self._version(name, version), **data.validated_data)
+        return Response(s.VersionDetailOut(updated).data)
+
+
+class TokenListView(BaseView):
+    """Everyone manages their own tokens; admins (user.manage) see and create everyone's."""
+
+    capabilities = {"GET": Cap.MODEL_READ, "POST": Cap.MODEL_READ}
+
+    @extend_schema(responses=s.TokenOut(many=True))
+    def get(self, request: Request) -> Response:
+        qs = ApiToken.objects.select_related("user")
+        if not roles_allow(request_roles(request), Cap.USER_MANAGE):
+            qs = qs.filter(user=request.user)
+        return self.paginate(qs.order_by("-created_at"), s.TokenOut)
+
+    @extend_schema(request=s.TokenCreateIn, responses={201: s.TokenCreatedOut})
+    def post(self, request: Request) -> Response:
+        data = s.TokenCreateIn(data=request.data)
+        data.is_valid(raise_exception=True)
+        v = data.validated_data
+        owner: Any = request.user
+        if v.get("owner") and v["owner"] != request.user.get_username():
+            if not roles_allow(request_roles(request), Cap.USER_MANAGE):
+                return error_response(403, "permission_denied", "only admins may create tokens for other accounts")
+            owner = get_object_or_404(get_user_model(), username=v["owner"])
+        issued = token_create(actor_of(request), owner, v["name"], v.get("roles"), v.get("expires_in_days"))
+        out = s.TokenOut(issued.token).data
+        out["token"] = issued.raw
+        return Response(out, status=status.HTTP_201_CREATED)
+
+
+class TokenDetailView(BaseView):
+    capabilities = {"DELETE": Cap.MODEL_READ}
+
+    @extend_schema(responses=s.TokenOut)
+    def delete(self, request: Request, token_id: int) -> Response:
+        token = get_object_or_404(ApiToken.objects.select_related("user"), pk=token_id)
+        if token.user_id != request.user.pk and not roles_allow(request_roles(request), Cap.USER_MANAGE):
+            return error_response(404, "not_found", "no such token")
+        return Response(s.TokenOut(token_revoke(actor_of(request), token)).data)
+
+
+class UserListView(BaseView):
+    capabilities = {"GET": Cap.USER_MANAGE, "POST": Cap.USER_MANAGE}
+
+    @extend_schema(responses=s.UserOut(many=True))
+    def get(self, request: Request) -> Response:
+        return self.paginate(get_user_model().objects.select_related("profile").order_by("username"), s.UserOut)
+
+    @extend_schema(request=s.UserCreateIn, responses={201: s.UserOut})
+    def post(self, request: Request) -> Response:
+        data = s.UserCreateIn(data=request.data)
+        data.is_valid(raise_exception=True)
+        user = people.user_create(actor_of(request), **data.validated_data)
+        return Response(s.UserOut(user).data, status=status.HTTP_201_CREATED)
+
+
+class UserDetailView(BaseView):
+    capabilities = {"GET": Cap.USER_MANAGE, "PATCH": Cap.USER_MANAGE}
+
+    @extend_schema(responses=s.UserOut)
+    def get(self, request: Request, username: str) -> Response:
+        return Response(s.UserOut(get_object_or_404(get_user_model(), username=username)).data)
+
+    @extend_schema(request=s.UserUpdateIn, responses=s.UserOut)
+    def patch(self, request: Request, username: str) -> Response:
+        data = s.UserUpdateIn(data=request.data)
+        data.is_valid(raise_exception=True)
+        user = people.user_update(actor_of(request), get_object_or_404(get_user_model(), username=username),
+                                  **data.validated_data)
+        return Response(s.UserOut(user).data)
+
+
+class AuditListView(BaseView):
+    capabilities = {"GET": Cap.AUDIT_READ}
+
+    @extend_schema(
+        parameters=[OpenApiParameter("action", str), OpenApiParameter("target", str), OpenApiParameter("actor", str)],
+        responses=s.AuditOut(many=True),
+    )
+    def get(self, request: Request) -> Response:
+        q = request.query_params
+        return self.paginate(selectors.audit_list(q.get("action", ""), q.get("target", ""), q.get("actor", "")),
+                             s.AuditOut)
+
+
+class MeView(BaseView):
+    capabilities = {"GET": Cap.MODEL_READ}
+
+    @extend_schema(responses=s.MeOut)
+    def get(self, request: Request) -> Response:
+        roles = request_roles(request)
+        caps = sorted(c for c in CAPABILITIES if roles_allow(roles, c))
+        return Response({"username": request.user.get_username(), "roles": sorted(roles), "capabilities": caps})

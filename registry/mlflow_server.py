@@ -1,0 +1,197 @@
+"""MLflow's own REST API served by the platform, behind the platform's authentication.
+
+Requests under MLflow's standard paths go to MLflow's Flask app (in this process, on the platform's
+store). Before that, the gate checks the caller's credentials and role; version creation runs under
+the registry's per-model lock and is recorded by the platform in the same transaction, so a version
+logged with the plain `mlflow` client is the same kind of citizen as one uploaded in the UI.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from django.conf import settings
+from django.db import close_old_connections
+from django.http.request import split_domain_port, validate_host
+
+from registry import archives, services
+from registry.audit import Actor
+from registry.auth import authenticate_header
+from registry.models import ModelVersion, VersionStatus
+from registry.roles import Cap, roles_allow
+from registry.tokens import effective_roles
+
+PREFIXES = ("/api/2.0/mlflow", "/api/3.0/mlflow", "/ajax-api/2.0/mlflow", "/ajax-api/3.0/mlflow")
+_ENDPOINT_RE = re.compile(r"^/(?:ajax-)?api/[23]\.0/mlflow/(.*)$")
+# POSTs that only read.
+_READ_POSTS = {"runs/search", "experiments/search", "logged-models/search", "experiments/get-by-name",
+               "metrics/get-history-bulk-interval", "traces/search", "datasets/search"}
+_ADMIN_ONLY = {"registered-models/delete", "model-versions/delete", "registered-models/rename",
+               "experiments/delete", "runs/delete"}
+
+StartResponse = Callable[..., Any]
+
+
+def is_mlflow_path(path: str) -> bool:
+    return path.startswith(PREFIXES)
+
+
+def _json_error(start_response: StartResponse, status: str, code: str, message: str,
+                extra: list[tuple[str, str]] | None = None) -> list[bytes]:
+    body = json.dumps({"error_code": code, "message": message}).encode()
+    start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+                            *(extra or [])])
+    return [body]
+
+
+def _flask_app() -> Any:
+    from registry import mlflow_store
+
+    mlflow_store.configure_server_environment()
+    import os
+
+    os.environ.setdefault("MLFLOW_SERVER_ALLOWED_HOSTS", "*")  # the gate checks Host itself
+    from mlflow.server import app
+
+    return app
+
+
+class MlflowGate:
+    def __init__(self) -> None:
+        self._app: Any = None
+
+    @property
+    def app(self) -> Any:
+        if self._app is None:
+            self._app = _flask_app()
+        return self._app
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        close_old_connections()
+        try:
+            return self._handle(environ, start_response)
+        finally:
+            close_old_connections()
+
+    def _handle(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        host = environ.get("HTTP_HOST", "")
+        domain, _port = split_domain_port(host)
+        if not domain or not validate_host(domain, settings.ALLOWED_HOSTS):
+            return _json_error(start_response, "400 Bad Request", "BAD_REQUEST", f"host {host!r} is not allowed")
+        found = authenticate_header(environ.get("HTTP_AUTHORIZATION", ""))
+        if found is None:
+            return _json_error(start_response, "401 Unauthorized", "UNAUTHENTICATED",
+                               "authenticate with MLFLOW_TRACKING_TOKEN (a platform API token) or "
+                               "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD",
+                               [("WWW-Authenticate", 'Bearer realm="mlflow"')])
+        user, token = found
+        roles = effective_roles(user, token)
+        method = environ.get("REQUEST_METHOD", "GET")
+        match = _ENDPOINT_RE.match(environ.get("PATH_INFO", ""))
+        endpoint = match.group(1).rstrip("/") if match else ""
+        if environ.get("PATH_INFO", "").startswith(("/api/2.0/mlflow-artifacts", "/ajax-api/2.0/mlflow-artifacts")):
+            endpoint = "artifacts"
+        needed = Cap.MODEL_READ
+        if method not in ("GET", "HEAD") and endpoint not in _READ_POSTS:
+            needed = Cap.USER_MANAGE if endpoint in _ADMIN_ONLY else Cap.MODEL_REGISTER
+        if not roles_allow(roles, needed):
+            return _json_error(start_response, "403 Forbidden", "PERMISSION_DENIED",
+                               f"your roles ({', '.join(sorted(roles)) or 'none'}) do not allow {method} {endpoint}")
+        actor = Actor(user, "mlflow")  # type: ignore[arg-type]
+        if method == "POST" and endpoint == "model-versions/create":
+            return self._create_version(environ, start_response, actor)
+        if method == "POST" and endpoint == "registered-models/create":
+            return self._create_model(environ, start_response, actor)
+        if endpoint == "registered-models/rename":
+            return _json_error(start_response, "409 Conflict", "INVALID_STATE",
+                               "renaming models is not supported: register the versions under a new name")
+        if method == "DELETE" and endpoint == "model-versions/delete":
+            return self._delete_version(environ, start_response, actor)
+        return self.app(environ, start_response)
+
+    # -- the endpoints the platform takes part in ------------------------------------------------
+
+    def _call(self, environ: dict[str, Any], body: bytes) -> tuple[str, list[tuple[str, str]], bytes]:
+        environ = dict(environ)
+        environ["wsgi.input"] = io.BytesIO(body)
+        environ["CONTENT_LENGTH"] = str(len(body))
+        captured: dict[str, Any] = {}
+
+        def capture(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], None]:
+            captured["status"], captured["headers"] = status, headers
+            return lambda _data: None
+
+        chunks = self.app(environ, capture)
+        try:
+            data = b"".join(chunks)
+        finally:
+            if hasattr(chunks, "close"):
+                chunks.close()
+        return captured["status"], captured["headers"], data
+
+    @staticmethod
+    def _read_json(environ: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            length = 0
+        body = environ["wsgi.input"].read(length) if length else b""
+        try:
+            data = json.loads(body or b"{}")
+        except json.JSONDecodeError:
+            data = {}
+        return body, data if isinstance(data, dict) else {}
+
+    @staticmethod
+    def _reply(start_response: StartResponse, status: str, headers: list[tuple[str, str]],
+               data: bytes) -> list[bytes]:
+        headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+        start_response(status, [*headers, ("Content-Length", str(len(data)))])
+        return [data]
+
+    def _create_model(self, environ: dict[str, Any], start_response: StartResponse, actor: Actor) -> list[bytes]:
+        body, data = self._read_json(environ)
+        name = str(data.get("name", ""))
+        try:
+            archives.check_model_name(name)
+        except archives.ArchiveError as exc:
+            return _json_error(start_response, "400 Bad Request", "INVALID_PARAMETER_VALUE", str(exc))
+        status, headers, out = self._call(environ, body)
+        if status.startswith("200"):
+            services.model_record_from_mlflow(actor, name)
+        return self._reply(start_response, status, headers, out)
+
+    def _create_version(self, environ: dict[str, Any], start_response: StartResponse, actor: Actor) -> list[bytes]:
+        body, data = self._read_json(environ)
+        name, source = str(data.get("name", "")), str(data.get("source", ""))
+        try:
+            archives.check_model_name(name)
+            services.version_check_mlflow_source(source)
+        except (archives.ArchiveError, services.RegistryError) as exc:
+            return _json_error(start_response, "400 Bad Request", "INVALID_PARAMETER_VALUE", str(exc))
+        except archives.PolicyError as exc:
+            return _json_error(start_response, "422 Unprocessable Entity", "INVALID_PARAMETER_VALUE", str(exc))
+        reply: dict[str, Any] = {}
+
+        def forward() -> int | None:
+            reply["status"], reply["headers"], reply["data"] = self._call(environ, body)
+            if not reply["status"].startswith("200"):
+                return None
+            return int(json.loads(reply["data"])["model_version"]["version"])
+
+        services.version_create_via_mlflow(actor, name, forward)
+        return self._reply(start_response, reply["status"], reply["headers"], reply["data"])
+
+    def _delete_version(self, environ: dict[str, Any], start_response: StartResponse, actor: Actor) -> list[bytes]:
+        body, data = self._read_json(environ)
+        status, headers, out = self._call(environ, body)
+        if status.startswith("200"):
+            version = ModelVersion.objects.filter(model__name=str(data.get("name", "")),
+                                                  version=int(data.get("version", 0) or 0)).first()
+            if version is not None and version.status != VersionStatus.ARCHIVED:
+                services.version_transition(version.pk, VersionStatus.ARCHIVED, actor, "deleted through MLflow")
+        return self._reply(start_response, status, headers, out)

@@ -1,0 +1,368 @@
+"""Adapter to MLflow's stores: the only module (with mlflow_server) that imports mlflow.
+
+The platform talks to MLflow's SQL stores and artifact repository in-process, the same objects
+MLflow's own server uses, configured from the same settings, so a version written here is exactly
+what an `mlflow` client sees through the server mount and the other way round.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from django.conf import settings
+
+ARTIFACT_SCHEME = "mlflow-artifacts:"
+UPLOAD_EXPERIMENT = "platform-registrations"
+
+
+class MlflowError(Exception):
+    """MLflow refused or failed an operation; the message is MLflow's, fit to show."""
+
+
+class SourceNotFound(MlflowError):
+    pass
+
+
+def backend_store_uri() -> str:
+    """SQLAlchemy URI of MLflow's store (psycopg 3 driver). Defaults to the platform's database."""
+    uri = settings.MLFLOW_BACKEND_STORE_URI or settings.DATABASE_URL
+    scheme, _, rest = uri.partition("://")
+    if scheme in {"postgres", "postgresql", "pgsql"}:
+        scheme = "postgresql+psycopg"
+    return f"{scheme}://{rest}"
+
+
+def artifacts_destination() -> str:
+    dest = settings.MLFLOW_ARTIFACTS_URI
+    if "://" not in dest and not dest.startswith("file:"):
+        Path(dest).mkdir(parents=True, exist_ok=True)
+        return str(Path(dest).resolve())
+    return dest
+
+
+def configure_server_environment() -> None:
+    """Set the variables MLflow's Flask app reads at import: store, artifact proxy, destination."""
+    from mlflow.server import constants
+
+    os.environ[constants.BACKEND_STORE_URI_ENV_VAR] = backend_store_uri()
+    os.environ[constants.REGISTRY_STORE_URI_ENV_VAR] = backend_store_uri()
+    os.environ[constants.ARTIFACT_ROOT_ENV_VAR] = "mlflow-artifacts:/"
+    os.environ[constants.ARTIFACTS_DESTINATION_ENV_VAR] = artifacts_destination()
+    os.environ[constants.SERVE_ARTIFACTS_ENV_VAR] = "true"
+
+
+@functools.cache
+def tracking_store() -> Any:
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    return SqlAlchemyStore(backend_store_uri(), "mlflow-artifacts:/")
+
+
+@functools.cache
+def registry_store() -> Any:
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore
+
+    return SqlAlchemyStore(backend_store_uri())
+
+
+def init_store() -> None:
+    """Create or upgrade MLflow's tables (MLflow runs its own migrations on first use)."""
+    tracking_store()
+    registry_store()
+
+
+def _destination_repo(artifact_uri: str) -> Any:
+    """The artifact repository behind an `mlflow-artifacts:/path` URI, as the server resolves it."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    if not artifact_uri.startswith(ARTIFACT_SCHEME):
+        raise MlflowError(f"artifacts are expected under {ARTIFACT_SCHEME}/, not at {artifact_uri!r}")
+    path = urlsplit(artifact_uri).path.lstrip("/")
+    return get_artifact_repository(artifacts_destination().rstrip("/") + "/" + path)
+
+
+def is_known_location(uri: str) -> bool:
+    return uri.startswith(ARTIFACT_SCHEME)
+
+
+# ---- registered models and versions -------------------------------------------------------------
+
+def ensure_registered_model(name: str, description: str = "") -> None:
+    from mlflow.exceptions import MlflowException
+
+    store = registry_store()
+    try:
+        store.get_registered_model(name)
+    except MlflowException:
+        try:
+            store.create_registered_model(name, description=description or None)
+        except MlflowException as exc:
+            if "already exists" not in str(exc):
+                raise MlflowError(exc.message) from exc
+
+
+def create_upload_run(model_name: str) -> tuple[str, str, str]:
+    """A run that owns an uploaded model's artifacts. Returns (run_id, experiment_id, artifact_uri)."""
+    from mlflow.entities import RunStatus
+
+    store = tracking_store()
+    experiment = store.get_experiment_by_name(UPLOAD_EXPERIMENT)
+    experiment_id = experiment.experiment_id if experiment else _create_experiment(UPLOAD_EXPERIMENT)
+    run = store.create_run(experiment_id, user_id="platform", start_time=_now_ms(), tags=[],
+                           run_name=f"register-{model_name}")
+    store.update_run_info(run.info.run_id, RunStatus.FINISHED, _now_ms(), None)
+    return run.info.run_id, experiment_id, run.info.artifact_uri
+
+
+def _create_experiment(name: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(tracking_store().create_experiment(name))
+    except MlflowException:
+        return str(tracking_store().get_experiment_by_name(name).experiment_id)  # created concurrently
+
+
+def upload_artifacts(local_dir: Path, artifact_uri: str, artifact_path: str) -> str:
+    _destination_repo(artifact_uri).log_artifacts(str(local_dir), artifact_path)
+    return f"{artifact_uri.rstrip('/')}/{artifact_path}"
+
+
+def delete_run(run_id: str) -> None:
+    tracking_store().delete_run(run_id)
+
+
+def create_model_version(name: str, source: str, run_id: str | None, description: str = "") -> int:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = registry_store().create_model_version(name, source, run_id=run_id or None,
+                                                   description=description or None)
+    except MlflowException as exc:
+        raise MlflowError(exc.message) from exc
+    return int(mv.version)
+
+
+def delete_model_version(name: str, version: int) -> None:
+    registry_store().delete_model_version(name, str(version))
+
+
+def update_registered_model_description(name: str, description: str) -> None:
+    registry_store().update_registered_model(name, description)
+
+
+def update_model_version_description(name: str, version: int, description: str) -> None:
+    registry_store().update_model_version(name, str(version), description)
+
+
+def set_model_version_tags(name: str, version: int, before: dict[str, str], after: dict[str, str]) -> None:
+    from mlflow.entities.model_registry import ModelVersionTag
+
+    store = registry_store()
+    for key in set(before) - set(after):
+        store.delete_model_version_tag(name, str(version), key)
+    for key, value in after.items():
+        if before.get(key) != value:
+            store.set_model_version_tag(name, str(version), ModelVersionTag(key, str(value)))
+
+
+def set_registered_model_tags(name: str, before: dict[str, str], after: dict[str, str]) -> None:
+    from mlflow.entities.model_registry import RegisteredModelTag
+
+    store = registry_store()
+    for key in set(before) - set(after):
+        store.delete_registered_model_tag(name, key)
+    for key, value in after.items():
+        if before.get(key) != value:
+            store.set_registered_model_tag(name, RegisteredModelTag(key, str(value)))
+
+
+def version_numbers(name: str) -> list[int]:
+    """All live version numbers of a model in MLflow (for the reconciler)."""
+    from mlflow.exceptions import MlflowException
+
+    store = registry_store()
+    numbers: list[int] = []
+    token = None
+    while True:
+        try:
+            page = store.search_model_versions(f"name = '{_quote(name)}'", max_results=10_000, page_token=token)
+        except MlflowException:
+            return []
+        numbers.extend(int(mv.version) for mv in page)
+        token = page.token
+        if not token:
+            return numbers
+
+
+def model_names() -> list[str]:
+    store = registry_store()
+    names: list[str] = []
+    token = None
+    while True:
+        page = store.search_registered_models(max_results=1000, page_token=token)
+        names.extend(rm.name for rm in page)
+        token = page.token
+        if not token:
+            return names
+
+
+def _quote(value: str) -> str:
+    return value.replace("'", "''")
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)
+
+
+# ---- lineage ------------------------------------------------------------------------------------
+
+@dataclass
+class Lineage:
+    source: str
+    storage_location: str
+    run_id: str = ""
+    experiment_id: str = ""
+    description: str = ""
+    params: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    run_tags: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    mlmodel_text: str = ""
+    input_example: Any = None
+
+
+def version_lineage(name: str, version: int) -> Lineage:
+    """Everything the platform keeps about a version: run, params, metrics, MLmodel, input example."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = registry_store().get_model_version(name, str(version))
+    except MlflowException as exc:
+        raise SourceNotFound(exc.message) from exc
+    location = registry_store().get_model_version_download_uri(name, str(version))
+    lineage = Lineage(source=mv.source, storage_location=location, run_id=mv.run_id or "",
+                      description=mv.description or "", tags=dict(mv.tags or {}))
+    if mv.run_id:
+        from_run = run_lineage(mv.run_id)
+        lineage.experiment_id = from_run.experiment_id
+        lineage.params, lineage.metrics, lineage.run_tags = from_run.params, from_run.metrics, from_run.run_tags
+    lineage.mlmodel_text = read_artifact_text(location, "MLmodel") or ""
+    return lineage
+
+
+def run_lineage(run_id: str) -> Lineage:
+    """Params, metrics and tags of a run (empty if the run is gone)."""
+    from mlflow.exceptions import MlflowException
+
+    lineage = Lineage(source="", storage_location="", run_id=run_id)
+    try:
+        run = tracking_store().get_run(run_id)
+    except MlflowException:
+        return lineage
+    lineage.experiment_id = run.info.experiment_id
+    lineage.params = dict(run.data.params)
+    lineage.metrics = {k: float(v) for k, v in run.data.metrics.items()}
+    lineage.run_tags = {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.log-model")}
+    return lineage
+
+
+def location_of_source(source: str) -> str:
+    """Where the artifacts of a version source live, for sources an mlflow client sends."""
+    from mlflow.exceptions import MlflowException
+
+    if source.startswith(ARTIFACT_SCHEME):
+        return source
+    if source.startswith("models:/m-"):
+        model_id = source[len("models:/"):].strip("/")
+        try:
+            return str(tracking_store().get_logged_model(model_id).artifact_location)
+        except MlflowException as exc:
+            raise SourceNotFound(f"logged model {model_id!r} does not exist") from exc
+    if source.startswith("runs:/"):
+        run_id, _, path = source[len("runs:/"):].partition("/")
+        return resolve_run_source(run_id, path.strip("/")).location
+    raise SourceNotFound(
+        f"version source {source!r} is outside the platform's artifact store; log the model through the "
+        "platform (MLFLOW_TRACKING_URI=<platform URL>) so its artifacts land in the store"
+    )
+
+
+def read_artifact_text(location: str, relative: str, limit: int = 5 * 1024 * 1024) -> str | None:
+    """A small text file from a model's artifact folder, or None if it is not there."""
+    if not is_known_location(location):
+        return None
+    repo = _destination_repo(location)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = repo.download_artifacts(relative, dst_path=tmp)
+        except Exception:  # noqa: BLE001 - MLflow raises several types for "missing"
+            return None
+        path = Path(local)
+        if not path.is_file() or path.stat().st_size > limit:
+            return None
+        return path.read_text(errors="replace")
+
+
+def download_model(location: str, dst: Path) -> Path:
+    repo = _destination_repo(location)
+    return Path(repo.download_artifacts("", dst_path=str(dst)))
+
+
+# ---- sources given as URIs ----------------------------------------------------------------------
+
+@dataclass
+class ResolvedSource:
+    source: str
+    run_id: str
+    location: str
+
+
+def resolve_run_source(run_id: str, artifact_path: str) -> ResolvedSource:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = tracking_store().get_run(run_id)
+    except MlflowException as exc:
+        raise SourceNotFound(f"run {run_id!r} does not exist") from exc
+    location = f"{run.info.artifact_uri.rstrip('/')}/{artifact_path}" if artifact_path else run.info.artifact_uri
+    if read_artifact_text(location, "MLmodel") is None:
+        # MLflow 3 logs models as LoggedModels; `runs:/<id>/<name>` may name one of them.
+        for logged in _logged_models_of_run(run.info.experiment_id, run_id):
+            if logged.name == artifact_path:
+                return ResolvedSource(source=f"models:/{logged.model_id}", run_id=run_id,
+                                      location=logged.artifact_location)
+        raise SourceNotFound(f"run {run_id} has no MLflow model at {artifact_path!r} (no MLmodel file there)")
+    return ResolvedSource(source=location, run_id=run_id, location=location)
+
+
+def _logged_models_of_run(experiment_id: str, run_id: str) -> list[Any]:
+    try:
+        page = tracking_store().search_logged_models(experiment_ids=[experiment_id],
+                                                     filter_string=f"source_run_id = '{run_id}'")
+    except Exception:  # noqa: BLE001 - older stores lack logged models
+        return []
+    return list(page)
+
+
+def resolve_model_version_source(name: str, version_or_alias: str) -> ResolvedSource:
+    from mlflow.exceptions import MlflowException
+
+    store = registry_store()
+    try:
+        if version_or_alias.isdigit():
+            mv = store.get_model_version(name, version_or_alias)
+        else:
+            mv = store.get_model_version_by_alias(name, version_or_alias)
+    except MlflowException as exc:
+        raise SourceNotFound(f"model version models:/{name}/{version_or_alias} does not exist") from exc
+    location = store.get_model_version_download_uri(name, mv.version)
+    return ResolvedSource(source=mv.source, run_id=mv.run_id or "", location=location)

@@ -1,0 +1,135 @@
+from __future__ import annotations
+
+from django.conf import settings
+from django.contrib.postgres.fields import ArrayField
+from django.db import models
+
+from registry.roles import Role
+
+
+class Profile(models.Model):
+    """Platform roles of a person or service account (one row per Django user)."""
+
+    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="profile")
+    roles = ArrayField(models.CharField(max_length=32, choices=Role.choices), default=list, blank=True)
+    is_service_account = models.BooleanField(default=False)
+
+    def __str__(self) -> str:
+        return f"{self.user} {self.roles}"
+
+
+class ApiToken(models.Model):
+    """A bearer token: shown once at creation, stored as a SHA-256 digest (tokens are 256-bit random,
+    so a slow hash adds nothing). Its roles are a subset of its owner's, checked on every use."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
+    name = models.CharField(max_length=100)
+    prefix = models.CharField(max_length=16, help_text="First characters, to recognise a token in lists")
+    digest = models.CharField(max_length=64, unique=True)
+    roles = ArrayField(models.CharField(max_length=32, choices=Role.choices), default=list)
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
+
+
+class RegisteredModel(models.Model):
+    name = models.CharField(max_length=128, unique=True)
+    description = models.TextField(blank=True, default="")
+    tags = models.JSONField(default=dict, blank=True)
+    latest_version = models.PositiveIntegerField(default=0)
+    version_count = models.PositiveIntegerField(default=0)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                   related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class VersionStatus(models.TextChoices):
+    VALIDATING = "validating", "Validating"
+    READY = "ready", "Ready"
+    INVALID = "invalid", "Invalid"
+    ARCHIVED = "archived", "Archived"
+
+
+# Allowed transitions of a version: validation in an isolated worker decides ready or invalid.
+VERSION_TRANSITIONS: dict[str, set[str]] = {
+    VersionStatus.VALIDATING: {VersionStatus.READY, VersionStatus.INVALID, VersionStatus.ARCHIVED},
+    VersionStatus.READY: {VersionStatus.ARCHIVED},
+    VersionStatus.INVALID: {VersionStatus.ARCHIVED, VersionStatus.VALIDATING},
+    VersionStatus.ARCHIVED: set(),
+}
+
+
+class VersionOrigin(models.TextChoices):
+    UPLOAD = "upload", "Uploaded archive"
+    RUN_URI = "run_uri", "runs:/ URI"
+    MODEL_URI = "model_uri", "models:/ URI"
+    MLFLOW_CLIENT = "mlflow_client", "MLflow client"
+    DISCOVERED = "discovered", "Found in MLflow by the reconciler"
+
+
+class ModelVersion(models.Model):
+    model = models.ForeignKey(RegisteredModel, on_delete=models.CASCADE, related_name="versions")
+    version = models.PositiveIntegerField()
+    status = models.CharField(max_length=16, choices=VersionStatus.choices, default=VersionStatus.VALIDATING)
+    status_detail = models.TextField(blank=True, default="")
+    origin = models.CharField(max_length=16, choices=VersionOrigin.choices)
+    source = models.TextField(help_text="Source URI as registered in MLflow")
+    storage_location = models.TextField(blank=True, default="")
+    run_id = models.CharField(max_length=64, blank=True, default="")
+    experiment_id = models.CharField(max_length=64, blank=True, default="")
+    flavors = models.JSONField(default=dict, blank=True)
+    signature = models.JSONField(null=True, blank=True)
+    input_example = models.JSONField(null=True, blank=True)
+    params = models.JSONField(default=dict, blank=True)
+    metrics = models.JSONField(default=dict, blank=True)
+    run_tags = models.JSONField(default=dict, blank=True)
+    inspection = models.JSONField(default=dict, blank=True, help_text="What the isolated inspection found")
+    description = models.TextField(blank=True, default="")
+    tags = models.JSONField(default=dict, blank=True)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                   related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["model_id", "-version"]
+        constraints = [models.UniqueConstraint(fields=["model", "version"], name="uniq_model_version")]
+        indexes = [models.Index(fields=["model", "-version"]), models.Index(fields=["status"])]
+
+    def __str__(self) -> str:
+        return f"{self.model.name} v{self.version}"
+
+
+class AuditEvent(models.Model):
+    """Append-only: a database trigger (see migration) refuses UPDATE and DELETE on this table."""
+
+    at = models.DateTimeField(auto_now_add=True, db_index=True)
+    actor = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                              related_name="+")
+    actor_name = models.CharField(max_length=150, help_text="Kept even if the account is deleted")
+    via = models.CharField(max_length=16, help_text="web, api, mlflow, system")
+    action = models.CharField(max_length=64, db_index=True)
+    target_type = models.CharField(max_length=64)
+    target_id = models.CharField(max_length=200, db_index=True)
+    before = models.JSONField(null=True, blank=True)
+    after = models.JSONField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.at:%Y-%m-%d %H:%M:%S} {self.actor_name} {self.action} {self.target_type}:{self.target_id}"

@@ -1,0 +1,37 @@
+"""Roles and what each may do. Every API view and page names the capability it needs; this table is
+the one place that says who has it."""
+
+from __future__ import annotations
+
+from django.db import models
+
+
+class Role(models.TextChoices):
+    DATA_SCIENTIST = "data_scientist", "Data scientist"
+    RELEASE_MANAGER = "release_manager", "Release manager"
+    ONCALL = "oncall", "On-call engineer"
+    CI = "ci", "CI service account"
+    ADMIN = "admin", "Administrator"
+
+
+class Cap(models.TextChoices):
+    MODEL_READ = "model.read", "See models, versions and lineage"
+    MODEL_REGISTER = "model.register", "Register models and versions"
+    MODEL_EDIT = "model.edit", "Edit descriptions and tags"
+    AUDIT_READ = "audit.read", "Read the audit log"
+    USER_MANAGE = "user.manage", "Manage people, roles and their tokens"
+
+
+_EVERYONE = {Role.DATA_SCIENTIST, Role.RELEASE_MANAGER, Role.ONCALL, Role.CI, Role.ADMIN}
+
+CAPABILITIES: dict[str, set[str]] = {
+    Cap.MODEL_READ: _EVERYONE,
+    Cap.MODEL_REGISTER: {Role.DATA_SCIENTIST, Role.CI, Role.ADMIN},
+    Cap.MODEL_EDIT: {Role.DATA_SCIENTIST, Role.CI, Role.ADMIN},
+    Cap.AUDIT_READ: {Role.RELEASE_MANAGER, Role.ONCALL, Role.ADMIN},
+    Cap.USER_MANAGE: {Role.ADMIN},
+}
+
+
+def roles_allow(roles: set[str] | list[str], capability: str) -> bool:
+    return bool(set(roles) & CAPABILITIES[capability])

@@ -1,0 +1,380 @@
+"""Writes to the registry. Each public function is one atomic action: it changes the platform's
+tables and MLflow together, writes the audit row in the same transaction, and enqueues follow-up
+work only after commit. If MLflow was written and the platform's part then fails, the MLflow side
+is undone, so nothing is left half-registered."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from django.db import IntegrityError, transaction
+from django.db.models import F
+
+from registry import archives
+from registry import mlflow_store as mlflow
+from registry.audit import SYSTEM, Actor, audit_record
+from registry.models import VERSION_TRANSITIONS, ModelVersion, RegisteredModel, VersionOrigin
+
+log = logging.getLogger(__name__)
+
+
+class RegistryError(Exception):
+    status_code = 400
+
+    def __init__(self, message: str, status_code: int | None = None) -> None:
+        super().__init__(message)
+        if status_code is not None:
+            self.status_code = status_code
+
+
+class TransitionError(RegistryError):
+    status_code = 409
+
+
+def _clean_tags(tags: Any) -> dict[str, str]:
+    if tags is None:
+        return {}
+    if not isinstance(tags, dict):
+        raise RegistryError("tags must be an object of string keys and values")
+    out: dict[str, str] = {}
+    for key, value in tags.items():
+        if not isinstance(key, str) or not key or len(key) > 250:
+            raise RegistryError(f"tag key {key!r} must be a non-empty string of at most 250 characters")
+        if not isinstance(value, (str, int, float, bool)):
+            raise RegistryError(f"tag {key!r} must have a string value")
+        out[key] = str(value)[:5000]
+    return out
+
+
+def _model_view(model: RegisteredModel) -> dict[str, Any]:
+    return {"name": model.name, "description": model.description, "tags": model.tags}
+
+
+def _version_view(v: ModelVersion) -> dict[str, Any]:
+    return {"model": v.model.name, "version": v.version, "status": v.status, "description": v.description,
+            "tags": v.tags, "source": v.source, "origin": v.origin}
+
+
+# ---- registered models --------------------------------------------------------------------------
+
+def _get_or_create_model_row(actor: Actor, name: str, description: str = "",
+                             tags: dict[str, str] | None = None) -> tuple[RegisteredModel, bool]:
+    try:
+        with transaction.atomic():
+            model = RegisteredModel.objects.create(name=name, description=description, tags=tags or {},
+                                                   created_by=actor.user_or_none)
+    except IntegrityError:
+        return RegisteredModel.objects.get(name=name), False
+    audit_record(actor, "model.create", "model", name, after=_model_view(model))
+    return model, True
+
+
+@transaction.atomic
+def model_create(actor: Actor, name: str, description: str = "", tags: Any = None) -> RegisteredModel:
+    archives.check_model_name(name)
+    clean = _clean_tags(tags)
+    if RegisteredModel.objects.filter(name=name).exists():
+        raise RegistryError(f"model {name!r} already exists", 409)
+    mlflow.ensure_registered_model(name, description)
+    mlflow.set_registered_model_tags(name, {}, clean)
+    model, _ = _get_or_create_model_row(actor, name, description, clean)
+    return model
+
+
+@transaction.atomic
+def model_update(actor: Actor, model: RegisteredModel, description: str | None = None,
+                 tags: Any = None) -> RegisteredModel:
+    locked = RegisteredModel.objects.select_for_update().get(pk=model.pk)
+    before = _model_view(locked)
+    if description is not None and description != locked.description:
+        mlflow.update_registered_model_description(locked.name, description)
+        locked.description = description
+    if tags is not None:
+        clean = _clean_tags(tags)
+        mlflow.set_registered_model_tags(locked.name, locked.tags, clean)
+        locked.tags = clean
+    locked.save(update_fields=["description", "tags", "updated_at"])
+    if _model_view(locked) != before:
+        audit_record(actor, "model.update", "model", locked.name, before=before, after=_model_view(locked))
+    return locked
+
+
+# ---- versions -----------------------------------------------------------------------------------
+
+@contextmanager
+def _model_locked(actor: Actor, name: str) -> Iterator[RegisteredModel]:
+    """Hold the model's row lock: MLflow numbers versions as max+1, so every creator of a version
+    (REST, upload, the mlflow client through the server mount) goes through this lock and numbers
+    come out gap-free and unique."""
+    with transaction.atomic():
+        model, _ = _get_or_create_model_row(actor, name)
+        yield RegisteredModel.objects.select_for_update().get(pk=model.pk)
+
+
+def _enqueue_validation(version_id: int) -> None:
+    from registry.tasks import version_validate
+
+    version_validate.delay(version_id)
+
+
+def _record_version(actor: Actor, model: RegisteredModel, number: int, origin: str, lineage: mlflow.Lineage,
+                    files: archives.ModelFiles | None, description: str, tags: dict[str, str]) -> ModelVersion:
+    mlmodel = files.mlmodel if files else _mlmodel_or_empty(lineage.mlmodel_text)
+    version = ModelVersion.objects.create(
+        model=model, version=number, origin=origin, source=lineage.source,
+        storage_location=lineage.storage_location, run_id=lineage.run_id, experiment_id=lineage.experiment_id,
+        flavors=mlmodel.get("flavors") or {}, signature=files.signature if files else _signature_or_none(mlmodel),
+        input_example=files.input_example if files else lineage.input_example,
+        params=lineage.params, metrics=lineage.metrics, run_tags=lineage.run_tags,
+        description=description, tags=tags, created_by=actor.user_or_none,
+    )
+    RegisteredModel.objects.filter(pk=model.pk).update(
+        version_count=F("version_count") + 1, latest_version=number
+    )
+    audit_record(actor, "version.register", "model_version", f"{model.name}/{number}", after=_version_view(version))
+    transaction.on_commit(lambda: _enqueue_validation(version.pk))
+    return version
+
+
+def _mlmodel_or_empty(text: str) -> dict[str, Any]:
+    try:
+        return archives.parse_mlmodel(text) if text else {}
+    except archives.ArchiveError:
+        return {}
+
+
+def _signature_or_none(mlmodel: dict[str, Any]) -> dict[str, Any] | None:
+    try:
+        return archives.signature_of(mlmodel)
+    except archives.ArchiveError:
+        return None
+
+
+def version_register_from_archive(actor: Actor, model_name: str, archive_path: Path, description: str = "",
+                                  tags: Any = None) -> ModelVersion:
+    archives.check_model_name(model_name)
+    clean_tags = _clean_tags(tags)
+    with tempfile.TemporaryDirectory(prefix="upload-") as tmp:
+        unpacked = Path(tmp) / "unpacked"
+        unpacked.mkdir()
+        archives.unpack(archive_path, unpacked)
+        files = archives.read_model_folder(archives.model_root(unpacked))
+        # Artifacts go up before the lock (slow I/O need not serialise); undone if anything fails.
+        mlflow.ensure_registered_model(model_name)
+        run_id, experiment_id, artifact_uri = mlflow.create_upload_run(model_name)
+        try:
+            location = mlflow.upload_artifacts(files.root, artifact_uri, "model")
+            lineage = mlflow.Lineage(source=location, storage_location=location, run_id=run_id,
+                                     experiment_id=experiment_id)
+            return _create_version(actor, model_name, location, run_id, VersionOrigin.UPLOAD, lineage, files,
+                                   description, clean_tags)
+        except BaseException:
+            _undo_run(run_id)
+            raise
+
+
+def _undo_run(run_id: str) -> None:
+    try:
+        mlflow.delete_run(run_id)
+    except Exception:  # noqa: BLE001 - best effort; the reconciler never records runs without versions
+        log.exception("could not delete run %s while undoing a failed registration", run_id)
+
+
+def _create_version(actor: Actor, model_name: str, source: str, run_id: str, origin: str, lineage: mlflow.Lineage,
+                    files: archives.ModelFiles | None, description: str, tags: dict[str, str]) -> ModelVersion:
+    number: int | None = None
+    try:
+        with _model_locked(actor, model_name) as model:
+            number = mlflow.create_model_version(model_name, source, run_id, description)
+            if tags:
+                mlflow.set_model_version_tags(model_name, number, {}, tags)
+            return _record_version(actor, model, number, origin, lineage, files, description, tags)
+    except mlflow.MlflowError as exc:
+        raise RegistryError(f"MLflow refused the version: {exc}") from exc
+    except BaseException:
+        if number is not None:
+            _undo_version(model_name, number)
+        raise
+
+
+def _undo_version(model_name: str, number: int) -> None:
+    try:
+        mlflow.delete_model_version(model_name, number)
+    except Exception:  # noqa: BLE001
+        log.exception("could not delete MLflow version %s/%s while undoing a failed registration", model_name, number)
+
+
+def version_register_from_uri(actor: Actor, model_name: str, uri: str, description: str = "",
+                              tags: Any = None) -> ModelVersion:
+    archives.check_model_name(model_name)
+    clean_tags = _clean_tags(tags)
+    parsed = archives.parse_source_uri(uri)
+    try:
+        if parsed.kind == "run":
+            resolved = mlflow.resolve_run_source(parsed.run_id, parsed.artifact_path)
+            origin = VersionOrigin.RUN_URI
+        else:
+            resolved = mlflow.resolve_model_version_source(parsed.model_name, parsed.version_or_alias)
+            origin = VersionOrigin.MODEL_URI
+    except mlflow.SourceNotFound as exc:
+        raise RegistryError(str(exc), 404) from exc
+    files = _files_at(resolved.location)
+    lineage = mlflow.Lineage(source=resolved.source, storage_location=resolved.location, run_id=resolved.run_id)
+    _fill_run_lineage(lineage)
+    mlflow.ensure_registered_model(model_name)
+    return _create_version(actor, model_name, resolved.source, resolved.run_id, origin, lineage, files,
+                           description, clean_tags)
+
+
+def _files_at(location: str) -> archives.ModelFiles:
+    """Parse the MLmodel (and input example) at an artifact location without downloading weights."""
+    text = mlflow.read_artifact_text(location, "MLmodel")
+    if text is None:
+        raise RegistryError(f"no MLflow model at {location} (no MLmodel file)", 404)
+    mlmodel = archives.parse_mlmodel(text)
+    flavors = archives.check_flavors(mlmodel)
+    example = None
+    example_rel = archives.input_example_path(mlmodel)
+    if example_rel:
+        example = archives.parse_input_example(mlflow.read_artifact_text(location, example_rel))
+    return archives.ModelFiles(root=Path("."), mlmodel=mlmodel, flavors=flavors,
+                               signature=archives.signature_of(mlmodel), input_example=example)
+
+
+def _fill_run_lineage(lineage: mlflow.Lineage) -> None:
+    if not lineage.run_id:
+        return
+    from_run = mlflow.run_lineage(lineage.run_id)
+    lineage.experiment_id = from_run.experiment_id
+    lineage.params, lineage.metrics, lineage.run_tags = from_run.params, from_run.metrics, from_run.run_tags
+
+
+def version_check_mlflow_source(source: str) -> None:
+    """Before the MLflow server mount creates a version for an mlflow client: the source must be a
+    model in the platform's artifact store whose flavors the platform accepts."""
+    try:
+        location = mlflow.location_of_source(source)
+    except mlflow.SourceNotFound as exc:
+        raise RegistryError(str(exc), 400) from exc
+    _files_at(location)
+
+
+def model_record_from_mlflow(actor: Actor, name: str) -> RegisteredModel:
+    """The platform's row for a model an mlflow client created through the server mount."""
+    with transaction.atomic():
+        model, _ = _get_or_create_model_row(actor, name)
+    return model
+
+
+def version_create_via_mlflow(actor: Actor, model_name: str, forward: Callable[[], int | None]) -> None:
+    """Let MLflow's own handler create a version (for an mlflow client) under the model lock, and
+    record it in the same transaction. `forward` returns the new number, or None if MLflow refused."""
+    number: int | None = None
+    try:
+        with _model_locked(actor, model_name) as model:
+            number = forward()
+            if number is None:
+                return
+            lineage, files = _lineage_and_files(model_name, number)
+            _record_version(actor, model, number, VersionOrigin.MLFLOW_CLIENT, lineage, files,
+                            lineage.description, lineage.tags)
+    except BaseException:
+        if number is not None:
+            _undo_version(model_name, number)
+        raise
+
+
+def _lineage_and_files(model_name: str, number: int) -> tuple[mlflow.Lineage, archives.ModelFiles | None]:
+    lineage = mlflow.version_lineage(model_name, number)
+    try:
+        files: archives.ModelFiles | None = _files_at(lineage.storage_location)
+    except (RegistryError, archives.ArchiveError, archives.PolicyError):
+        files = None
+    if files is not None:
+        lineage.input_example = files.input_example
+    return lineage, files
+
+
+def version_record_from_mlflow(actor: Actor, model_name: str, number: int,
+                               origin: str = VersionOrigin.MLFLOW_CLIENT) -> ModelVersion:
+    """Record a version that MLflow already holds (created by an mlflow client through the server
+    mount, or found by the reconciler). Safe to call twice."""
+    existing = ModelVersion.objects.filter(model__name=model_name, version=number).first()
+    if existing is not None:
+        return existing
+    lineage, files = _lineage_and_files(model_name, number)
+    with _model_locked(actor, model_name) as model:
+        existing = ModelVersion.objects.filter(model=model, version=number).first()
+        if existing is not None:
+            return existing
+        return _record_version(actor, model, number, origin, lineage, files, lineage.description, lineage.tags)
+
+
+@transaction.atomic
+def version_update(actor: Actor, version: ModelVersion, description: str | None = None,
+                   tags: Any = None) -> ModelVersion:
+    locked = ModelVersion.objects.select_for_update().select_related("model").get(pk=version.pk)
+    before = _version_view(locked)
+    if description is not None and description != locked.description:
+        mlflow.update_model_version_description(locked.model.name, locked.version, description)
+        locked.description = description
+    if tags is not None:
+        clean = _clean_tags(tags)
+        mlflow.set_model_version_tags(locked.model.name, locked.version, locked.tags, clean)
+        locked.tags = clean
+    locked.save(update_fields=["description", "tags", "updated_at"])
+    if _version_view(locked) != before:
+        audit_record(actor, "version.update", "model_version", f"{locked.model.name}/{locked.version}",
+                     before=before, after=_version_view(locked))
+    return locked
+
+
+def version_transition(version_id: int, to: str, actor: Actor = SYSTEM, detail: str = "",
+                       inspection: dict[str, Any] | None = None,
+                       on_commit: Callable[[], None] | None = None) -> ModelVersion:
+    """Move a version to `to` if its current state allows it; a conditional UPDATE claims the change,
+    so two workers racing cannot both perform it."""
+    allowed_from = [state for state, targets in VERSION_TRANSITIONS.items() if to in targets]
+    with transaction.atomic():
+        current = ModelVersion.objects.select_related("model").get(pk=version_id)
+        fields: dict[str, Any] = {"status": to, "status_detail": detail}
+        if inspection is not None:
+            fields["inspection"] = inspection
+        claimed = ModelVersion.objects.filter(pk=version_id, status__in=allowed_from).update(**fields)
+        if not claimed:
+            raise TransitionError(
+                f"{current.model.name} v{current.version} is {current.status}; it cannot become {to}"
+            )
+        audit_record(actor, f"version.{to}", "model_version", f"{current.model.name}/{current.version}",
+                     before={"status": current.status}, after={"status": to, "detail": detail})
+        if on_commit is not None:
+            transaction.on_commit(on_commit)
+    current.refresh_from_db()
+    return current
+
+
+def registry_reconcile() -> int:
+    """Record every MLflow version the platform does not know yet (e.g. the web process died between
+    MLflow's write and ours). Returns how many it recorded."""
+    recorded = 0
+    for name in mlflow.model_names():
+        if not archives.MODEL_NAME_RE.match(name):
+            continue
+        known = set(ModelVersion.objects.filter(model__name=name).values_list("version", flat=True))
+        for number in sorted(set(mlflow.version_numbers(name)) - known):
+            version_record_from_mlflow(SYSTEM, name, number, VersionOrigin.DISCOVERED)
+            recorded += 1
+    return recorded
+
+
+def model_dir_for_inspection(version: ModelVersion, into: Path) -> Path:
+    """Download a version's model folder for the isolated inspection."""
+    shutil.rmtree(into, ignore_errors=True)
+    into.mkdir(parents=True)
+    return mlflow.download_model(version.storage_location, into)
