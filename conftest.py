@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import socket
-import threading
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from socketserver import ThreadingMixIn
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import pytest
 from rest_framework.test import APIClient
@@ -90,30 +89,36 @@ def model_archive(sklearn_model_dir: Path, tmp_path_factory: pytest.TempPathFact
     return Path(shutil.make_archive(str(base), "gztar", root_dir=sklearn_model_dir))
 
 
-# ---- the platform served over HTTP in-process ---------------------------------------------------
+# ---- the platform served over HTTP --------------------------------------------------------------
 
-class _ThreadingServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
+@pytest.fixture(scope="session")
+def _platform_process(django_db_setup: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The platform as production runs it (gunicorn, config.wsgi) on a free port, on the test database.
+    A separate process, so the mlflow client under test and MLflow's server share no globals."""
+    from urllib.parse import urlsplit, urlunsplit
 
+    from django.conf import settings
 
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+    from config.stack import free_port, wait_for_port
+
+    url = urlunsplit(urlsplit(settings.DATABASE_URL)._replace(path="/" + settings.DATABASES["default"]["NAME"]))
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("server") / "gunicorn.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "config.wsgi:application", "--bind", f"127.0.0.1:{port}",
+         "--workers", "2", "--threads", "16", "--timeout", "300"],
+        env={**os.environ, "DATABASE_URL": url}, stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for_port(port, 60, proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
 
 
 @pytest.fixture
-def platform_server(transactional_db: None) -> Iterator[str]:
-    """The platform's full WSGI app (Django + the MLflow mount) on a free loopback port."""
-    from config.wsgi import application
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = make_server("127.0.0.1", port, application, server_class=_ThreadingServer, handler_class=_QuietHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.shutdown()
-        server.server_close()
+def platform_server(_platform_process: str, transactional_db: None) -> str:
+    """Base URL of the running platform; the test's data is committed so the server sees it."""
+    return _platform_process
