@@ -91,17 +91,21 @@ def model_archive(sklearn_model_dir: Path, tmp_path_factory: pytest.TempPathFact
 
 # ---- the platform served over HTTP --------------------------------------------------------------
 
-@pytest.fixture(scope="session")
-def _platform_process(django_db_setup: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The platform as production runs it (gunicorn, config.wsgi) on a free port, on the test database.
-    A separate process, so the mlflow client under test and MLflow's server share no globals."""
+def _test_database_url() -> str:
     from urllib.parse import urlsplit, urlunsplit
 
     from django.conf import settings
 
+    return urlunsplit(urlsplit(settings.DATABASE_URL)._replace(path="/" + settings.DATABASES["default"]["NAME"]))
+
+
+@pytest.fixture(scope="session")
+def _platform_process(django_db_setup: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The platform as production runs it (gunicorn, config.wsgi) on a free port, on the test database.
+    A separate process, so the mlflow client under test and MLflow's server share no globals."""
     from config.stack import free_port, wait_for_port
 
-    url = urlunsplit(urlsplit(settings.DATABASE_URL)._replace(path="/" + settings.DATABASES["default"]["NAME"]))
+    url = _test_database_url()
     port = free_port()
     log = open(tmp_path_factory.mktemp("server") / "gunicorn.log", "wb")
     proc = subprocess.Popen(
@@ -122,3 +126,27 @@ def _platform_process(django_db_setup: None, tmp_path_factory: pytest.TempPathFa
 def platform_server(_platform_process: str, transactional_db: None) -> str:
     """Base URL of the running platform; the test's data is committed so the server sees it."""
     return _platform_process
+
+
+@pytest.fixture(scope="session")
+def _worker_process(django_db_setup: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A real Celery worker on the test database and the embedded Redis broker."""
+    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "config", "worker", "--loglevel", "INFO", "--concurrency", "2",
+         "--queues", "default,pipelines", "--hostname", f"test-{uuid.uuid4().hex[:6]}@%h"],
+        env={**os.environ, "DATABASE_URL": _test_database_url()}, stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        yield log_path
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+
+
+@pytest.fixture
+def celery_worker_process(_worker_process: Path, transactional_db: None) -> Path:
+    """Path of the worker's log; tasks enqueued after commit run in the real worker."""
+    return _worker_process
