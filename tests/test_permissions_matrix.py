@@ -1,0 +1,121 @@
+"""Every role against every API endpoint: allowed calls are not refused, others get 403."""
+
+from __future__ import annotations
+
+import pytest
+from django.urls import URLPattern, URLResolver, get_resolver
+
+from registry.api.views import BaseView
+from registry.roles import CAPABILITIES, Cap, Role, roles_allow
+
+pytestmark = pytest.mark.django_db
+
+# (method, path template, capability, body). {m} is a model that exists, {t} a token id of another user.
+ENDPOINTS = [
+    ("GET", "/api/v1/me/", Cap.MODEL_READ, None),
+    ("GET", "/api/v1/models/", Cap.MODEL_READ, None),
+    ("POST", "/api/v1/models/", Cap.MODEL_REGISTER, {"name": "{new}"}),
+    ("GET", "/api/v1/models/{m}/", Cap.MODEL_READ, None),
+    ("PATCH", "/api/v1/models/{m}/", Cap.MODEL_EDIT, {"description": "x"}),
+    ("GET", "/api/v1/models/{m}/versions/", Cap.MODEL_READ, None),
+    ("POST", "/api/v1/models/{m}/versions/", Cap.MODEL_REGISTER, {"source": "models:/{m}/1"}),
+    ("GET", "/api/v1/models/{m}/versions/1/", Cap.MODEL_READ, None),
+    ("PATCH", "/api/v1/models/{m}/versions/1/", Cap.MODEL_EDIT, {"description": "y"}),
+    ("GET", "/api/v1/tokens/", Cap.MODEL_READ, None),
+    ("POST", "/api/v1/tokens/", Cap.MODEL_READ, {"name": "mine"}),
+    ("GET", "/api/v1/users/", Cap.USER_MANAGE, None),
+    ("POST", "/api/v1/users/", Cap.USER_MANAGE, {"username": "{new}", "roles": ["oncall"]}),
+    ("GET", "/api/v1/users/{owner}/", Cap.USER_MANAGE, None),
+    ("PATCH", "/api/v1/users/{owner}/", Cap.USER_MANAGE, {"roles": ["data_scientist"]}),
+    ("GET", "/api/v1/audit/", Cap.AUDIT_READ, None),
+]
+
+
+@pytest.fixture
+def registered(scientist, model_archive, unique_name):
+    with open(model_archive, "rb") as fh:
+        resp = scientist.post(f"/api/v1/models/{unique_name}/versions/", {"archive": fh}, format="multipart")
+    assert resp.status_code == 201
+    return unique_name, scientist.user.username
+
+
+def _fill(value, names):
+    if isinstance(value, str):
+        return value.format(**names)
+    if isinstance(value, dict):
+        return {k: _fill(v, names) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fill(v, names) for v in value]
+    return value
+
+
+@pytest.mark.parametrize("role", Role.values)
+@pytest.mark.parametrize(("method", "path", "capability", "body"), ENDPOINTS,
+                         ids=[f"{m} {p}" for m, p, _, _ in ENDPOINTS])
+def test_each_role_is_allowed_exactly_what_the_capability_table_says(client_as, registered, role, method, path,
+                                                                     capability, body, unique_name):
+    model, owner = registered
+    names = {"m": model, "owner": owner, "new": f"{unique_name}-{role.replace('_', '-')}"}
+    client = client_as(role)
+    resp = getattr(client, method.lower())(_fill(path, names), _fill(body, names), format="json")
+    if roles_allow({role}, capability):
+        assert resp.status_code < 400, (role, method, path, resp.status_code, resp.content[:300])
+    else:
+        assert resp.status_code == 403, (role, method, path, resp.status_code)
+        assert resp.json()["error"]["code"] == "permission_denied"
+
+
+@pytest.mark.parametrize(("method", "path"), [("GET", "/api/v1/models/"), ("POST", "/api/v1/models/"),
+                                              ("GET", "/api/v1/audit/"), ("GET", "/api/v1/me/")])
+def test_anonymous_callers_are_refused_with_401(method, path):
+    from rest_framework.test import APIClient
+
+    resp = getattr(APIClient(), method.lower())(path, {}, format="json")
+    assert resp.status_code == 401
+    assert resp.json()["error"]["code"] == "not_authenticated"
+
+
+def test_a_token_scoped_to_fewer_roles_acts_with_only_those(make_user, token_for):
+    from rest_framework.test import APIClient
+
+    user = make_user(Role.DATA_SCIENTIST, Role.RELEASE_MANAGER)
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {token_for(user, [Role.RELEASE_MANAGER])}")
+    assert client.get("/api/v1/audit/").status_code == 200
+    assert client.post("/api/v1/models/", {"name": "scoped-out"}, format="json").status_code == 403
+
+
+def test_every_api_view_declares_a_capability_for_each_method_it_serves():
+    def walk(patterns, prefix=""):
+        for p in patterns:
+            if isinstance(p, URLResolver):
+                yield from walk(p.url_patterns, prefix + str(p.pattern))
+            elif isinstance(p, URLPattern):
+                yield prefix + str(p.pattern), p.callback
+
+    api_views = [(route, cb) for route, cb in walk(get_resolver().url_patterns) if route.startswith("api/v1/")]
+    assert len(api_views) >= 10
+    for route, callback in api_views:
+        view = callback.view_class
+        assert issubclass(view, BaseView), route
+        for method in ("get", "post", "patch", "put", "delete"):
+            if hasattr(view, method):
+                assert view.capabilities.get(method.upper()) in CAPABILITIES, (route, method)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("role", Role.values)
+def test_each_role_reads_and_writes_through_the_mlflow_mount_as_the_table_says(platform_server, make_user, token_for,
+                                                                               role, unique_name):
+    import requests
+
+    headers = {"Authorization": f"Bearer {token_for(make_user(role))}"}
+    read = requests.get(f"{platform_server}/api/2.0/mlflow/registered-models/search", headers=headers, timeout=10)
+    write = requests.post(f"{platform_server}/api/2.0/mlflow/registered-models/create", headers=headers,
+                          json={"name": unique_name}, timeout=10)
+    delete = requests.delete(f"{platform_server}/api/2.0/mlflow/registered-models/delete", headers=headers,
+                             json={"name": unique_name}, timeout=10)
+    assert read.status_code == (200 if roles_allow({role}, Cap.MODEL_READ) else 403)
+    assert write.status_code == (200 if roles_allow({role}, Cap.MODEL_REGISTER) else 403)
+    if not roles_allow({role}, Cap.USER_MANAGE):
+        assert delete.status_code == 403
