@@ -109,6 +109,11 @@ class MlflowGate:
         if endpoint == "registered-models/rename":
             return _json_error(start_response, "409 Conflict", "INVALID_STATE",
                                "renaming models is not supported: register the versions under a new name")
+        if endpoint == "registered-models/delete":
+            # A re-created model would number its versions from 1 again and clash with the history
+            # the platform keeps; versions are deleted (archived) one by one instead.
+            return _json_error(start_response, "409 Conflict", "INVALID_STATE",
+                               "deleting a registered model is not supported: delete (archive) its versions")
         if method == "DELETE" and endpoint == "model-versions/delete":
             return self._delete_version(environ, start_response, actor)
         return self.app(environ, start_response)

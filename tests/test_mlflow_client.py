@@ -122,3 +122,19 @@ def test_basic_auth_with_username_and_password_works_for_the_mlflow_client(platf
         mlflow.set_tracking_uri(None)
     assert AuditEvent.objects.filter(action="model.create", target_id=unique_name, via="mlflow").exists()
     os.environ.pop("MLFLOW_TRACKING_USERNAME", None)
+
+
+def test_deleting_a_version_with_the_mlflow_client_archives_it_in_the_platform(mlflow_as, make_user, unique_name,
+                                                                              model_archive):
+    import mlflow
+
+    from registry.audit import SYSTEM
+    from registry.models import VersionStatus
+    from registry.services import version_register_from_archive
+
+    version_register_from_archive(SYSTEM, unique_name, model_archive)
+    mlflow_as(Role.ADMIN)
+    mlflow.MlflowClient().delete_model_version(unique_name, "1")
+    assert ModelVersion.objects.get(model__name=unique_name, version=1).status == VersionStatus.ARCHIVED
+    # the number is not reused
+    assert version_register_from_archive(SYSTEM, unique_name, model_archive).version == 2
