@@ -80,6 +80,8 @@ class EmbeddedPostgres:
     def start(self) -> str:
         password = self._password()
         drop = _drop_privileges_kwargs()
+        if drop:
+            _check_reachable_by_others(self.data_dir.parent)
         if not (self.data_dir / "PG_VERSION").exists():
             self.data_dir.mkdir(parents=True, exist_ok=True)
             pwfile = self.data_dir.parent / ".pg_initpw"
@@ -114,6 +116,15 @@ class EmbeddedPostgres:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+
+
+def _check_reachable_by_others(folder: Path) -> None:
+    for parent in [folder, *folder.parents]:
+        if parent.exists() and not parent.stat().st_mode & 0o001:
+            raise RuntimeError(
+                f"running as root, PostgreSQL runs as 'nobody', which cannot enter {parent}; "
+                f"pick a state folder whose parents others may traverse (or chmod o+x {parent})"
+            )
 
 
 def _wait_for_sql(url: str) -> None:

@@ -1,0 +1,47 @@
+import shutil
+import tempfile
+from pathlib import Path
+
+from django.core.management.base import BaseCommand
+
+from registry.audit import SYSTEM
+from registry.models import ModelVersion
+from registry.services import version_register_from_archive
+
+DEMO_MODEL = "digits-classifier"
+
+
+def train_demo_model(into: Path) -> Path:
+    """A small scikit-learn classifier on the digits data set that ships with scikit-learn."""
+    import mlflow.sklearn
+    from mlflow.models import infer_signature
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import train_test_split
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    X, y = load_digits(return_X_y=True)
+    X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.25, random_state=0)
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(X_train, y_train)
+    folder = into / "model"
+    mlflow.sklearn.save_model(model, str(folder), input_example=X_test[:5],
+                              signature=infer_signature(X_test[:5], model.predict(X_test[:5])))
+    return Path(shutil.make_archive(str(into / "model"), "gztar", root_dir=folder))
+
+
+class Command(BaseCommand):
+    help = "Register the demo model (digits classifier) unless it is already there."
+
+    def handle(self, *args: object, **options: object) -> None:
+        existing = ModelVersion.objects.filter(model__name=DEMO_MODEL).order_by("-version").first()
+        if existing is not None:
+            self.stdout.write(f"Demo model already registered: {DEMO_MODEL} v{existing.version} ({existing.status})")
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            archive = train_demo_model(Path(tmp))
+            version = version_register_from_archive(
+                SYSTEM, DEMO_MODEL, archive, description="Logistic regression on scikit-learn's digits (demo)",
+                tags={"demo": "true", "dataset": "sklearn.datasets.load_digits"},
+            )
+        self.stdout.write(f"Demo model registered: {DEMO_MODEL} v{version.version}")
