@@ -77,7 +77,8 @@ def sklearn_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     X, y = load_digits(return_X_y=True)
     model = LogisticRegression(max_iter=200).fit(X[:1000], y[:1000])
     path = tmp_path_factory.mktemp("models") / "digits-logreg"
-    mlflow.sklearn.save_model(model, str(path), input_example=X[:5], signature=infer_signature(X[:5], model.predict(X[:5])))
+    signature = infer_signature(X[:5], model.predict(X[:5]))
+    mlflow.sklearn.save_model(model, str(path), input_example=X[:5], signature=signature)
     return path
 
 

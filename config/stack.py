@@ -23,6 +23,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,7 +49,7 @@ def wait_for_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | Non
     raise TimeoutError(f"nothing listened on 127.0.0.1:{port} within {timeout:.0f}s")
 
 
-def _drop_privileges_kwargs() -> dict[str, int]:
+def _drop_privileges_kwargs() -> dict[str, Any]:
     if os.geteuid() != 0:
         return {}
     nobody = pwd.getpwnam("nobody")
@@ -92,7 +93,7 @@ class EmbeddedPostgres:
             subprocess.run(
                 [str(self.bin_dir / "initdb"), "-D", str(self.data_dir), "-U", "postgres", "--encoding=utf8",
                  "--auth-local=scram-sha-256", "--auth-host=scram-sha-256", f"--pwfile={pwfile}"],
-                check=True, stdout=subprocess.DEVNULL, **drop,  # type: ignore[arg-type]
+                check=True, stdout=subprocess.DEVNULL, **drop,
             )
             pwfile.unlink()
         self.port = free_port()
@@ -102,7 +103,7 @@ class EmbeddedPostgres:
         self.proc = subprocess.Popen(
             [str(self.bin_dir / "postgres"), "-D", str(self.data_dir), "-h", "127.0.0.1", "-p", str(self.port),
              "-k", "", "-c", "max_connections=200", "-c", "fsync=on"],
-            stdout=log, stderr=log, start_new_session=True, **drop,  # type: ignore[arg-type]
+            stdout=log, stderr=log, start_new_session=True, **drop,
         )
         wait_for_port(self.port, 60, self.proc)
         url = f"postgresql://postgres:{quote(password)}@127.0.0.1:{self.port}/postgres"

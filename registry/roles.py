@@ -24,7 +24,7 @@ class Cap(models.TextChoices):
 
 _EVERYONE = {Role.DATA_SCIENTIST, Role.RELEASE_MANAGER, Role.ONCALL, Role.CI, Role.ADMIN}
 
-CAPABILITIES: dict[str, set[str]] = {
+CAPABILITIES: dict[str, set[Role]] = {
     Cap.MODEL_READ: _EVERYONE,
     Cap.MODEL_REGISTER: {Role.DATA_SCIENTIST, Role.CI, Role.ADMIN},
     Cap.MODEL_EDIT: {Role.DATA_SCIENTIST, Role.CI, Role.ADMIN},
@@ -34,4 +34,4 @@ CAPABILITIES: dict[str, set[str]] = {
 
 
 def roles_allow(roles: set[str] | list[str], capability: str) -> bool:
-    return bool(set(roles) & CAPABILITIES[capability])
+    return bool(set(roles) & {str(role) for role in CAPABILITIES[capability]})

@@ -6,6 +6,7 @@ import hashlib
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from django.conf import settings
 from django.db import transaction
@@ -43,7 +44,7 @@ class IssuedToken:
 
 
 @transaction.atomic
-def token_create(actor: Actor, owner: object, name: str, roles: list[str] | None = None,
+def token_create(actor: Actor, owner: Any, name: str, roles: list[str] | None = None,
                  expires_in_days: int | None = None) -> IssuedToken:
     owner_roles = user_roles(owner)
     wanted = set(roles) if roles else owner_roles

@@ -5,12 +5,13 @@ from typing import Any
 from rest_framework.permissions import BasePermission
 from rest_framework.request import Request
 
+from registry.models import ApiToken
 from registry.roles import roles_allow
 from registry.tokens import effective_roles
 
 
 def request_roles(request: Request) -> set[str]:
-    token = request.auth if request.auth is not None and hasattr(request.auth, "roles") else None
+    token = request.auth if isinstance(request.auth, ApiToken) else None
     return effective_roles(request.user, token)
 
 

@@ -38,7 +38,7 @@ class VersionOut(serializers.ModelSerializer):
 
 
 class LineageOut(serializers.Serializer):
-    source = serializers.CharField()
+    source = serializers.CharField()  # type: ignore[assignment]
     storage_location = serializers.CharField()
     run_id = serializers.CharField()
     experiment_id = serializers.CharField()
@@ -65,7 +65,7 @@ class VersionRegisterIn(serializers.Serializer):
     """Either `archive` (multipart upload of a .zip/.tar.gz MLflow model folder) or `source`."""
 
     archive = serializers.FileField(required=False, help_text="MLflow model folder as .zip, .tar or .tar.gz")
-    source = serializers.CharField(required=False, help_text="runs:/<run_id>/<path> or models:/<name>/<version>")
+    source = serializers.CharField(required=False, help_text="runs:/<run_id>/<path> or models:/<name>/<version>")  # type: ignore[assignment]
     description = serializers.CharField(required=False, allow_blank=True, default="")
     tags = serializers.JSONField(required=False, default=dict)
 

@@ -188,7 +188,7 @@ class TokenListView(BaseView):
     def get(self, request: Request) -> Response:
         qs = ApiToken.objects.select_related("user")
         if not roles_allow(request_roles(request), Cap.USER_MANAGE):
-            qs = qs.filter(user=request.user)
+            qs = qs.filter(user__username=request.user.get_username())
         return self.paginate(qs.order_by("-created_at"), s.TokenOut)
 
     @extend_schema(request=s.TokenCreateIn, responses={201: s.TokenCreatedOut})
