@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import time
+from typing import Any
 
-from django.contrib.auth import authenticate
+from django.contrib.auth import authenticate, get_user_model
 from rest_framework import authentication, exceptions
 from rest_framework.request import Request
 
@@ -32,6 +35,30 @@ def credentials_from_header(header: str) -> tuple[str, str, str] | None:
     return None
 
 
+# Password hashing is deliberately slow (~0.5 s); the mlflow client sends Basic credentials on every
+# request, so a successful check is remembered briefly, in memory, under a digest of the pair.
+_PASSWORD_CACHE: dict[str, tuple[float, int]] = {}
+_PASSWORD_CACHE_S = 60.0
+
+
+def _password_login(username: str, password: str) -> Any:
+    key = hashlib.sha256(f"{username}\0{password}".encode()).hexdigest()
+    now = time.monotonic()
+    hit = _PASSWORD_CACHE.get(key)
+    if hit and now - hit[0] < _PASSWORD_CACHE_S:
+        user = get_user_model().objects.select_related("profile").filter(pk=hit[1], is_active=True).first()
+        if user is not None:
+            return user
+    user = authenticate(username=username, password=password)
+    if user is None or not user.is_active:
+        _PASSWORD_CACHE.pop(key, None)
+        return None
+    if len(_PASSWORD_CACHE) > 1000:
+        _PASSWORD_CACHE.clear()
+    _PASSWORD_CACHE[key] = (now, user.pk)
+    return user
+
+
 def authenticate_header(header: str) -> tuple[object, ApiToken | None] | None:
     creds = credentials_from_header(header)
     if creds is None:
@@ -40,8 +67,8 @@ def authenticate_header(header: str) -> tuple[object, ApiToken | None] | None:
     if kind == "bearer":
         found = token_authenticate(first)
         return (found[0], found[1]) if found else None
-    user = authenticate(username=first, password=second)
-    if user is not None and user.is_active:
+    user = _password_login(first, second)
+    if user is not None:
         return user, None
     # The mlflow client may send a token as the password of Basic auth.
     found = token_authenticate(second)
