@@ -1,8 +1,19 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
+from frontend import views
+
 urlpatterns = [
-    path("login/", auth_views.LoginView.as_view(), name="login"),
+    path("login/", auth_views.LoginView.as_view(template_name="frontend/login.html", redirect_authenticated_user=True),
+         name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
-    path("", auth_views.LoginView.as_view(), name="model-list"),
+    path("", views.model_list, name="model-list"),
+    path("models/<str:name>/", views.model_detail, name="model-detail"),
+    path("models/<str:name>/versions-table/", views.model_version_rows, name="model-version-rows"),
+    path("models/<str:name>/versions/<int:version>/", views.version_detail, name="version-detail"),
+    path("models/<str:name>/versions/<int:version>/status/", views.version_status, name="version-status"),
+    path("register/", views.register, name="register"),
+    path("tokens/", views.tokens, name="tokens"),
+    path("tokens/<int:token_id>/revoke/", views.token_revoke_view, name="token-revoke"),
+    path("audit/", views.audit, name="audit"),
 ]

@@ -1,0 +1,289 @@
+"""Server-rendered pages. Each page names the capability it needs (registry.roles is the one table of
+who has it); reads go through registry.selectors, writes through registry services with a web Actor.
+Live parts are htmx partials that poll only while something is still changing."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import wraps
+from pathlib import Path
+from typing import Any, cast
+from urllib.parse import quote
+
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth.views import redirect_to_login
+from django.core.files.uploadedfile import UploadedFile
+from django.core.paginator import Page, Paginator
+from django.db.models import OuterRef, Subquery
+from django.http import HttpRequest, HttpResponse, HttpResponseBase
+from django.shortcuts import get_object_or_404, redirect, render, resolve_url
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+
+from frontend.forms import AuditFilterForm, RegisterForm, TokenForm
+from registry import archives, selectors, services
+from registry.audit import Actor
+from registry.models import ApiToken, ModelVersion, RegisteredModel, VersionStatus
+from registry.roles import CAPABILITIES, Cap, Role, roles_allow
+from registry.tokens import TokenError, token_create, token_revoke, user_roles
+
+MODELS_PER_PAGE = 25
+VERSIONS_PER_PAGE = 20
+AUDIT_PER_PAGE = 50
+TOKENS_PER_PAGE = 50
+POLL_SECONDS = 2
+
+View = Callable[..., HttpResponseBase]
+
+
+def is_htmx(request: HttpRequest) -> bool:
+    return request.headers.get("HX-Request") == "true"
+
+
+def page_needs(capability: str) -> Callable[[View], View]:
+    """Signed-in people holding `capability` only. Anonymous people go to the login page (an htmx poll
+    is told to send the whole page there); others get a 403 page that says what is missing."""
+
+    def decorator(view: View) -> View:
+        @wraps(view)
+        def wrapped(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+            if not request.user.is_authenticated:
+                if is_htmx(request):
+                    page = request.headers.get("HX-Current-URL") or request.get_full_path()
+                    response = HttpResponse(status=204)
+                    response["HX-Redirect"] = f"{resolve_url(settings.LOGIN_URL)}?next={quote(page)}"
+                    return response
+                return redirect_to_login(request.get_full_path())
+            if not roles_allow(user_roles(request.user), capability):
+                return forbidden(request, capability)
+            return view(request, *args, **kwargs)
+
+        return wrapped
+
+    return decorator
+
+
+def forbidden(request: HttpRequest, capability: str) -> HttpResponse:
+    labels = dict(Role.choices)
+    context = {
+        "capability": capability,
+        "capability_label": Cap(capability).label,
+        "granted_by": sorted(labels.get(role, role) for role in CAPABILITIES[capability]),
+    }
+    return render(request, "frontend/403.html", context, status=403)
+
+
+def paginate(request: HttpRequest, items: Any, per_page: int) -> Page:
+    return Paginator(items, per_page).get_page(request.GET.get("page"))
+
+
+# ---- models -------------------------------------------------------------------------------------
+
+MODEL_SORTS = {"name": "Name", "-updated_at": "Recently updated", "-created_at": "Newest"}
+
+
+@require_GET
+@page_needs(Cap.MODEL_READ)
+def model_list(request: HttpRequest) -> HttpResponse:
+    search = request.GET.get("q", "").strip()
+    tag = request.GET.get("tag", "").strip()
+    sort = request.GET.get("sort", "name")
+    if sort not in MODEL_SORTS:
+        sort = "name"
+    latest_status = ModelVersion.objects.filter(model=OuterRef("pk"), version=OuterRef("latest_version"))
+    models = selectors.model_list(search=search, tag=tag, ordering=sort).annotate(
+        latest_status=Subquery(latest_status.values("status")[:1])
+    )
+    context = {
+        "page": paginate(request, models, MODELS_PER_PAGE),
+        "search": search, "tag": tag, "sort": sort, "sorts": MODEL_SORTS,
+        "filtered": bool(search or tag),
+    }
+    return render(request, "frontend/model_list.html", context)
+
+
+def _versions_context(request: HttpRequest, model: RegisteredModel) -> dict[str, Any]:
+    status = request.GET.get("status", "")
+    if status not in VersionStatus.values:
+        status = ""
+    page = paginate(request, selectors.version_list(model, status=status), VERSIONS_PER_PAGE)
+    return {
+        "model": model, "page": page, "status_filter": status,
+        "status_counts": selectors.version_status_counts(model), "statuses": VersionStatus.choices,
+        "polling": any(v.status == VersionStatus.VALIDATING for v in page.object_list),
+        "poll_seconds": POLL_SECONDS,
+    }
+
+
+@require_GET
+@page_needs(Cap.MODEL_READ)
+def model_detail(request: HttpRequest, name: str) -> HttpResponse:
+    model = get_object_or_404(RegisteredModel, name=name)
+    return render(request, "frontend/model_detail.html", _versions_context(request, model))
+
+
+@require_GET
+@page_needs(Cap.MODEL_READ)
+def model_version_rows(request: HttpRequest, name: str) -> HttpResponse:
+    """The versions table body alone, for the model page's htmx poll; the status counts above the
+    table come along as an htmx partial so they agree with the rows."""
+    model = get_object_or_404(RegisteredModel, name=name)
+    context = _versions_context(request, model)
+    context["oob_filters"] = True
+    return render(request, "frontend/_version_rows.html", context)
+
+
+# ---- versions -----------------------------------------------------------------------------------
+
+def _version(name: str, number: int) -> ModelVersion:
+    model = get_object_or_404(RegisteredModel, name=name)
+    version = selectors.version_get(model, number)
+    if version is None:
+        from django.http import Http404
+
+        raise Http404(f"model {name!r} has no version {number}")
+    return version
+
+
+def _status_context(version: ModelVersion) -> dict[str, Any]:
+    return {"version": version, "model": version.model, "poll_seconds": POLL_SECONDS,
+            "polling": version.status == VersionStatus.VALIDATING}
+
+
+@require_GET
+@page_needs(Cap.MODEL_READ)
+def version_detail(request: HttpRequest, name: str, version: int) -> HttpResponse:
+    found = _version(name, version)
+    context = _status_context(found)
+    signature = found.signature if isinstance(found.signature, dict) else {}
+    context.update({
+        "signature_inputs": signature.get("inputs"),
+        "signature_outputs": signature.get("outputs"),
+        "signature_params": signature.get("params"),
+    })
+    return render(request, "frontend/version_detail.html", context)
+
+
+@require_GET
+@page_needs(Cap.MODEL_READ)
+def version_status(request: HttpRequest, name: str, version: int) -> HttpResponse:
+    """The version page's status panel alone, for its htmx poll."""
+    return render(request, "frontend/_version_status.html", _status_context(_version(name, version)))
+
+
+# ---- register -----------------------------------------------------------------------------------
+
+@contextmanager
+def _on_disk(upload: UploadedFile) -> Iterator[Path]:
+    """The uploaded file as a path (Django already keeps large uploads in a temporary file)."""
+    temporary = getattr(upload, "temporary_file_path", None)
+    if temporary is not None:
+        yield Path(temporary())
+        return
+    fd, name = tempfile.mkstemp(prefix="web-upload-")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            for chunk in upload.chunks():
+                fh.write(chunk)
+        yield Path(name)
+    finally:
+        os.unlink(name)
+
+
+def _register(request: HttpRequest, form: RegisterForm) -> ModelVersion:
+    data = form.cleaned_data
+    actor = Actor(request.user, "web")
+    if data.get("archive"):
+        with _on_disk(data["archive"]) as path:
+            return services.version_register_from_archive(actor, data["name"], path, data["description"],
+                                                           data["tags"])
+    return services.version_register_from_uri(actor, data["name"], data["source"], data["description"], data["tags"])
+
+
+@require_http_methods(["GET", "POST"])
+@page_needs(Cap.MODEL_REGISTER)
+def register(request: HttpRequest) -> HttpResponse:
+    status = 200
+    if request.method == "POST":
+        form = RegisterForm(request.POST, request.FILES)
+        status = 400
+        if form.is_valid():
+            try:
+                version = _register(request, form)
+            except (archives.ArchiveError, archives.PolicyError, services.RegistryError) as exc:
+                form.add_error(None, str(exc))
+                status = 422
+            else:
+                messages.success(request, f"Registered {version.model.name} version {version.version}. "
+                                          "It is being validated in an isolated worker.")
+                return redirect("frontend:version-detail", name=version.model.name, version=version.version)
+    else:
+        form = RegisterForm(initial={"name": request.GET.get("model", "")})
+    context = {
+        "form": form,
+        "tracking_uri": request.build_absolute_uri("/").rstrip("/"),
+        "max_upload_mb": cast(int, settings.PLATFORM["MAX_UPLOAD_BYTES"]) // (1024 * 1024),
+    }
+    return render(request, "frontend/register.html", context, status=status)
+
+
+# ---- tokens -------------------------------------------------------------------------------------
+
+@require_http_methods(["GET", "POST"])
+@page_needs(Cap.MODEL_READ)
+def tokens(request: HttpRequest) -> HttpResponse:
+    mine = sorted(user_roles(request.user))
+    form = TokenForm(request.POST if request.method == "POST" else None, roles=mine)
+    issued = None
+    status = 200
+    if request.method == "POST":
+        status = 400
+        if form.is_valid():
+            data = form.cleaned_data
+            try:
+                issued = token_create(Actor(request.user, "web"), request.user, data["name"], list(data["roles"]),
+                                      expires_in_days=data["expires_in_days"])
+            except TokenError as exc:
+                form.add_error(None, str(exc))
+            else:
+                status = 201
+                form = TokenForm(roles=mine)
+    context = {
+        "form": form, "issued": issued,
+        "page": paginate(request, ApiToken.objects.filter(user=cast(Any, request.user)).order_by("-created_at"),
+                         TOKENS_PER_PAGE),
+        "tracking_uri": request.build_absolute_uri("/").rstrip("/"),
+    }
+    response = render(request, "frontend/tokens.html", context, status=status)
+    if issued is not None:
+        response["Cache-Control"] = "no-store"  # the raw token is on this page, once
+    return response
+
+
+@require_POST
+@page_needs(Cap.MODEL_READ)
+def token_revoke_view(request: HttpRequest, token_id: int) -> HttpResponse:
+    token = get_object_or_404(ApiToken, pk=token_id, user=cast(Any, request.user))
+    if token.revoked_at is None:
+        token_revoke(Actor(request.user, "web"), token)
+        messages.success(request, f"Revoked token “{token.name}” ({token.prefix}…). Anything using it is now refused.")
+    return redirect("frontend:tokens")
+
+
+# ---- audit --------------------------------------------------------------------------------------
+
+@require_GET
+@page_needs(Cap.AUDIT_READ)
+def audit(request: HttpRequest) -> HttpResponse:
+    form = AuditFilterForm(request.GET or None)
+    filters = {"action": "", "target": "", "actor": ""}
+    if form.is_valid():
+        filters.update({key: str(value).strip() for key, value in form.cleaned_data.items() if value})
+    context = {
+        "form": form, "filters": filters, "filtered": any(filters.values()),
+        "page": paginate(request, selectors.audit_list(**filters), AUDIT_PER_PAGE),
+    }
+    return render(request, "frontend/audit.html", context)
