@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import secrets
 from pathlib import Path
+from typing import Any
 
 import dj_database_url
 
@@ -123,7 +124,7 @@ FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
 DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
 FILE_UPLOAD_TEMP_DIR = None
 
-PLATFORM = {
+PLATFORM: dict[str, Any] = {
     # Largest model archive accepted, compressed (bytes).
     "MAX_UPLOAD_BYTES": env_int("PLATFORM_MAX_UPLOAD_BYTES", 512 * 1024 * 1024),
     # Largest total size once unpacked, and most members, to stop archive bombs.
@@ -135,6 +136,11 @@ PLATFORM = {
     # Seconds an isolated model inspection may take before it is stopped.
     "INSPECT_TIMEOUT_S": env_int("PLATFORM_INSPECT_TIMEOUT_S", 120),
     "TOKEN_DEFAULT_DAYS": env_int("PLATFORM_TOKEN_DEFAULT_DAYS", 90),
+    # Hardware targets with workers: engine variants are planned for these (cpu, gpu).
+    "BUILD_TARGETS": env_list("PLATFORM_BUILD_TARGETS", ["cpu"]),
+    # Seconds an engine build may take, and after which a silent build is handed to another worker.
+    "BUILD_TIMEOUT_S": env_int("PLATFORM_BUILD_TIMEOUT_S", 900),
+    "BUILD_STALE_S": env_int("PLATFORM_BUILD_STALE_S", 120),
 }
 
 REST_FRAMEWORK = {
@@ -177,6 +183,7 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_BEAT_SCHEDULE = {
     "registry-reconcile": {"task": "registry.tasks.registry_reconcile", "schedule": 60.0},
+    "engine-builds-reconcile": {"task": "pipelines.tasks.engine_builds_reconcile", "schedule": 30.0},
 }
 
 LOGGING = {
