@@ -7,10 +7,12 @@ about sizes), and reads the MLmodel file as plain YAML.
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 import stat
 import tarfile
+import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -40,7 +42,6 @@ KNOWN_FLAVORS = {
 }
 # Flavors whose artifacts are not pickles (sklearn counts only when saved with skops).
 PICKLE_FREE_FLAVORS = {"onnx"}
-PICKLE_FREE_PYFUNC_LOADERS = {"mlflow.onnx"}
 
 
 def check_model_name(name: str) -> str:
@@ -51,12 +52,18 @@ def check_model_name(name: str) -> str:
     return name
 
 
+_MAX_DECODINGS = 4
+
+
 def check_relative_path(path: str, what: str = "path") -> str:
-    """Refuse anything that could point outside its folder, however it is spelled or encoded."""
-    if "\x00" in path:
-        raise ArchiveError(f"{what} {path!r} contains a NUL byte")
+    """Refuse anything that could point outside its folder, however it is spelled or encoded.
+
+    Every percent-decoding of the path is checked (`%252e%252e` -> `%2e%2e` -> `..`); a path that still
+    decodes to something new after a few rounds is refused rather than trusted."""
     decoded = path
-    for _ in range(4):  # %252e%252e -> %2e%2e -> ..
+    for _ in range(_MAX_DECODINGS):
+        if "\x00" in decoded:
+            raise ArchiveError(f"{what} {path!r} contains a NUL byte")
         if "\\" in decoded:
             raise ArchiveError(f"{what} {path!r} contains a backslash; use '/' separators")
         if decoded.startswith("/") or re.match(r"^[A-Za-z]:", decoded):
@@ -65,9 +72,9 @@ def check_relative_path(path: str, what: str = "path") -> str:
             raise ArchiveError(f"{what} {path!r} climbs out of its folder ('..')")
         nxt = unquote(decoded)
         if nxt == decoded:
-            break
+            return path
         decoded = nxt
-    return path
+    raise ArchiveError(f"{what} {path!r} is percent-encoded {_MAX_DECODINGS} or more times over; refusing it")
 
 
 @dataclass
@@ -83,37 +90,52 @@ class ModelFiles:
 
 
 def _limits() -> tuple[int, int, int]:
-    cfg = settings.PLATFORM
-    return cfg["MAX_UNPACKED_BYTES"], cfg["MAX_ARCHIVE_MEMBERS"], cfg["MAX_COMPRESSION_RATIO"]
+    cfg: dict[str, Any] = settings.PLATFORM
+    return int(cfg["MAX_UNPACKED_BYTES"]), int(cfg["MAX_ARCHIVE_MEMBERS"]), int(cfg["MAX_COMPRESSION_RATIO"])
 
 
 class _Budget:
+    """What an archive may unpack to: at most MAX_UNPACKED_BYTES, and at most MAX_COMPRESSION_RATIO
+    times its own size; at most MAX_ARCHIVE_MEMBERS members. Checked against what the headers claim
+    (so a bomb is refused before it is inflated) and against what is actually written (headers lie)."""
+
     def __init__(self, compressed_size: int) -> None:
         max_bytes, self.max_members, ratio = _limits()
         self.max_bytes = min(max_bytes, max(compressed_size, 1) * ratio)
         self.written = 0
+        self.claimed = 0
         self.members = 0
 
-    def add_member(self) -> None:
+    def _bomb(self, n: int) -> ArchiveError:
+        max_bytes, _, ratio = _limits()
+        return ArchiveError(
+            f"archive unpacks to more than {self.max_bytes} bytes (at least {n}; the limit is {max_bytes} bytes in "
+            f"all and {ratio}x the compressed size); refusing a possible archive bomb"
+        )
+
+    def add_member(self, claimed_size: int) -> None:
         self.members += 1
         if self.members > self.max_members:
-            raise ArchiveError(f"archive has more than {self.max_members} members")
+            raise ArchiveError(f"archive has more than {self.max_members} members (PLATFORM_MAX_ARCHIVE_MEMBERS)")
+        self.claimed += max(claimed_size, 0)
+        if self.claimed > self.max_bytes:
+            raise self._bomb(self.claimed)
 
     def add_bytes(self, n: int) -> None:
         self.written += n
         if self.written > self.max_bytes:
-            raise ArchiveError(
-                f"archive unpacks to more than {self.max_bytes} bytes (limit: {_limits()[0]} bytes in all and "
-                f"{_limits()[2]}x the compressed size); refusing a possible archive bomb"
-            )
+            raise self._bomb(self.written)
 
 
-def _copy(src: IO[bytes], dst_path: Path, budget: _Budget) -> None:
+def _copy(src: IO[bytes], dst_path: Path, budget: _Budget) -> int:
     dst_path.parent.mkdir(parents=True, exist_ok=True)
+    copied = 0
     with open(dst_path, "xb") as dst:
         while chunk := src.read(1024 * 1024):
             budget.add_bytes(len(chunk))
+            copied += len(chunk)
             dst.write(chunk)
+    return copied
 
 
 def _target(dest: Path, name: str) -> Path | None:
@@ -128,6 +150,20 @@ def _target(dest: Path, name: str) -> Path | None:
     return target
 
 
+class _Seen:
+    """Two members unpacking to the same path would silently replace one another: refuse them."""
+
+    def __init__(self) -> None:
+        self.files: set[Path] = set()
+
+    def add(self, target: Path | None, name: str, is_dir: bool) -> None:
+        if target is None or is_dir:
+            return
+        if target in self.files:
+            raise ArchiveError(f"archive member {name!r} appears more than once")
+        self.files.add(target)
+
+
 def unpack(archive: Path, dest: Path) -> None:
     """Unpack a .zip, .tar or .tar.gz into dest, refusing anything unsafe or malformed."""
     size = archive.stat().st_size
@@ -139,46 +175,80 @@ def unpack(archive: Path, dest: Path) -> None:
     try:
         if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
             _unpack_zip(archive, dest, budget)
-        elif head[:2] == b"\x1f\x8b" or (len(head) >= 262 and head[257:262] == b"ustar"):
-            _unpack_tar(archive, dest, budget)
+        elif head[:2] == b"\x1f\x8b":
+            with tempfile.TemporaryFile(dir=dest.parent) as tar:
+                _gunzip(archive, tar, budget)
+                _unpack_tar(tar, dest, budget)
+        elif len(head) >= 262 and head[257:262] == b"ustar":
+            with open(archive, "rb") as tar:
+                _unpack_tar(tar, dest, budget)
         else:
             raise ArchiveError("not a model archive: expected a .zip, .tar or .tar.gz of an MLflow model folder")
     except ArchiveError:
         raise
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, OSError) as exc:
         raise ArchiveError(f"the archive is corrupt or truncated: {exc}") from exc
+
+
+def _gunzip(archive: Path, out: IO[bytes], budget: _Budget) -> None:
+    """Inflate a .tar.gz once, to its end: a missing or wrong gzip trailer (a truncated upload) fails
+    here, and so does a bomb, before tarfile reads a header. The tar's own headers and padding are
+    allowed on top of the byte budget."""
+    _, max_members, _ = _limits()
+    allowance = budget.max_bytes + 1024 * (max_members + 20)
+    inflated = 0
+    with gzip.open(archive, "rb") as gz:
+        while chunk := gz.read(1024 * 1024):
+            inflated += len(chunk)
+            if inflated > allowance:
+                raise budget._bomb(inflated)
+            out.write(chunk)
+    out.seek(0)
 
 
 def _unpack_zip(archive: Path, dest: Path, budget: _Budget) -> None:
     with zipfile.ZipFile(archive) as zf:
         infos = zf.infolist()
-        for info in infos:  # check every name before writing anything
-            _target(dest, info.filename)
+        seen = _Seen()
+        for info in infos:  # check every member before writing anything
+            budget.add_member(info.file_size)
+            target = _target(dest, info.filename)
             mode = info.external_attr >> 16
             if stat.S_ISLNK(mode):
                 raise ArchiveError(f"archive member {info.filename!r} is a symbolic link; links are not allowed")
+            if stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR):  # 0: the zip tool set no type
+                raise ArchiveError(f"archive member {info.filename!r} is a device, FIFO or other special file")
             if info.flag_bits & 0x1:
                 raise ArchiveError(f"archive member {info.filename!r} is encrypted")
+            seen.add(target, info.filename, info.is_dir())
         for info in infos:
-            budget.add_member()
             target = _target(dest, info.filename)
             if target is None or info.is_dir():
                 continue
-            with zf.open(info) as src:
+            with zf.open(info) as src:  # checks each member's CRC as it reads
                 _copy(src, target, budget)
 
 
-def _unpack_tar(archive: Path, dest: Path, budget: _Budget) -> None:
-    with tarfile.open(archive, mode="r:*") as tf:
-        members = tf.getmembers()  # reads the whole archive: a truncated one fails here
-        for member in members:
-            _target(dest, member.name)
+def _unpack_tar(fileobj: IO[bytes], dest: Path, budget: _Budget) -> None:
+    with tarfile.open(fileobj=fileobj, mode="r:") as tf:
+        members: list[tarfile.TarInfo] = []
+        seen = _Seen()
+        # Read headers one by one so a member count or claimed size over the limit stops at once.
+        while (member := tf.next()) is not None:
+            budget.add_member(member.size)
+            target = _target(dest, member.name)
             if member.issym() or member.islnk():
                 raise ArchiveError(f"archive member {member.name!r} is a link; links are not allowed")
             if not (member.isfile() or member.isdir()):
                 raise ArchiveError(f"archive member {member.name!r} is a device, FIFO or other special file")
+            if member.sparse is not None:
+                raise ArchiveError(f"archive member {member.name!r} is a sparse file; sparse files are not allowed")
+            seen.add(target, member.name, member.isdir())
+            members.append(member)
+        if not members:
+            raise ArchiveError("the archive holds no files")
+        _check_tar_end(tf, fileobj)
         for member in members:
-            budget.add_member()
             target = _target(dest, member.name)
             if target is None or member.isdir():
                 continue
@@ -186,9 +256,17 @@ def _unpack_tar(archive: Path, dest: Path, budget: _Budget) -> None:
             if src is None:
                 raise ArchiveError(f"archive member {member.name!r} cannot be read")
             with src:
-                _copy(src, target, budget)
-                if budget.written and target.stat().st_size != member.size:
+                if _copy(src, target, budget) != member.size:
                     raise ArchiveError(f"archive member {member.name!r} is truncated")
+
+
+def _check_tar_end(tf: tarfile.TarFile, fileobj: IO[bytes]) -> None:
+    """tarfile takes a file that stops at (or inside) a header for the archive's end; a real tar ends
+    with a zero block. Without it the upload was cut short and members may be missing."""
+    fileobj.seek(tf.offset)
+    block = fileobj.read(tarfile.BLOCKSIZE)
+    if len(block) < tarfile.BLOCKSIZE or block.count(0) != tarfile.BLOCKSIZE:
+        raise ArchiveError("the archive is corrupt or truncated: it ends without the tar end-of-archive marker")
 
 
 def model_root(unpacked: Path) -> Path:
@@ -202,13 +280,33 @@ def model_root(unpacked: Path) -> Path:
                        "upload the folder written by mlflow.<flavor>.save_model")
 
 
+MAX_MLMODEL_BYTES = 1024 * 1024
+
+
+class _MLmodelLoader(yaml.SafeLoader):
+    """yaml.safe_load without anchors and aliases: MLflow never writes them, and an alias bomb (a few
+    lines that expand to 10^9 items once stored as JSON) would otherwise stall the web process."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(None, None, "YAML aliases (*name) are not allowed in MLmodel", mark)
+        return super().compose_node(parent, index)
+
+
 def parse_mlmodel(text: str) -> dict[str, Any]:
+    if len(text) > MAX_MLMODEL_BYTES:
+        raise ArchiveError(f"MLmodel is larger than {MAX_MLMODEL_BYTES} bytes; is this an MLflow model?")
     try:
-        doc = yaml.safe_load(text)
+        doc = yaml.load(text, Loader=_MLmodelLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ArchiveError(f"MLmodel is not valid YAML: {exc}") from exc
+    except RecursionError as exc:
+        raise ArchiveError("MLmodel is nested too deeply to be an MLflow model") from exc
     if not isinstance(doc, dict) or not isinstance(doc.get("flavors"), dict) or not doc["flavors"]:
         raise ArchiveError("MLmodel has no 'flavors' section; is this an MLflow model?")
+    if not all(isinstance(name, str) for name in doc["flavors"]):
+        raise ArchiveError("MLmodel 'flavors' must map flavor names (text) to their settings")
     return doc
 
 
@@ -227,19 +325,27 @@ def check_flavors(mlmodel: dict[str, Any]) -> dict[str, Any]:
     return flavors
 
 
+# pyfunc loaders that only delegate to their own flavor's entry, which is judged on its own.
+_DELEGATING_PYFUNC_LOADERS = {
+    "mlflow.sklearn": "sklearn", "mlflow.pytorch": "pytorch", "mlflow.xgboost": "xgboost",
+    "mlflow.lightgbm": "lightgbm", "mlflow.onnx": "onnx",
+}
+
+
 def uses_pickle(flavors: dict[str, Any]) -> bool:
+    """Whether loading this model may unpickle something. Unsure means yes."""
     for name, conf in flavors.items():
         conf = conf if isinstance(conf, dict) else {}
         if name in PICKLE_FREE_FLAVORS:
             continue
         if name == "sklearn" and conf.get("serialization_format") == "skops":
             continue
-        if name == "python_function" and conf.get("loader_module") in PICKLE_FREE_PYFUNC_LOADERS:
-            continue
-        if name == "python_function" and conf.get("loader_module") in {
-            "mlflow.sklearn", "mlflow.pytorch", "mlflow.xgboost", "mlflow.lightgbm"
-        }:
-            continue  # judged by that flavor's own entry
+        if name == "python_function":
+            # A pyfunc entry that delegates to another flavor is judged by that flavor's entry; without
+            # one the loader falls back to its default format (a pickle for most).
+            delegate = _DELEGATING_PYFUNC_LOADERS.get(str(conf.get("loader_module")))
+            if delegate is not None and delegate in flavors:
+                continue
         return True
     return False
 
@@ -254,7 +360,7 @@ def signature_of(mlmodel: dict[str, Any]) -> dict[str, Any] | None:
         if isinstance(value, str):
             try:
                 out[key] = json.loads(value)
-            except json.JSONDecodeError as exc:
+            except (ValueError, RecursionError) as exc:
                 raise ArchiveError(f"MLmodel signature '{key}' is not valid JSON: {exc}") from exc
         elif value is not None:
             out[key] = value
@@ -273,11 +379,13 @@ def parse_input_example(text: str | None) -> Any:
         return None
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         return None
 
 
 def read_model_folder(root: Path) -> ModelFiles:
+    if (root / "MLmodel").stat().st_size > MAX_MLMODEL_BYTES:
+        raise ArchiveError(f"MLmodel is larger than {MAX_MLMODEL_BYTES} bytes; is this an MLflow model?")
     mlmodel = parse_mlmodel((root / "MLmodel").read_text(errors="replace"))
     flavors = check_flavors(mlmodel)
     example_rel = input_example_path(mlmodel)
@@ -294,6 +402,7 @@ def read_model_folder(root: Path) -> ModelFiles:
 # ---- source URIs --------------------------------------------------------------------------------
 
 RUN_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+ALIAS_RE = re.compile(r"^[A-Za-z0-9_-]{1,255}$")
 
 
 @dataclass(frozen=True)
@@ -318,6 +427,8 @@ def parse_source_uri(uri: str) -> SourceUri:
             "file:, http(s): and local paths are not accepted"
         )
     check_relative_path(rest.lstrip("/"), "source URI path")
+    if "?" in rest or "#" in rest:
+        raise ArchiveError(f"source URI {uri!r} has a query or fragment ('?', '#'); give a plain path")
     rest = rest.lstrip("/")
     if scheme == "runs":
         run_id, _, path = rest.partition("/")
@@ -327,6 +438,8 @@ def parse_source_uri(uri: str) -> SourceUri:
     if "@" in rest and "/" not in rest:
         name, _, alias = rest.partition("@")
         check_model_name(name)
+        if not ALIAS_RE.match(alias):
+            raise ArchiveError(f"model alias {alias!r} must be 1-255 letters, digits, '_' or '-'")
         return SourceUri(kind="model", model_name=name, version_or_alias=alias)
     name, _, version = rest.partition("/")
     check_model_name(name)

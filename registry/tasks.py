@@ -8,12 +8,14 @@ from pathlib import Path
 from celery import shared_task
 
 from registry import services
+from registry.mlflow_store import MlflowError
 from registry.models import ModelVersion, VersionStatus
 
 
 @shared_task(bind=True, max_retries=5, acks_late=True)
 def version_validate(self, version_id: int) -> str:  # type: ignore[no-untyped-def]
-    """Open the version's model in the isolated sandbox; it becomes ready or invalid."""
+    """Open the version's model in the isolated sandbox (registry.inspection); it becomes ready or
+    invalid. The model is never loaded in this process: pickles run code."""
     from registry.inspection import inspect_model
 
     version = ModelVersion.objects.filter(pk=version_id).first()
@@ -23,15 +25,25 @@ def version_validate(self, version_id: int) -> str:  # type: ignore[no-untyped-d
         with tempfile.TemporaryDirectory(prefix="inspect-") as tmp:
             model_dir = services.model_dir_for_inspection(version, Path(tmp) / "model")
             report = inspect_model(model_dir)
-    except OSError as exc:  # artifact store unreachable: try again later
-        raise self.retry(exc=exc, countdown=10) from exc
-    if report.get("ok"):
-        services.version_transition(version_id, VersionStatus.READY, detail="loaded and predicted in isolation",
-                                    inspection=report)
-        return "ready"
-    services.version_transition(version_id, VersionStatus.INVALID, detail=str(report.get("error", ""))[:4000],
-                                inspection=report)
-    return "invalid"
+    except OSError as exc:  # artifact store unreachable: try again later, then give up visibly
+        if self.request.retries < self.max_retries:
+            raise self.retry(exc=exc, countdown=10) from exc
+        report = {"ok": False, "error": f"the model's artifacts could not be downloaded: {exc}"}
+    except MlflowError as exc:  # the artifacts are not in the platform's store: retrying cannot help
+        report = {"ok": False, "error": f"the model's artifacts could not be downloaded: {exc}"}
+    ok = bool(report.get("ok"))
+    if not ok:
+        detail = str(report.get("error", ""))[:4000]
+    elif "predict_s" in report:
+        detail = "loaded and predicted on its input example in isolation"
+    else:
+        detail = "loaded in isolation (no input example to predict on)"
+    try:
+        services.version_transition(version_id, VersionStatus.READY if ok else VersionStatus.INVALID,
+                                    detail=detail, inspection=report)
+    except services.TransitionError:  # another run of this task (or an archive) got there first
+        return "nothing to do"
+    return "ready" if ok else "invalid"
 
 
 @shared_task
