@@ -93,18 +93,26 @@ def is_known_location(uri: str) -> bool:
 
 # ---- registered models and versions -------------------------------------------------------------
 
-def ensure_registered_model(name: str, description: str = "") -> None:
+def ensure_registered_model(name: str, description: str = "") -> bool:
+    """Create the registered model unless it exists; True if this call created it."""
     from mlflow.exceptions import MlflowException
 
     store = registry_store()
     try:
         store.get_registered_model(name)
+        return False
     except MlflowException:
         try:
             store.create_registered_model(name, description=description or None)
+            return True
         except MlflowException as exc:
             if "already exists" not in str(exc):
                 raise MlflowError(exc.message) from exc
+            return False
+
+
+def delete_registered_model(name: str) -> None:
+    registry_store().delete_registered_model(name)
 
 
 def create_upload_run(model_name: str) -> tuple[str, str, str]:
@@ -314,6 +322,7 @@ def read_artifact_text(location: str, relative: str, limit: int = 5 * 1024 * 102
 
 def download_model(location: str, dst: Path) -> Path:
     repo = _destination_repo(location)
+    dst.mkdir(parents=True, exist_ok=True)
     return Path(repo.download_artifacts("", dst_path=str(dst)))
 
 

@@ -13,13 +13,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import F
 
 from registry import archives
 from registry import mlflow_store as mlflow
 from registry.audit import SYSTEM, Actor, audit_record
-from registry.models import VERSION_TRANSITIONS, ModelVersion, RegisteredModel, VersionOrigin
+from registry.models import VERSION_TRANSITIONS, ModelVersion, RegisteredModel, VersionOrigin, VersionStatus
+from registry.signals import version_ready
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +161,10 @@ def _signature_or_none(mlmodel: dict[str, Any]) -> dict[str, Any] | None:
 def version_register_from_archive(actor: Actor, model_name: str, archive_path: Path, description: str = "",
                                   tags: Any = None) -> ModelVersion:
     archives.check_model_name(model_name)
+    limit = settings.PLATFORM["MAX_UPLOAD_BYTES"]
+    if archive_path.stat().st_size > limit:
+        raise RegistryError(f"the archive is {archive_path.stat().st_size} bytes, over the limit of {limit} bytes "
+                            "(PLATFORM_MAX_UPLOAD_BYTES)", 413)
     clean_tags = _clean_tags(tags)
     with tempfile.TemporaryDirectory(prefix="upload-") as tmp:
         unpacked = Path(tmp) / "unpacked"
@@ -166,7 +172,6 @@ def version_register_from_archive(actor: Actor, model_name: str, archive_path: P
         archives.unpack(archive_path, unpacked)
         files = archives.read_model_folder(archives.model_root(unpacked))
         # Artifacts go up before the lock (slow I/O need not serialise); undone if anything fails.
-        mlflow.ensure_registered_model(model_name)
         run_id, experiment_id, artifact_uri = mlflow.create_upload_run(model_name)
         try:
             location = mlflow.upload_artifacts(files.root, artifact_uri, "model")
@@ -189,8 +194,10 @@ def _undo_run(run_id: str) -> None:
 def _create_version(actor: Actor, model_name: str, source: str, run_id: str, origin: str, lineage: mlflow.Lineage,
                     files: archives.ModelFiles | None, description: str, tags: dict[str, str]) -> ModelVersion:
     number: int | None = None
+    created_model = False
     try:
         with _model_locked(actor, model_name) as model:
+            created_model = mlflow.ensure_registered_model(model_name)
             number = mlflow.create_model_version(model_name, source, run_id, description)
             if tags:
                 mlflow.set_model_version_tags(model_name, number, {}, tags)
@@ -200,7 +207,16 @@ def _create_version(actor: Actor, model_name: str, source: str, run_id: str, ori
     except BaseException:
         if number is not None:
             _undo_version(model_name, number)
+        elif created_model:
+            _undo_model(model_name)
         raise
+
+
+def _undo_model(model_name: str) -> None:
+    try:
+        mlflow.delete_registered_model(model_name)
+    except Exception:  # noqa: BLE001
+        log.exception("could not delete MLflow model %s while undoing a failed registration", model_name)
 
 
 def _undo_version(model_name: str, number: int) -> None:
@@ -227,14 +243,14 @@ def version_register_from_uri(actor: Actor, model_name: str, uri: str, descripti
     files = _files_at(resolved.location)
     lineage = mlflow.Lineage(source=resolved.source, storage_location=resolved.location, run_id=resolved.run_id)
     _fill_run_lineage(lineage)
-    mlflow.ensure_registered_model(model_name)
     return _create_version(actor, model_name, resolved.source, resolved.run_id, origin, lineage, files,
                            description, clean_tags)
 
 
 def _files_at(location: str) -> archives.ModelFiles:
     """Parse the MLmodel (and input example) at an artifact location without downloading weights."""
-    text = mlflow.read_artifact_text(location, "MLmodel")
+    # Read generously: parse_mlmodel refuses an oversized file with a clear message.
+    text = mlflow.read_artifact_text(location, "MLmodel", limit=64 * 1024 * 1024)
     if text is None:
         raise RegistryError(f"no MLflow model at {location} (no MLmodel file)", 404)
     mlmodel = archives.parse_mlmodel(text)
@@ -355,6 +371,8 @@ def version_transition(version_id: int, to: str, actor: Actor = SYSTEM, detail: 
                      before={"status": current.status}, after={"status": to, "detail": detail})
         if on_commit is not None:
             transaction.on_commit(on_commit)
+        if to == VersionStatus.READY:
+            transaction.on_commit(lambda: version_ready.send(sender=ModelVersion, version_id=version_id))
     current.refresh_from_db()
     return current
 

@@ -1,0 +1,61 @@
+"""Engine builds in the REST API: list a version's builds with their state, figures and log; ask for them."""
+
+from __future__ import annotations
+
+from django.http import Http404
+from drf_spectacular.utils import extend_schema
+from rest_framework import serializers, status
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from pipelines.models import EngineBuild
+from pipelines.services import engine_builds_request
+from registry import selectors
+from registry.api.views import BaseView, _model, actor_of
+from registry.models import ModelVersion
+from registry.roles import Cap
+
+
+class BuildOut(serializers.ModelSerializer):
+    variant = serializers.CharField(read_only=True)
+    reused_from = serializers.PrimaryKeyRelatedField(read_only=True)
+
+    class Meta:
+        model = EngineBuild
+        fields = ["id", "variant", "target", "precision", "runtime", "status", "step", "error", "parity", "io",
+                  "toolchain", "size_bytes", "sha256", "build_seconds", "engine_uri", "content_key", "reused_from",
+                  "attempts", "started_at", "finished_at", "created_at", "log"]
+
+
+def _version(name: str, number: int) -> ModelVersion:
+    found = selectors.version_get(_model(name), number)
+    if found is None:
+        raise Http404(f"model {name!r} has no version {number}")
+    return found
+
+
+class BuildListView(BaseView):
+    capabilities = {"GET": Cap.MODEL_READ, "POST": Cap.MODEL_REGISTER}
+
+    @extend_schema(responses=BuildOut(many=True))
+    def get(self, request: Request, name: str, version: int) -> Response:
+        builds = EngineBuild.objects.filter(version=_version(name, version)).order_by("target", "precision", "runtime")
+        return self.paginate(builds, BuildOut)
+
+    @extend_schema(request=None, responses={202: BuildOut(many=True)},
+                   description="Ask for the version's engines. Variants already built are left as they are; "
+                               "failed ones are queued again.")
+    def post(self, request: Request, name: str, version: int) -> Response:
+        builds = engine_builds_request(actor_of(request), _version(name, version))
+        return Response(BuildOut(builds, many=True).data, status=status.HTTP_202_ACCEPTED)
+
+
+class BuildDetailView(BaseView):
+    capabilities = {"GET": Cap.MODEL_READ}
+
+    @extend_schema(responses=BuildOut)
+    def get(self, request: Request, name: str, version: int, build_id: int) -> Response:
+        build = EngineBuild.objects.filter(version=_version(name, version), pk=build_id).first()
+        if build is None:
+            raise Http404(f"no build {build_id} for {name} v{version}")
+        return Response(BuildOut(build).data)
