@@ -92,6 +92,14 @@ def model_archive(sklearn_model_dir: Path, tmp_path_factory: pytest.TempPathFact
 
 # ---- the platform served over HTTP --------------------------------------------------------------
 
+def _die_with_parent() -> None:
+    """Child processes of the test run end when it ends, however it ends (Linux parent-death signal)."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _test_database_url() -> str:
     from urllib.parse import urlsplit, urlunsplit
 
@@ -112,7 +120,7 @@ def _platform_process(django_db_setup: None, tmp_path_factory: pytest.TempPathFa
     proc = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "config.wsgi:application", "--bind", f"127.0.0.1:{port}",
          "--workers", "2", "--threads", "16", "--timeout", "300"],
-        env={**os.environ, "DATABASE_URL": url}, stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, "DATABASE_URL": url}, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
     )
     try:
         wait_for_port(port, 60, proc)
@@ -138,6 +146,7 @@ def _worker_process(django_db_setup: None, tmp_path_factory: pytest.TempPathFact
         [sys.executable, "-m", "celery", "-A", "config", "worker", "--loglevel", "INFO", "--concurrency", "2",
          "--queues", "default,pipelines", "--hostname", f"test-{uuid.uuid4().hex[:6]}@%h"],
         env={**os.environ, "DATABASE_URL": _test_database_url()}, stdout=log, stderr=subprocess.STDOUT,
+        preexec_fn=_die_with_parent,
     )
     try:
         yield log_path

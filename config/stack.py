@@ -242,7 +242,12 @@ def read_processes(values: dict[str, str]) -> dict[str, list[str]]:
     return processes
 
 
+def _raise_interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
 def cmd_exec(args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # stop the servers on SIGTERM too
     state = Path(args.state).resolve()
     if args.fresh and state.exists():
         shutil.rmtree(state)

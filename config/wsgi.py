@@ -14,6 +14,7 @@ django_app = get_wsgi_application()
 from registry.mlflow_server import MlflowGate, is_mlflow_path  # noqa: E402 - needs Django set up
 
 mlflow_gate = MlflowGate()
+mlflow_gate.warm()  # import MLflow's server at worker start, not on a client's first request
 
 
 def application(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:

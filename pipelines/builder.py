@@ -30,6 +30,7 @@ from pipelines.services import build_append_log, build_transition, thresholds_fo
 from registry import mlflow_store
 from registry.inspection import sandbox_env
 from registry.models import ModelVersion
+from registry.samples import load_sample
 from registry.services import TransitionError, model_dir_for_inspection
 
 SANDBOX = Path(__file__).resolve().parent / "build_sandbox.py"
@@ -63,8 +64,11 @@ def content_key(artifact_sha: str, build: EngineBuild, toolchain: dict[str, str]
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def sample_rows(version: ModelVersion) -> list[list[float]]:
-    """Rows to check parity on: the version's input example, in any of MLflow's saved forms."""
+def sample_rows(version: ModelVersion) -> list[Any]:
+    """Rows to check parity on: the reference sample given at registration, else the version's input
+    example (in any of MLflow's saved forms)."""
+    if version.reference_sample_uri:
+        return load_sample(version.reference_sample_uri)
     example: Any = version.input_example
     if isinstance(example, dict):
         for key in ("inputs", "instances", "data"):

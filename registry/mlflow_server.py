@@ -55,8 +55,11 @@ def _flask_app() -> Any:
     import os
 
     os.environ.setdefault("MLFLOW_SERVER_ALLOWED_HOSTS", "*")  # the gate checks Host itself
-    from mlflow.server import app
+    from mlflow.server import app, handlers
 
+    # MLflow's handlers use the platform's store objects (one connection pool, the faster model read).
+    handlers._model_registry_store = mlflow_store.registry_store()
+    handlers._tracking_store = mlflow_store.tracking_store()
     return app
 
 
@@ -69,6 +72,9 @@ class MlflowGate:
         if self._app is None:
             self._app = _flask_app()
         return self._app
+
+    def warm(self) -> None:
+        self.app  # noqa: B018 - building it is the point
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         close_old_connections()

@@ -68,7 +68,18 @@ def tracking_store() -> Any:
 def registry_store() -> Any:
     from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore
 
-    return SqlAlchemyStore(backend_store_uri())
+    class RegistryStore(SqlAlchemyStore):  # type: ignore[misc]
+        """MLflow's store, except that reading a registered model does not load all its versions
+        (MLflow's own does, so its cost grows with the number of versions): the latest version per
+        stage comes from the store's own windowed query, as its search already does."""
+
+        def get_registered_model(self, name: str) -> Any:
+            with self.ManagedSessionMaker() as session:
+                model = self._get_registered_model(session, name, eager=True)
+                latest = self._get_latest_versions_for_models(session, [name]).get(name, [])
+                return model.to_mlflow_entity(preloaded_latest_versions=latest)
+
+    return RegistryStore(backend_store_uri())
 
 
 def init_store() -> None:

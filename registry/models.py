@@ -98,6 +98,8 @@ class ModelVersion(models.Model):
     metrics = models.JSONField(default=dict, blank=True)
     run_tags = models.JSONField(default=dict, blank=True)
     inspection = models.JSONField(default=dict, blank=True, help_text="What the isolated inspection found")
+    reference_sample_uri = models.TextField(blank=True, default="", help_text="Rows given at registration")
+    reference_sample_rows = models.PositiveIntegerField(default=0)
     description = models.TextField(blank=True, default="")
     tags = models.JSONField(default=dict, blank=True)
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,

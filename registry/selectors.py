@@ -20,8 +20,13 @@ def model_list(search: str = "", tag: str = "", ordering: str = "name") -> Query
     return qs.order_by(ordering if ordering in MODEL_ORDERINGS else "name")
 
 
+VERSION_LIST_FIELDS = ("model__name", "version", "status", "status_detail", "origin", "description", "tags",
+                       "created_by__username", "created_at", "updated_at")
+
+
 def version_list(model: RegisteredModel, status: str = "", origin: str = "") -> QuerySet[ModelVersion]:
-    qs = ModelVersion.objects.filter(model=model).select_related("model", "created_by")
+    """Newest first, with only the columns a list shows (lineage stays in the detail)."""
+    qs = ModelVersion.objects.filter(model=model).select_related("model", "created_by").only(*VERSION_LIST_FIELDS)
     if status:
         qs = qs.filter(status=status)
     if origin:

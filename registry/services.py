@@ -17,7 +17,7 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import F
 
-from registry import archives
+from registry import archives, samples
 from registry import mlflow_store as mlflow
 from registry.audit import SYSTEM, Actor, audit_record
 from registry.models import VERSION_TRANSITIONS, ModelVersion, RegisteredModel, VersionOrigin, VersionStatus
@@ -126,7 +126,8 @@ def _enqueue_validation(version_id: int) -> None:
 
 
 def _record_version(actor: Actor, model: RegisteredModel, number: int, origin: str, lineage: mlflow.Lineage,
-                    files: archives.ModelFiles | None, description: str, tags: dict[str, str]) -> ModelVersion:
+                    files: archives.ModelFiles | None, description: str, tags: dict[str, str],
+                    sample: samples.ReferenceSample | None = None) -> ModelVersion:
     mlmodel = files.mlmodel if files else _mlmodel_or_empty(lineage.mlmodel_text)
     version = ModelVersion.objects.create(
         model=model, version=number, origin=origin, source=lineage.source,
@@ -135,6 +136,8 @@ def _record_version(actor: Actor, model: RegisteredModel, number: int, origin: s
         input_example=files.input_example if files else lineage.input_example,
         params=lineage.params, metrics=lineage.metrics, run_tags=lineage.run_tags,
         description=description, tags=tags, created_by=actor.user_or_none,
+        reference_sample_uri=samples.store_sample(sample) if sample else "",
+        reference_sample_rows=len(sample.rows) if sample else 0,
     )
     RegisteredModel.objects.filter(pk=model.pk).update(
         version_count=F("version_count") + 1, latest_version=number
@@ -159,7 +162,7 @@ def _signature_or_none(mlmodel: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def version_register_from_archive(actor: Actor, model_name: str, archive_path: Path, description: str = "",
-                                  tags: Any = None) -> ModelVersion:
+                                  tags: Any = None, sample: samples.ReferenceSample | None = None) -> ModelVersion:
     archives.check_model_name(model_name)
     limit = settings.PLATFORM["MAX_UPLOAD_BYTES"]
     if archive_path.stat().st_size > limit:
@@ -178,7 +181,7 @@ def version_register_from_archive(actor: Actor, model_name: str, archive_path: P
             lineage = mlflow.Lineage(source=location, storage_location=location, run_id=run_id,
                                      experiment_id=experiment_id)
             return _create_version(actor, model_name, location, run_id, VersionOrigin.UPLOAD, lineage, files,
-                                   description, clean_tags)
+                                   description, clean_tags, sample)
         except BaseException:
             _undo_run(run_id)
             raise
@@ -192,7 +195,8 @@ def _undo_run(run_id: str) -> None:
 
 
 def _create_version(actor: Actor, model_name: str, source: str, run_id: str, origin: str, lineage: mlflow.Lineage,
-                    files: archives.ModelFiles | None, description: str, tags: dict[str, str]) -> ModelVersion:
+                    files: archives.ModelFiles | None, description: str, tags: dict[str, str],
+                    sample: samples.ReferenceSample | None = None) -> ModelVersion:
     number: int | None = None
     created_model = False
     try:
@@ -201,7 +205,7 @@ def _create_version(actor: Actor, model_name: str, source: str, run_id: str, ori
             number = mlflow.create_model_version(model_name, source, run_id, description)
             if tags:
                 mlflow.set_model_version_tags(model_name, number, {}, tags)
-            return _record_version(actor, model, number, origin, lineage, files, description, tags)
+            return _record_version(actor, model, number, origin, lineage, files, description, tags, sample)
     except mlflow.MlflowError as exc:
         raise RegistryError(f"MLflow refused the version: {exc}") from exc
     except BaseException:
@@ -227,10 +231,21 @@ def _undo_version(model_name: str, number: int) -> None:
 
 
 def version_register_from_uri(actor: Actor, model_name: str, uri: str, description: str = "",
-                              tags: Any = None) -> ModelVersion:
+                              tags: Any = None, sample: samples.ReferenceSample | None = None) -> ModelVersion:
     archives.check_model_name(model_name)
     clean_tags = _clean_tags(tags)
     parsed = archives.parse_source_uri(uri)
+    known = _known_version(parsed)
+    if known is not None:
+        # The source version is the platform's own: its lineage is already recorded.
+        lineage = mlflow.Lineage(source=known.source, storage_location=known.storage_location, run_id=known.run_id,
+                                 experiment_id=known.experiment_id, params=known.params, metrics=known.metrics,
+                                 run_tags=known.run_tags)
+        files = archives.ModelFiles(root=Path("."), mlmodel={"flavors": known.flavors},
+                                    flavors=archives.check_flavors({"flavors": known.flavors}),
+                                    signature=known.signature, input_example=known.input_example)
+        return _create_version(actor, model_name, known.source, known.run_id, VersionOrigin.MODEL_URI, lineage,
+                               files, description, clean_tags, sample)
     try:
         if parsed.kind == "run":
             resolved = mlflow.resolve_run_source(parsed.run_id, parsed.artifact_path)
@@ -244,7 +259,14 @@ def version_register_from_uri(actor: Actor, model_name: str, uri: str, descripti
     lineage = mlflow.Lineage(source=resolved.source, storage_location=resolved.location, run_id=resolved.run_id)
     _fill_run_lineage(lineage)
     return _create_version(actor, model_name, resolved.source, resolved.run_id, origin, lineage, files,
-                           description, clean_tags)
+                           description, clean_tags, sample)
+
+
+def _known_version(parsed: archives.SourceUri) -> ModelVersion | None:
+    if parsed.kind != "model" or not parsed.version_or_alias.isdigit():
+        return None
+    return ModelVersion.objects.filter(model__name=parsed.model_name, version=int(parsed.version_or_alias)) \
+        .exclude(status=VersionStatus.ARCHIVED).first()
 
 
 def _files_at(location: str) -> archives.ModelFiles:

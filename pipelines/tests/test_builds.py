@@ -164,3 +164,49 @@ def test_the_packaged_entry_loads_in_triton_and_answers_like_the_original_model(
     original = mlflow.sklearn.load_model(str(sklearn_model_dir))
     assert np.array_equal(result.as_numpy("label").ravel(), original.predict(X))
     assert np.abs(result.as_numpy("probabilities") - original.predict_proba(X)).max() < 1e-4
+
+
+def test_a_reference_sample_given_at_registration_is_what_parity_is_checked_on(model_archive, unique_name,
+                                                                              scientist, tmp_path):
+    from sklearn.datasets import load_digits
+
+    X = load_digits(return_X_y=True)[0][:300]
+    csv_path = tmp_path / "sample.csv"
+    csv_path.write_text(",".join(f"px{i}" for i in range(64)) + "\n" +
+                        "\n".join(",".join(str(v) for v in row) for row in X))
+    with open(model_archive, "rb") as archive, open(csv_path, "rb") as sample:
+        resp = scientist.post(f"/api/v1/models/{unique_name}/versions/",
+                              {"archive": archive, "reference_sample": sample}, format="multipart")
+    assert resp.status_code == 201, resp.content
+    assert resp.json()["lineage"]["reference_sample_rows"] == 300
+    version = version_transition(_version_id(unique_name), VersionStatus.READY)
+    fp32 = next(b for b in _builds(version) if b.precision == "fp32")
+    engine_build_execute(fp32.pk, "w")
+    fp32.refresh_from_db()
+    assert "sample 300 rows x 64 features" in fp32.log and "parity on 256 rows" in fp32.log
+
+
+def _version_id(name: str) -> int:
+    from registry.models import ModelVersion
+
+    return ModelVersion.objects.get(model__name=name, version=1).pk
+
+
+@pytest.mark.parametrize(("content", "words"), [
+    (b'[[1, 2], [3]]', "not a numeric table"),
+    (b'{"rows": 1}', "numbers"),
+    (b'[[1, NaN]]', "NaN"),
+    (b'', "empty"),
+])
+def test_a_bad_reference_sample_is_refused_and_nothing_is_registered(model_archive, unique_name, scientist, tmp_path,
+                                                                     content, words):
+    from registry.models import ModelVersion
+
+    bad = tmp_path / "sample.json"
+    bad.write_bytes(content)
+    with open(model_archive, "rb") as archive, open(bad, "rb") as sample:
+        resp = scientist.post(f"/api/v1/models/{unique_name}/versions/",
+                              {"archive": archive, "reference_sample": sample}, format="multipart")
+    assert resp.status_code == 400, resp.content
+    assert words in resp.json()["error"]["message"]
+    assert not ModelVersion.objects.filter(model__name=unique_name).exists()

@@ -46,6 +46,8 @@ class LineageOut(serializers.Serializer):
     metrics = serializers.DictField()
     run_tags = serializers.DictField()
     flavors = serializers.DictField()
+    reference_sample_uri = serializers.CharField()
+    reference_sample_rows = serializers.IntegerField()
     signature = serializers.JSONField(allow_null=True)
     input_example = serializers.JSONField(allow_null=True)
 
@@ -65,7 +67,10 @@ class VersionRegisterIn(serializers.Serializer):
     """Either `archive` (multipart upload of a .zip/.tar.gz MLflow model folder) or `source`."""
 
     archive = serializers.FileField(required=False, help_text="MLflow model folder as .zip, .tar or .tar.gz")
-    source = serializers.CharField(required=False, help_text="runs:/<run_id>/<path> or models:/<name>/<version>")  # type: ignore[assignment]
+    source = serializers.CharField(required=False, help_text="runs:/<run_id>/<path> or models:/<name>/<version>")
+    reference_sample = serializers.FileField(
+        required=False, help_text="Rows of real input (JSON list of rows, CSV of numbers or .npy) that engine "
+                                  "builds check parity on; without it the input example is used")  # type: ignore[assignment]
     description = serializers.CharField(required=False, allow_blank=True, default="")
     tags = serializers.JSONField(required=False, default=dict)
 

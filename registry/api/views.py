@@ -20,11 +20,12 @@ from rest_framework.views import APIView
 from registry import people, selectors, services
 from registry.api import serializers as s
 from registry.api.errors import error_response
-from registry.api.pagination import Pagination
+from registry.api.pagination import KnownCount, Pagination
 from registry.api.permissions import HasCapability, request_roles
 from registry.audit import Actor
 from registry.models import ApiToken, RegisteredModel
 from registry.roles import CAPABILITIES, Cap, roles_allow
+from registry.samples import parse_reference_sample
 from registry.tokens import token_create, token_revoke
 
 
@@ -93,7 +94,11 @@ class VersionListView(BaseView):
     def get(self, request: Request, name: str) -> Response:
         filters = s.VersionFilterIn(data=request.query_params)
         filters.is_valid(raise_exception=True)
-        return self.paginate(selectors.version_list(_model(name), **filters.validated_data), s.VersionOut)
+        model = _model(name)
+        versions: Any = selectors.version_list(model, **filters.validated_data)
+        if not filters.validated_data:
+            versions = KnownCount(versions, model.version_count)
+        return self.paginate(versions, s.VersionOut)
 
     @extend_schema(request={"multipart/form-data": s.VersionRegisterIn, "application/json": s.VersionRegisterIn},
                    responses={201: s.VersionDetailOut})
@@ -112,13 +117,17 @@ class VersionListView(BaseView):
                 tags = json.loads(tags or "{}")
             except json.JSONDecodeError:
                 return error_response(400, "invalid_input", "tags must be a JSON object, e.g. {\"team\": \"vision\"}")
+        sample = None
+        if v.get("reference_sample"):
+            with _spooled(v["reference_sample"]) as path:
+                sample = parse_reference_sample(path, v["reference_sample"].name)
         if v.get("archive"):
             with _spooled(v["archive"]) as path:
                 version = services.version_register_from_archive(actor_of(request), name, path,
-                                                                 v.get("description", ""), tags)
+                                                                 v.get("description", ""), tags, sample)
         else:
             version = services.version_register_from_uri(actor_of(request), name, v["source"],
-                                                         v.get("description", ""), tags)
+                                                         v.get("description", ""), tags, sample)
         return Response(s.VersionDetailOut(version).data, status=status.HTTP_201_CREATED)
 
 
