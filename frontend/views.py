@@ -24,6 +24,8 @@ from django.shortcuts import get_object_or_404, redirect, render, resolve_url
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from frontend.forms import AuditFilterForm, RegisterForm, TokenForm
+from pipelines.models import TERMINAL_BUILD_STATES, BuildStatus, EngineBuild
+from pipelines.services import engine_builds_request, planned_variants
 from registry import archives, selectors, services
 from registry.audit import Actor
 from registry.models import ApiToken, ModelVersion, RegisteredModel, VersionStatus
@@ -153,18 +155,23 @@ def _status_context(version: ModelVersion) -> dict[str, Any]:
             "polling": version.status == VersionStatus.VALIDATING}
 
 
-@require_GET
-@page_needs(Cap.MODEL_READ)
-def version_detail(request: HttpRequest, name: str, version: int) -> HttpResponse:
-    found = _version(name, version)
+def _version_page(request: HttpRequest, found: ModelVersion, status: int = 200,
+                  engines_error: str = "") -> HttpResponse:
     context = _status_context(found)
     signature = found.signature if isinstance(found.signature, dict) else {}
     context.update({
         "signature_inputs": signature.get("inputs"),
         "signature_outputs": signature.get("outputs"),
         "signature_params": signature.get("params"),
+        **_engines_context(found, engines_error),
     })
-    return render(request, "frontend/version_detail.html", context)
+    return render(request, "frontend/version_detail.html", context, status=status)
+
+
+@require_GET
+@page_needs(Cap.MODEL_READ)
+def version_detail(request: HttpRequest, name: str, version: int) -> HttpResponse:
+    return _version_page(request, _version(name, version))
 
 
 @require_GET
@@ -172,6 +179,59 @@ def version_detail(request: HttpRequest, name: str, version: int) -> HttpRespons
 def version_status(request: HttpRequest, name: str, version: int) -> HttpResponse:
     """The version page's status panel alone, for its htmx poll."""
     return render(request, "frontend/_version_status.html", _status_context(_version(name, version)))
+
+
+# ---- engine builds ------------------------------------------------------------------------------
+
+def _engines_context(version: ModelVersion, error: str = "") -> dict[str, Any]:
+    """The version page's Engines section: one entry per build, and what the build button would do.
+    It polls while a build is queued or running, and while the version validates (its builds are
+    asked for the moment it becomes ready)."""
+    builds = list(EngineBuild.objects.filter(version=version).select_related("reused_from__version__model"))
+    existing = {(b.target, b.precision, b.runtime) for b in builds}
+    missing = [variant for variant in planned_variants() if variant not in existing]
+    failed = sum(1 for b in builds if b.status == BuildStatus.FAILED)
+    action = ""  # nothing to ask for: every planned variant is built or on its way
+    if version.status == VersionStatus.READY:
+        if failed:
+            action = "Rebuild failed"
+        elif missing:
+            action = "Build missing engines" if builds else "Build engines"
+    return {
+        "builds": builds, "build_action": action, "engines_error": error,
+        "engines_polling": version.status == VersionStatus.VALIDATING
+        or any(b.status not in TERMINAL_BUILD_STATES for b in builds),
+        "poll_seconds": POLL_SECONDS, "version": version, "model": version.model,
+    }
+
+
+@require_GET
+@page_needs(Cap.MODEL_READ)
+def version_engines(request: HttpRequest, name: str, version: int) -> HttpResponse:
+    """The version page's Engines section alone, for its htmx poll."""
+    return render(request, "frontend/_engines.html", _engines_context(_version(name, version)))
+
+
+@require_POST
+@page_needs(Cap.MODEL_REGISTER)
+def version_engines_request(request: HttpRequest, name: str, version: int) -> HttpResponse:
+    """Ask for the version's engines: missing variants are queued, failed ones queued again, the rest
+    left as they are (asking twice changes nothing)."""
+    found = _version(name, version)
+    before = {b.pk: b.status for b in EngineBuild.objects.filter(version=found)}
+    try:
+        builds = engine_builds_request(Actor(request.user, "web"), found)
+    except services.RegistryError as exc:
+        return _version_page(request, found, status=exc.status_code, engines_error=str(exc))
+    queued = [b.variant for b in builds if b.pk not in before or before[b.pk] == BuildStatus.FAILED]
+    label = f"{found.model.name} version {found.version}"
+    if queued:
+        messages.success(request, f"Queued {len(queued)} engine build{'s' if len(queued) != 1 else ''} for {label}: "
+                                  f"{', '.join(queued)}. This page follows them as they run.")
+    else:
+        messages.info(request, f"Nothing to build: every engine of {label} is already built or being built.")
+    url = resolve_url("frontend:version-detail", name=found.model.name, version=found.version)
+    return redirect(f"{url}#engines")
 
 
 # ---- register -----------------------------------------------------------------------------------

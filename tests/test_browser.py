@@ -4,6 +4,8 @@ platform served on a loopback port (Django, whitenoise static files and the MLfl
 from __future__ import annotations
 
 import re
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -85,9 +87,11 @@ def test_a_data_scientist_uploads_a_model_and_watches_it_become_ready(platform_s
     assert page.locator("#version-status .badge-validating").is_visible()
 
     # No worker runs here: the test decides the validation, and the page picks it up by itself.
-    version_transition(version.pk, VersionStatus.READY, detail="loaded and predicted in isolation",
+    version_transition(version.pk, VersionStatus.READY, detail="loaded and predicted on its input example in isolation",
                        inspection={"ok": True, "flavor": "sklearn", "prediction_shape": [5]})
     page.locator("#version-status .badge-ready").wait_for(timeout=15_000)
+    assert "Ready: loaded and predicted on its input example in isolation." in page.locator(
+        "#version-status .status-text").inner_text()
     assert page.url.endswith(f"/models/{unique_name}/versions/1/")  # updated in place, not reloaded
     assert page.locator("#version-status[hx-trigger]").count() == 0  # and the poll stopped
     page.locator("#version-status summary").click()
@@ -180,3 +184,107 @@ def test_errors_tokens_and_the_audit_log_in_the_browser(platform_server, browser
     actions = page.locator(".audit-table > tbody > tr > td:nth-child(3)").all_inner_texts()
     assert actions[:2] == ["token.revoke", "token.create"]
     page.screenshot(path=str(ARTIFACTS / "ui-audit.png"), full_page=True)
+
+
+BUILD_STEPS = ["", "claimed", "fetch", "build", "package", "store", "done"]
+
+
+def test_engine_builds_appear_and_follow_a_real_build_live(platform_server, browser_page, make_user, model_archive,
+                                                           unique_name):
+    from django.db import connection
+
+    from pipelines.builder import engine_build_execute
+    from pipelines.models import BuildStatus, EngineBuild
+    from pipelines.services import build_transition
+    from registry.audit import SYSTEM
+    from registry.services import version_register_from_archive
+
+    page = browser_page
+    user = make_user(Role.DATA_SCIENTIST, password=PASSWORD)
+    ARTIFACTS.mkdir(exist_ok=True)
+    version = version_register_from_archive(SYSTEM, unique_name, model_archive, description="digits")
+    _sign_in(page, platform_server, user.username)
+    page.goto(f"{platform_server}/models/{unique_name}/versions/1/")
+    engines = page.locator("#engines")
+    assert "Engines are built once the version is ready" in engines.inner_text()
+    assert page.locator("#engines[hx-trigger]").count() == 1  # watching for the builds it will get
+    page.evaluate("window.notReloaded = true")
+
+    # Ready: the platform asks for the engines, and they show up without a reload.
+    version_transition(version.pk, VersionStatus.READY, detail="loaded and predicted on its input example in isolation")
+    fp32 = page.locator("#engines [data-variant='cpu-fp32-onnxruntime']")
+    int8 = page.locator("#engines [data-variant='cpu-int8-onnxruntime']")
+    fp32.locator(".badge-queued").wait_for(timeout=15_000)
+    int8.locator(".badge-queued").wait_for()
+    assert "Ready: loaded and predicted on its input example in isolation." in page.locator(
+        "#version-status").inner_text()
+    fp32.locator(".engine-log summary").click()  # opened by the reader: stays open while the section refreshes
+
+    # One build, run here; the page follows its steps as the section refreshes itself.
+    build = EngineBuild.objects.get(version=version, precision="fp32")
+    outcome: list[str] = []
+
+    def run() -> None:
+        try:
+            outcome.append(engine_build_execute(build.pk, "browser-test"))
+        finally:
+            connection.close()
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    seen: list[tuple[str, str]] = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        state = (fp32.get_attribute("data-status") or "", fp32.get_attribute("data-step") or "")
+        if not seen or seen[-1] != state:
+            seen.append(state)
+            if state == ("running", "build"):
+                page.locator("#engines").screenshot(path=str(ARTIFACTS / "ui-engines-running.png"))
+        if state[0] in ("succeeded", "rejected", "failed"):
+            break
+        page.wait_for_timeout(150)
+    worker.join(60)
+    assert outcome == [BuildStatus.SUCCEEDED], (outcome, seen)
+    assert seen[-1] == ("succeeded", "done"), seen
+    assert any(status == "running" for status, _ in seen), seen  # it was shown running ...
+    steps = [BUILD_STEPS.index(step) for _, step in seen]
+    assert steps == sorted(steps), seen  # ... its steps moving forward only
+    assert page.evaluate("window.notReloaded") is True and page.url.endswith(f"/models/{unique_name}/versions/1/")
+
+    # The finished build: the parity figures next to their thresholds, size, hash, where it is.
+    build.refresh_from_db()
+    rows = {row.get_attribute("data-metric"): " ".join(row.inner_text().split())
+            for row in fp32.locator("tr.figure").all()}
+    assert rows["label_agreement"] == "label agreement 1.000 ≥ 0.999 ✓"
+    assert rows["max_probability_diff"].startswith("max probability diff ") and rows["max_probability_diff"].endswith(
+        "≤ 1e-4 ✓")
+    text = fp32.inner_text()
+    assert "Parity gate (classification): passed ✓" in text
+    assert build.io["triton_model_name"] in text and build.engine_uri in text and build.sha256[:12] in text
+    assert fp32.locator("details.engine-log[open]").count() == 1  # still open after the refreshes
+    assert "parity on 256 rows" in fp32.locator(".engine-log pre").inner_text()
+    assert page.locator("#engines[hx-trigger]").count() == 1  # the int8 build is still queued
+
+    # The last one fails: every build is decided, the refreshing stops, and a rebuild is offered.
+    other = EngineBuild.objects.get(version=version, precision="int8")
+    build_transition(other.pk, BuildStatus.FAILED, error="RuntimeError: the build worker ran out of memory")
+    int8.locator(".badge-failed").wait_for(timeout=15_000)
+    page.locator("#engines:not([hx-trigger])").wait_for()
+    polls: list[str] = []
+    page.on("request", lambda r: polls.append(r.url) if "/engines/" in r.url else None)
+    page.wait_for_timeout(2_500)
+    assert polls == []
+    assert "RuntimeError: the build worker ran out of memory" in int8.locator(".engine-error").inner_text()
+    rebuild = page.locator("#engines button", has_text="Rebuild failed")
+    assert rebuild.is_visible()
+    page.locator("#engines").screenshot(path=str(ARTIFACTS / "ui-engines.png"))
+    page.screenshot(path=str(ARTIFACTS / "ui-engines-page.png"), full_page=True)
+
+    # Rebuilding queues the failed one again, and the page follows it once more.
+    rebuild.click()
+    page.wait_for_url(re.compile(r"/versions/1/#engines$"))
+    assert "Queued 1 engine build" in page.locator(".messages").inner_text()
+    int8.locator(".badge-queued").wait_for()
+    assert page.locator("#engines[hx-trigger]").count() == 1
+    other.refresh_from_db()
+    assert other.status == BuildStatus.QUEUED and other.error == ""

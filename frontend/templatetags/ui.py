@@ -18,9 +18,15 @@ register = template.Library()
 
 STATUS_HINTS = {
     "validating": "Being loaded in an isolated worker; this updates by itself",
-    "ready": "Loaded and predicted in isolation",
+    "ready": "Passed the isolated inspection; see the status detail",
     "invalid": "Could not be loaded; see the status detail",
     "archived": "Kept for the record, no longer used",
+    # engine builds
+    "queued": "Waiting for a build worker",
+    "running": "Being built in an isolated process; this updates by itself",
+    "succeeded": "Built, passed the parity gate and stored",
+    "rejected": "Built, but missed the parity gate; kept as evidence, not for serving",
+    "failed": "Could not be built; see the error and the log",
 }
 
 
@@ -145,3 +151,116 @@ def token_state(token: Any) -> str:
     if token.revoked_at is not None:
         return "revoked"
     return "expired" if token_expired(token) else "active"
+
+
+# ---- engine builds ------------------------------------------------------------------------------
+
+BUILD_STEPS = ["claimed", "fetch", "build", "package", "store", "done"]
+REUSE_STEPS = ["claimed", "fetch", "reuse", "done"]  # an identical engine exists: nothing is built
+
+FIGURE_LABELS = {
+    "label_agreement": "label agreement",
+    "max_probability_diff": "max probability diff",
+    "max_score_diff": "max score diff",
+    "max_abs_error": "max abs error",
+    "mean_abs_error": "mean abs error",
+    "reference_scale": "mean |reference|",
+}
+RELATIVE_THRESHOLDS = {"max_abs_error", "mean_abs_error"}  # limits are × the mean |reference output|
+
+
+@register.filter
+def build_steps(build: Any) -> list[dict[str, str]]:
+    """The build's steps, each `done`, `current`, `failed` or `pending`, for a progress strip."""
+    steps = REUSE_STEPS if build.step == "reuse" or build.reused_from_id else BUILD_STEPS
+    if build.status in ("succeeded", "rejected"):
+        return [{"name": name, "state": "done"} for name in steps]
+    at = steps.index(build.step) if build.step in steps and build.status != "queued" else -1
+    now = "failed" if build.status == "failed" else "current"
+    return [{"name": name, "state": "done" if i < at else now if i == at else "pending"}
+            for i, name in enumerate(steps)]
+
+
+@register.filter
+def num(value: Any) -> str:
+    """A figure, short: 4 significant digits, or 2 in scientific notation when very small or large
+    (2.2e-7, 1e-4)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return "—" if value is None else str(value)
+    if value == 0:
+        return "0"
+    if abs(value) < 1e-3 or abs(value) >= 1e5:
+        mantissa, exponent = f"{value:.1e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    return f"{value:.4g}"
+
+
+@register.filter
+def parity_rows(parity: Any) -> list[dict[str, Any]]:
+    """Each parity figure with the threshold it is held to, the comparison, and whether it passes
+    (`ok` is None for a figure without a threshold)."""
+    if not isinstance(parity, dict):
+        return []
+    figures: dict[str, Any] = parity["figures"] if isinstance(parity.get("figures"), dict) else {}
+    thresholds: dict[str, Any] = parity["thresholds"] if isinstance(parity.get("thresholds"), dict) else {}
+    failures = [str(f) for f in parity.get("failures") or []]
+    scale = figures.get("reference_scale")
+    order = [m for m in thresholds if m in figures] + [m for m in figures if m not in thresholds]
+    rows = []
+    for metric in order:
+        value = figures[metric]
+        row: dict[str, Any] = {"metric": metric, "label": FIGURE_LABELS.get(metric, metric.replace("_", " ")),
+                               "value": f"{value:.3f}" if metric == "label_agreement" and isinstance(value, float)
+                               else num(value), "op": "", "limit": "", "note": "", "ok": None}
+        limit = thresholds.get(metric)
+        if isinstance(limit, (int, float)) and isinstance(value, (int, float)):
+            if metric == "label_agreement":
+                row.update(op="≥", limit=num(limit), ok=value >= limit)
+            elif metric in RELATIVE_THRESHOLDS and isinstance(scale, (int, float)):
+                row.update(op="≤", limit=num(limit * scale), ok=value <= limit * scale,
+                           note=f"{num(limit)} × mean |reference|")
+            else:
+                row.update(op="≤", limit=num(limit), ok=value <= limit)
+            if any(f.startswith(metric + " ") for f in failures):
+                row["ok"] = False
+        rows.append(row)
+    return rows
+
+
+@register.filter
+def duration(seconds: Any) -> str:
+    if not isinstance(seconds, (int, float)):
+        return "—"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"
+
+
+@register.filter
+def io_tensors(io: Any, which: str) -> list[str]:
+    """`input  float (?, 64)`: the engine's input or output tensors, one string each."""
+    tensors = io.get(which) if isinstance(io, dict) else None
+    if not isinstance(tensors, list):
+        return []
+    shown = []
+    for tensor in tensors:
+        if not isinstance(tensor, dict):
+            continue
+        shape = tensor.get("shape")
+        dims = "(" + ", ".join("?" if d in (-1, 0, None) else str(d) for d in shape) + ")" \
+            if isinstance(shape, list) else ""
+        shown.append(f"{tensor.get('name', '?')} {str(tensor.get('elem_type', '')).lower()} {dims}".strip())
+    return shown
+
+
+@register.filter
+def toolchain_line(toolchain: Any) -> str:
+    if not isinstance(toolchain, dict):
+        return ""
+    return " · ".join(f"{name} {version}" for name, version in sorted(toolchain.items()))
+
+
+@register.filter
+def line_count(text: str) -> int:
+    return len(text.splitlines()) if text else 0

@@ -21,20 +21,6 @@ from registry.tokens import token_authenticate, token_create
 PASSWORD = "correct-horse-battery-staple"
 
 
-@pytest.fixture
-def browser_as(make_user):
-    """A test client signed in (by session) as a new user holding `roles`."""
-
-    def make(*roles: str) -> Client:
-        client = Client()
-        user = make_user(*roles)
-        client.force_login(user)
-        client.user = user  # type: ignore[attr-defined]
-        return client
-
-    return make
-
-
 def make_model(name: str, versions: int = 0, status: str = VersionStatus.READY, **fields) -> RegisteredModel:
     """Rows only (no MLflow): enough for pages that read the platform's tables."""
     model = RegisteredModel.objects.create(name=name, latest_version=versions, version_count=versions, **fields)

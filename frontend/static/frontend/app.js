@@ -18,6 +18,28 @@
     return Promise.resolve();
   }
 
+  // Live sections are morphed in place (hx-swap="outerMorph") so an open build log stays open and
+  // keeps its scroll position while the section refreshes: whether a <details> is open is the
+  // reader's choice, never the server's. A log scrolled to its end follows new lines.
+  if (window.htmx && htmx.registerExtension) {
+    var following = [];
+    htmx.registerExtension("keep-reader-state", {
+      htmx_before_morph_attr: function (elt, detail) {
+        if (elt.tagName === "DETAILS" && detail && detail.attrName === "open") return false;
+      },
+      htmx_before_morph_node: function (elt) {
+        if (elt.tagName === "PRE" && elt.scrollHeight > elt.clientHeight &&
+            elt.scrollTop + elt.clientHeight >= elt.scrollHeight - 4) {
+          following.push(elt);
+        }
+      },
+      htmx_after_swap: function () {
+        following.forEach(function (pre) { pre.scrollTop = pre.scrollHeight; });
+        following = [];
+      },
+    });
+  }
+
   document.addEventListener("click", function (event) {
     var button = event.target.closest("[data-copy-target]");
     if (!button) return;
