@@ -113,7 +113,9 @@ def _platform_process(django_db_setup: None, tmp_path_factory: pytest.TempPathFa
     """The platform as production runs it (gunicorn, config.wsgi) on a free port, on the test database.
     A separate process, so the mlflow client under test and MLflow's server share no globals."""
     from config.stack import free_port, wait_for_port
+    from registry import mlflow_store
 
+    mlflow_store.init_store()  # MLflow's tables first: two workers must not both run its migrations
     url = _test_database_url()
     port = free_port()
     log = open(tmp_path_factory.mktemp("server") / "gunicorn.log", "wb")

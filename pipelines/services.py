@@ -3,6 +3,7 @@ audit row in the same transaction, follow-up enqueued on commit)."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from django.conf import settings
@@ -82,10 +83,10 @@ def engine_builds_request(actor: Actor, version: ModelVersion,
             version=version, target=target, precision=precision, runtime=runtime)
         if created:
             audit_record(actor, "build.request", "engine_build", build.pk, after=_view(build))
-            transaction.on_commit(lambda b=build: _enqueue(b.pk, b.target))
+            transaction.on_commit(functools.partial(_enqueue, build.pk, build.target))
         elif build.status == BuildStatus.FAILED:
             build_transition(build.pk, BuildStatus.QUEUED, actor, step="", error="")
-            transaction.on_commit(lambda b=build: _enqueue(b.pk, b.target))
+            transaction.on_commit(functools.partial(_enqueue, build.pk, build.target))
         builds.append(build)
     return builds
 

@@ -57,9 +57,11 @@ def _flask_app() -> Any:
     os.environ.setdefault("MLFLOW_SERVER_ALLOWED_HOSTS", "*")  # the gate checks Host itself
     from mlflow.server import app, handlers
 
-    # MLflow's handlers use the platform's store objects (one connection pool, the faster model read).
+    # Let MLflow set its stores up as its server does (that also points its internal client at the
+    # store), then swap in the platform's registry store: one connection pool, the faster model read.
+    handlers._get_tracking_store()
+    handlers._get_model_registry_store()
     handlers._model_registry_store = mlflow_store.registry_store()
-    handlers._tracking_store = mlflow_store.tracking_store()
     return app
 
 
