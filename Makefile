@@ -34,11 +34,14 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/python -m config.stack --state $(STATE)/lint exec -- $(BIN)/mypy
 
+# Benchmarks print a table and one JSON line each; bench.engines needs no servers.
 bench: install
 	$(BIN)/python -m config.stack --state $(STATE)/bench exec --fresh -- $(BIN)/python -m bench.registry
+	$(BIN)/python -m bench.engines
 
 bench-quick: install
 	$(BIN)/python -m config.stack --state $(STATE)/bench exec --fresh -- $(BIN)/python -m bench.registry --quick
+	$(BIN)/python -m bench.engines --quick
 
 clean:
 	rm -rf $(STATE)/test $(STATE)/bench $(STATE)/lint

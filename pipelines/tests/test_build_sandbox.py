@@ -139,3 +139,30 @@ def test_a_signature_that_disagrees_with_the_graph_is_refused():
     signature = {"inputs": [{"type": "tensor", "tensor-spec": {"dtype": "float64", "shape": [-1, 30]}}]}
     with pytest.raises(sandbox.BuildRefused, match="30 input features .* expects 64"):
         sandbox.check_signature(signature, io)
+
+
+def test_fp16_conversion_handles_the_casts_skl2onnx_adds_to_an_mlp(tmp_path):
+    model, X, y = _zoo()["mlp-digits"]
+    model.fit(X, y)
+    _save_sklearn(model, X, tmp_path / "mlp")
+    result = sandbox.build(_spec_for(tmp_path / "mlp", X[:5], "fp16"))
+    assert result["ok"], result.get("error")
+    assert result["parity"]["passed"], result["parity"]
+
+
+def test_an_int8_variant_of_a_model_with_nothing_to_quantize_is_not_kept(tmp_path):
+    model, X, y = _zoo()["gradient-boosting-cancer"]
+    model.fit(X, y)
+    _save_sklearn(model, X, tmp_path / "gbt")
+    result = sandbox.build(_spec_for(tmp_path / "gbt", X[:5], "int8"))
+    assert result["ok"] and not result["parity"]["passed"]
+    assert any("nothing to quantize" in failure for failure in result["parity"]["failures"])
+
+
+def test_scores_of_a_classifier_network_are_judged_as_probabilities():
+    reference = {"label": np.array([0, 1]), "scores": np.array([[2.0, 0.0], [0.0, 2.0]])}
+    engine = {"label": np.array([0, 1]), "scores": np.array([[2.0, 0.0], [0.0, 3.0]])}
+    verdict = sandbox.parity(reference, engine, {"classification": {"max_probability_diff": 0.01}})
+    assert verdict["figures"]["max_score_diff"] == 1.0
+    assert 0.07 < verdict["figures"]["max_probability_diff"] < 0.08
+    assert not verdict["passed"]

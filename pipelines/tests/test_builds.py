@@ -38,7 +38,12 @@ def test_a_ready_version_gets_fp32_and_int8_cpu_engines_verified_and_stored(mode
     version = _ready_version(unique_name, model_archive)
     builds = _builds(version)
     assert [(b.target, b.precision, b.status) for b in builds] == [("cpu", "fp32", "queued"), ("cpu", "int8", "queued")]
-    for build in builds:
+    fp32, int8 = (next(b for b in builds if b.precision == p) for p in ("fp32", "int8"))
+    # A logistic regression has no MatMul to quantize: its int8 engine would be the fp32 one renamed.
+    assert engine_build_execute(int8.pk, "test-worker") == BuildStatus.REJECTED
+    int8.refresh_from_db()
+    assert "nothing to quantize" in int8.error
+    for build in [fp32]:
         assert engine_build_execute(build.pk, "test-worker") == BuildStatus.SUCCEEDED
         build.refresh_from_db()
         assert build.parity["passed"] and build.parity["figures"]["label_agreement"] == 1.0
