@@ -110,7 +110,8 @@ def ensure_registered_model(name: str, description: str = "") -> bool:
 
     store = registry_store()
     try:
-        store.get_registered_model(name)
+        with store.ManagedSessionMaker() as session:
+            store._get_registered_model(session, name)  # one row; no tags, aliases or versions
         return False
     except MlflowException:
         try:

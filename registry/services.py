@@ -67,6 +67,9 @@ def _version_view(v: ModelVersion) -> dict[str, Any]:
 
 def _get_or_create_model_row(actor: Actor, name: str, description: str = "",
                              tags: dict[str, str] | None = None) -> tuple[RegisteredModel, bool]:
+    existing = RegisteredModel.objects.filter(name=name).first()
+    if existing is not None:
+        return existing, False
     try:
         with transaction.atomic():
             model = RegisteredModel.objects.create(name=name, description=description, tags=tags or {},
