@@ -8,6 +8,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,19 @@ def _test_database_url() -> str:
     return urlunsplit(urlsplit(settings.DATABASE_URL)._replace(path="/" + settings.DATABASES["default"]["NAME"]))
 
 
+@contextmanager
+def _child_process(args: list[str], log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A platform process on the test database, logging to log_path, stopped at the end."""
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", *args], env={**os.environ, "DATABASE_URL": _test_database_url()},
+                                stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        try:
+            yield proc
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+
 @pytest.fixture(scope="session")
 def _platform_process(django_db_setup: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The platform as production runs it (gunicorn, config.wsgi) on a free port, on the test database.
@@ -116,21 +130,12 @@ def _platform_process(django_db_setup: None, tmp_path_factory: pytest.TempPathFa
     from registry import mlflow_store
 
     mlflow_store.init_store()  # MLflow's tables first: two workers must not both run its migrations
-    url = _test_database_url()
     port = free_port()
-    log = open(tmp_path_factory.mktemp("server") / "gunicorn.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "config.wsgi:application", "--bind", f"127.0.0.1:{port}",
-         "--workers", "2", "--threads", "16", "--timeout", "300"],
-        env={**os.environ, "DATABASE_URL": url}, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
-    )
-    try:
+    args = ["gunicorn", "config.wsgi:application", "--bind", f"127.0.0.1:{port}", "--workers", "2",
+            "--threads", "16", "--timeout", "300"]
+    with _child_process(args, tmp_path_factory.mktemp("server") / "gunicorn.log") as proc:
         wait_for_port(port, 60, proc)
         yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
 
 
 @pytest.fixture
@@ -143,19 +148,10 @@ def platform_server(_platform_process: str, transactional_db: None) -> str:
 def _worker_process(django_db_setup: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A real Celery worker on the test database and the embedded Redis broker."""
     log_path = tmp_path_factory.mktemp("worker") / "worker.log"
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "config", "worker", "--loglevel", "INFO", "--concurrency", "2",
-         "--queues", "default,pipelines", "--hostname", f"test-{uuid.uuid4().hex[:6]}@%h"],
-        env={**os.environ, "DATABASE_URL": _test_database_url()}, stdout=log, stderr=subprocess.STDOUT,
-        preexec_fn=_die_with_parent,
-    )
-    try:
+    args = ["celery", "-A", "config", "worker", "--loglevel", "INFO", "--concurrency", "2",
+            "--queues", "default,pipelines", "--hostname", f"test-{uuid.uuid4().hex[:6]}@%h"]
+    with _child_process(args, log_path):
         yield log_path
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
 
 
 @pytest.fixture
