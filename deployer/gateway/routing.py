@@ -1,0 +1,159 @@
+"""The gateway's routing table: what the deployer publishes into Redis and the gateway applies.
+
+    {"<logical model>": {"stable": {"version": "3", "triton_model": "digits_v3", "nodes": ["127.0.0.1:8000"]},
+                         "canary": {"version": "4", "triton_model": "digits_v4", "nodes": [...], "weight": 10}}}
+
+`canary` may be absent or null. The table lives under ROUTES_KEY as JSON; ROUTES_VERSION_KEY is a counter
+bumped with every publication (in the same transaction) and ROUTES_CHANNEL carries a notice, so a gateway
+picks a change up at once and, should it miss the notice, on its next cheap poll of the counter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger("deployer.gateway")
+
+ROUTES_KEY = "gateway:routes"
+ROUTES_VERSION_KEY = "gateway:routes:version"
+ROUTES_CHANNEL = "gateway:routes:changed"
+
+
+@dataclass(frozen=True)
+class Arm:
+    version: str
+    triton_model: str
+    nodes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ModelRoute:
+    stable: Arm
+    canary: Arm | None = None
+    canary_weight: int = 0  # percent of requests sent to the canary, 0..100
+
+
+RoutingTable = dict[str, ModelRoute]
+
+
+def _node(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"a node is 'host:port', not {value!r}")
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"a node is 'host:port', not {value!r}")
+    return value
+
+
+def _arm(model: str, role: str, data: Any) -> Arm:
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{model}.{role} must be an object")
+    version, triton_model, nodes = data.get("version"), data.get("triton_model"), data.get("nodes")
+    if not isinstance(version, str | int) or str(version) == "":
+        raise ValueError(f"{model}.{role}.version must be a non-empty string")
+    if not isinstance(triton_model, str) or not triton_model or "/" in triton_model:
+        raise ValueError(f"{model}.{role}.triton_model must be a Triton model name")
+    if not isinstance(nodes, list | tuple) or not nodes:
+        raise ValueError(f"{model}.{role}.nodes must be a non-empty list of 'host:port'")
+    return Arm(str(version), triton_model, tuple(_node(n) for n in nodes))
+
+
+def parse_table(data: Any) -> RoutingTable:
+    """Validate a decoded table; raises ValueError naming the first problem."""
+    if not isinstance(data, Mapping):
+        raise ValueError("the routing table must be an object keyed by model name")
+    table: RoutingTable = {}
+    for name, entry in data.items():
+        if not isinstance(name, str) or not name or "/" in name:
+            raise ValueError(f"bad model name {name!r}")
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"{name} must be an object")
+        stable = _arm(name, "stable", entry.get("stable"))
+        canary_data = entry.get("canary")
+        canary, weight = None, 0
+        if canary_data is not None:
+            canary = _arm(name, "canary", canary_data)
+            weight = canary_data.get("weight", 0)
+            if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= 100:
+                raise ValueError(f"{name}.canary.weight must be an integer 0..100")
+        table[name] = ModelRoute(stable, canary, weight)
+    return table
+
+
+def table_to_dict(table: RoutingTable) -> dict[str, Any]:
+    def arm(a: Arm) -> dict[str, Any]:
+        return {"version": a.version, "triton_model": a.triton_model, "nodes": list(a.nodes)}
+
+    return {name: {"stable": arm(r.stable),
+                   "canary": None if r.canary is None else {**arm(r.canary), "weight": r.canary_weight}}
+            for name, r in table.items()}
+
+
+def publish_routes(client: Any, table: Mapping[str, Any] | RoutingTable) -> int:
+    """Store a table (validated first) for every gateway; returns its version number. `client` is a
+    redis.Redis. The JSON and the counter change in one transaction; the notice follows."""
+    as_dict = table_to_dict(parse_table(table)) if not _is_typed(table) else table_to_dict(table)  # type: ignore[arg-type]
+    pipe = client.pipeline(transaction=True)
+    pipe.set(ROUTES_KEY, json.dumps(as_dict, sort_keys=True))
+    pipe.incr(ROUTES_VERSION_KEY)
+    version = int(pipe.execute()[1])
+    client.publish(ROUTES_CHANNEL, str(version))
+    return version
+
+
+def _is_typed(table: Mapping[str, Any]) -> bool:
+    return all(isinstance(v, ModelRoute) for v in table.values()) and bool(table)
+
+
+def load_routes(client: Any) -> tuple[int, RoutingTable | None]:
+    raw, version = client.mget(ROUTES_KEY, ROUTES_VERSION_KEY)
+    if raw is None:
+        return int(version or 0), None
+    return int(version or 0), parse_table(json.loads(raw))
+
+
+class RoutesWatcher(threading.Thread):
+    """Follows the table in Redis from a thread (never the event loop): a pub/sub notice wakes it at
+    once; otherwise it polls the version counter every `poll_s`. A table that fails validation is
+    logged and ignored (the last good one stays)."""
+
+    def __init__(self, redis_url: str, on_table: Callable[[int, RoutingTable], None], poll_s: float = 1.0) -> None:
+        super().__init__(name="routes-watcher", daemon=True)
+        self.redis_url, self.on_table, self.poll_s = redis_url, on_table, poll_s
+        self.stopping = threading.Event()
+        self.seen: int | None = None
+
+    def run(self) -> None:
+        import redis
+
+        while not self.stopping.is_set():
+            try:
+                client = redis.Redis.from_url(self.redis_url, socket_timeout=5, socket_connect_timeout=5)
+                pubsub = client.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(ROUTES_CHANNEL)
+                while not self.stopping.is_set():
+                    self._check(client)
+                    pubsub.get_message(timeout=self.poll_s)
+            except (OSError, redis.RedisError) as exc:
+                log.warning("routing table: redis unavailable (%s); retrying", exc)
+                self.stopping.wait(min(self.poll_s, 1.0))
+
+    def _check(self, client: Any) -> None:
+        raw_version = client.get(ROUTES_VERSION_KEY)
+        version = int(raw_version or 0)
+        if version == self.seen:
+            return
+        try:
+            version, table = load_routes(client)
+        except ValueError as exc:
+            log.error("routing table version %s rejected: %s", version, exc)
+            self.seen = version
+            return
+        self.seen = version
+        if table is not None:
+            self.on_table(version, table)

@@ -1,0 +1,69 @@
+"""Samples of inference traffic (request and response bodies) into a Redis stream, for monitoring.
+
+The event loop only does a bounded `put_nowait` (dropped and counted when the queue is full); a thread
+batches the entries into pipelined XADDs with an approximate MAXLEN, so neither Redis latency nor an
+outage ever reaches a request.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Any
+
+log = logging.getLogger("deployer.gateway")
+
+SAMPLES_STREAM = "gateway:samples"
+
+
+class Sampler(threading.Thread):
+    def __init__(self, redis_url: str, stream: str = SAMPLES_STREAM, maxlen: int = 100_000, queue_size: int = 1000,
+                 on_drop: Any = None) -> None:
+        super().__init__(name="sampler", daemon=True)
+        self.redis_url, self.stream, self.maxlen = redis_url, stream, maxlen
+        self.queue: queue.Queue[dict[str, Any] | None] = queue.Queue(queue_size)
+        self.on_drop = on_drop
+        self.sent = 0
+
+    def offer(self, fields: dict[str, Any]) -> None:
+        try:
+            self.queue.put_nowait(fields)
+        except queue.Full:
+            if self.on_drop is not None:
+                self.on_drop()
+
+    def stop(self) -> None:
+        try:
+            self.queue.put_nowait(None)
+        except queue.Full:
+            pass
+
+    def run(self) -> None:
+        import redis
+
+        client = redis.Redis.from_url(self.redis_url, socket_timeout=5, socket_connect_timeout=5)
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            batch = [item]
+            while len(batch) < 100:
+                try:
+                    more = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self.queue.put(None)
+                    break
+                batch.append(more)
+            try:
+                pipe = client.pipeline(transaction=False)
+                for fields in batch:
+                    pipe.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)
+                pipe.execute()
+                self.sent += len(batch)
+            except (OSError, redis.RedisError) as exc:
+                log.warning("sampling: %d samples lost (%s)", len(batch), exc)
+                time.sleep(0.5)

@@ -1,0 +1,580 @@
+"""The gateway's data path: one asyncio protocol per client connection (httptools parses requests),
+pooled keep-alive upstream connections per Triton node, callbacks rather than coroutines on the hot
+path (a task is created only to open a new upstream connection).
+
+Per request: parse, pick the arm (weighted or by the hash of the x-request-key header), rewrite
+/v2/models/<logical>/... to the arm's Triton model name, write the request to a pooled connection of
+the next healthy node, and relay the response as it arrives with x-model-version inserted after the
+status line; the body is not parsed or copied (only sampled requests keep it). The upstream response
+is delimited by its Content-Length (chunked and close-delimited responses are relayed too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+import zlib
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import httptools
+
+from deployer.gateway.metrics import GatewayMetrics
+from deployer.gateway.routing import Arm, RoutingTable
+from deployer.gateway.sampling import Sampler
+
+log = logging.getLogger("deployer.gateway")
+
+REQUEST_KEY_HEADER = b"x-request-key"
+VERSION_HEADER = b"x-model-version"
+_HOP = frozenset({b"connection", b"keep-alive", b"content-length", b"transfer-encoding", b"proxy-connection",
+                  b"upgrade", b"te", b"trailer", REQUEST_KEY_HEADER})
+_REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
+            502: b"Bad Gateway", 503: b"Service Unavailable"}
+INFER, META, OTHER = 0, 1, 2
+
+
+@dataclass
+class Settings:
+    node_down_s: float = 5.0  # a node that failed a connection is skipped this long
+    pool_max_idle: int = 64  # idle upstream connections kept per node
+    sample_rate: float = 0.01
+    connect_timeout_s: float = 2.0
+
+
+class Node:
+    __slots__ = ("addr", "host", "port", "idle", "down_until")
+
+    def __init__(self, addr: str) -> None:
+        self.addr = addr
+        host, _, port = addr.rpartition(":")
+        self.host, self.port = host, int(port)
+        self.idle: list[Upstream] = []
+        self.down_until = 0.0
+
+
+class ArmState:
+    """An arm of a model's route with everything the hot path needs resolved in advance."""
+
+    __slots__ = ("model", "version", "triton_model", "nodes", "rr", "prefix", "header", "latency", "in_flight",
+                 "metrics", "_errors", "retries", "model_b")
+
+    def __init__(self, model: str, arm: Arm, nodes: list[Node], metrics: GatewayMetrics) -> None:
+        self.model, self.version, self.triton_model = model, arm.version, arm.triton_model
+        self.model_b = model.encode()
+        self.nodes = nodes
+        self.rr = 0
+        self.prefix = b"/v2/models/" + arm.triton_model.encode()
+        self.header = b"\r\n" + VERSION_HEADER + b": " + arm.version.encode()
+        self.metrics = metrics
+        self.latency = metrics.latency.labels(model, arm.version)
+        self.in_flight = metrics.in_flight.labels(model, arm.version)
+        self.retries = metrics.retries.labels(model, arm.version)
+        self._errors: dict[str, Any] = {}
+
+    def error(self, reason: str) -> None:
+        child = self._errors.get(reason)
+        if child is None:
+            child = self._errors[reason] = self.metrics.errors.labels(self.model, self.version, reason)
+        child.inc()
+
+    def choose(self, tried: list[Node], now: float) -> Node | None:
+        """Next node round robin, skipping nodes already tried for this request and nodes taken out;
+        if every untried node is out, the one out the longest is tried anyway."""
+        nodes = self.nodes
+        n = len(nodes)
+        self.rr += 1
+        fallback = None
+        for i in range(n):
+            node = nodes[(self.rr + i) % n]
+            if node in tried:
+                continue
+            if node.down_until > now:
+                if fallback is None or node.down_until < fallback.down_until:
+                    fallback = node
+                continue
+            return node
+        return fallback
+
+
+class ModelState:
+    __slots__ = ("name", "stable", "canary", "weight", "acc")
+
+    def __init__(self, name: str, stable: ArmState, canary: ArmState | None, weight: int) -> None:
+        self.name, self.stable, self.canary, self.weight = name, stable, canary, weight if canary else 0
+        self.acc = 0
+
+    def pick(self, key: bytes | None) -> ArmState:
+        weight = self.weight
+        if weight <= 0:
+            return self.stable
+        if weight >= 100:
+            return self.canary  # type: ignore[return-value]
+        if key is not None:  # sticky: the same key lands in the same bucket of 100 on every gateway
+            return self.canary if zlib.crc32(key) % 100 < weight else self.stable  # type: ignore[return-value]
+        # Unkeyed: an even spread, exactly `weight` of every 100 requests (error diffusion, no randomness).
+        self.acc += weight
+        if self.acc >= 100:
+            self.acc -= 100
+            return self.canary  # type: ignore[return-value]
+        return self.stable
+
+
+def sticky_arm(key: str, weight: int) -> str:
+    """Which arm ("stable" / "canary") a request key lands on at a canary weight: what the gateway does."""
+    if weight <= 0:
+        return "stable"
+    if weight >= 100:
+        return "canary"
+    return "canary" if zlib.crc32(key.encode()) % 100 < weight else "stable"
+
+
+@dataclass
+class Gateway:
+    settings: Settings = field(default_factory=Settings)
+    metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
+    sampler: Sampler | None = None
+    models: dict[bytes, ModelState] = field(default_factory=dict)
+    nodes: dict[str, Node] = field(default_factory=dict)
+    routes_version: int = 0
+    loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.routes_version > 0
+
+    def apply(self, version: int, table: RoutingTable) -> None:
+        """Swap in a new table (on the event loop thread: one assignment, requests in flight finish on
+        the arm they were given). Nodes, with their pooled connections and health, outlive tables."""
+        models: dict[bytes, ModelState] = {}
+        for name, route in table.items():
+            stable = ArmState(name, route.stable, [self._node(a) for a in route.stable.nodes], self.metrics)
+            canary = None
+            if route.canary is not None:
+                canary = ArmState(name, route.canary, [self._node(a) for a in route.canary.nodes], self.metrics)
+            models[name.encode()] = ModelState(name, stable, canary, route.canary_weight)
+        self.models = models
+        self.routes_version = version
+        self.metrics.routes_version.set(version)
+        log.info("routing table version %d applied: %s", version,
+                 {n: (r.stable.version, r.canary and r.canary.version, r.canary_weight) for n, r in table.items()})
+
+    def apply_threadsafe(self, version: int, table: RoutingTable) -> None:
+        assert self.loop is not None
+        self.loop.call_soon_threadsafe(self.apply, version, table)
+
+    def _node(self, addr: str) -> Node:
+        node = self.nodes.get(addr)
+        if node is None:
+            node = self.nodes[addr] = Node(addr)
+        return node
+
+    def mark_down(self, node: Node) -> None:
+        node.down_until = time.monotonic() + self.settings.node_down_s
+        for conn in node.idle:
+            conn.close()
+        node.idle.clear()
+        self.metrics.node_down.labels(node.addr).inc()
+        log.warning("node %s taken out for %.1fs", node.addr, self.settings.node_down_s)
+
+    async def serve(self, host: str, port: int, *, reuse_port: bool = False) -> asyncio.AbstractServer:
+        self.loop = asyncio.get_running_loop()
+        return await self.loop.create_server(lambda: Client(self), host, port, backlog=1024, reuse_port=reuse_port)
+
+
+class Upstream(asyncio.Protocol):
+    """One keep-alive connection to a Triton node; relays one response at a time to its sink."""
+
+    __slots__ = ("node", "gw", "transport", "sink", "got_any", "buf", "remaining", "mode", "tail", "closed")
+
+    def __init__(self, node: Node, gw: Gateway) -> None:
+        self.node, self.gw = node, gw
+        self.transport: asyncio.Transport | None = None
+        self.sink: Client | None = None
+        self.got_any = False
+        self.buf = b""
+        self.remaining = 0
+        self.mode = 0  # 0 headers pending, 1 content-length body, 2 chunked, 3 until close
+        self.tail = b""
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def send(self, data: bytes, sink: Client) -> None:
+        self.sink, self.got_any, self.buf, self.mode = sink, False, b"", 0
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        sink = self.sink
+        if sink is None:  # bytes nobody asked for: the connection is out of step
+            self.close()
+            return
+        self.got_any = True
+        mode = self.mode
+        if mode == 1:
+            self.remaining -= len(data)
+            sink.up_body(data)
+            if self.remaining <= 0:
+                self._done(True)
+            return
+        if mode == 0:
+            if self.buf:
+                data = self.buf + data
+            end = data.find(b"\r\n\r\n")
+            if end < 0:
+                self.buf = data
+                return
+            self.buf = b""
+            head, body = data[:end], data[end + 4:]
+            status = int(head[9:12])
+            lower = head.lower()
+            i = lower.find(b"\r\ncontent-length:")
+            if i >= 0:
+                j = lower.find(b"\r\n", i + 17)
+                self.remaining = int(lower[i + 17:j if j > 0 else len(lower)]) - len(body)
+                self.mode = 1
+            elif status in (204, 304) or 100 <= status < 200 or sink.method == b"HEAD":
+                self.remaining, self.mode = 0, 1
+            elif b"\r\ntransfer-encoding: chunked" in lower:
+                self.mode, self.tail = 2, b""
+            else:
+                self.mode = 3
+            sink.up_head(status, head, body)
+            if self.mode == 1:
+                if self.remaining <= 0:
+                    self._done(True)
+                return
+            data = body
+        else:
+            sink.up_body(data)
+        if self.mode == 2:  # chunked: ends with the zero-size chunk (no trailers from Triton)
+            self.tail = (self.tail + data)[-5:]
+            if self.tail == b"0\r\n\r\n":
+                self._done(True)
+
+    def _done(self, reusable: bool) -> None:
+        sink, self.sink = self.sink, None
+        node = self.node
+        if reusable and not self.closed and len(node.idle) < self.gw.settings.pool_max_idle:
+            node.idle.append(self)
+        elif reusable:
+            self.close()
+        sink.up_done()  # type: ignore[union-attr]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        sink, self.sink = self.sink, None
+        if sink is None:
+            try:
+                self.node.idle.remove(self)
+            except ValueError:
+                pass
+            return
+        if self.mode == 3:
+            sink.up_done()
+        else:
+            sink.up_lost(self.got_any)
+
+
+def _response(status: int, body: bytes, content_type: bytes = b"application/json", extra: bytes = b"") -> bytes:
+    return (b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n%s\r\n"
+            % (status, _REASONS.get(status, b"Error"), content_type, len(body), extra)) + body
+
+
+def _error(status: int, message: str) -> bytes:
+    return _response(status, json.dumps({"error": message}).encode())
+
+
+class Client(asyncio.Protocol):
+    """One client connection. Requests are served one at a time in order (pipelined ones wait)."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+        self.loop = gw.loop
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.pending: deque[tuple[Any, ...]] = deque()
+        self.busy = False
+        self.closed = False
+        self.url = b""
+        self.headers: list[bytes] = []
+        self.body: list[bytes] = []
+        self.key: bytes | None = None
+        # the request being served
+        self.method = b""
+        self.keep_alive = True
+        self.arm: ArmState | None = None
+        self.kind = OTHER
+        self.req = b""
+        self.tried: list[Node] = []
+        self.reused = False
+        self.upstream: Upstream | None = None
+        self.head_sent = False
+        self.t0 = 0.0
+        self.sample: list[bytes] | None = None
+        self.req_body = b""
+        self.meta: list[bytes] | None = None
+        self.status = 0
+
+    # ---- client side ---------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self.busy:
+            return
+        up = self.upstream
+        if up is not None:  # mid-exchange: that upstream connection is out of step now
+            self.upstream = None
+            up.sink = None
+            up.close()
+        self.sample = None
+        self._finish_metrics(None)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._reply_and_close(_error(400, "upgrades are not supported"))
+        except httptools.HttpParserError as exc:
+            self._reply_and_close(_error(400, f"bad request: {exc}"))
+
+    def _reply_and_close(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+            self.transport.close()
+        self.closed = True
+
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.headers = []
+        self.body = []
+        self.key = None
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        lname = name.lower()
+        if lname in _HOP:
+            if lname == REQUEST_KEY_HEADER:
+                self.key = value
+            return
+        self.headers.append(name + b": " + value + b"\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        body = self.body
+        req = (self.parser.get_method(), self.url, self.headers,
+               body[0] if len(body) == 1 else b"".join(body), self.key, self.parser.should_keep_alive())
+        if self.busy:
+            self.pending.append(req)
+        else:
+            self._dispatch(req)
+
+    def _dispatch(self, req: tuple[Any, ...]) -> None:
+        method, url, headers, body, key, keep_alive = req
+        self.busy, self.method, self.keep_alive = True, method, keep_alive
+        path, _, query = url.partition(b"?")
+        if path.startswith(b"/v2/models/"):
+            name, _, tail = path[11:].partition(b"/")
+            model = self.gw.models.get(name)
+            if model is None:
+                return self._local(_error(404, f"unknown model '{name.decode(errors='replace')}'"))
+            if tail == b"infer" or tail.endswith(b"/infer"):
+                if method != b"POST":
+                    return self._local(_error(405, "infer takes POST"))
+                arm, kind = model.pick(key), INFER
+            else:
+                arm, kind = model.stable, META if tail == b"" else OTHER
+            target = arm.prefix + b"/" + tail if tail else arm.prefix
+            if query:
+                target += b"?" + query
+            self.req = b"".join([method, b" ", target, b" HTTP/1.1\r\n", *headers,
+                                 b"content-length: %d\r\n\r\n" % len(body), body])
+            self.arm, self.kind, self.tried, self.head_sent = arm, kind, [], False
+            self.meta = [] if kind == META else None
+            if kind == INFER:
+                arm.in_flight.inc()
+                rate = self.gw.settings.sample_rate
+                if self.gw.sampler is not None and rate > 0 and random.random() < rate:
+                    self.sample, self.req_body = [], body
+                else:
+                    self.sample = None
+            else:
+                self.sample = None
+            self.t0 = time.perf_counter()
+            self._attempt()
+        elif path == b"/v2/health/ready":
+            self._local(_response(200 if self.gw.ready else 503, b""))
+        elif path == b"/v2/health/live":
+            self._local(_response(200, b""))
+        elif path == b"/metrics":
+            self._local(_response(200, self.gw.metrics.exposition(), b"text/plain; version=0.0.4; charset=utf-8"))
+        elif path == b"/v2":
+            self._local(_response(200, json.dumps({"name": "mlops-gateway", "version": "1",
+                                                    "extensions": ["binary_tensor_data"]}).encode()))
+        else:
+            self._local(_error(404, "not served by the gateway"))
+
+    def _local(self, data: bytes) -> None:
+        if not self.closed:
+            self.transport.write(data)  # type: ignore[union-attr]
+        self._next()
+
+    def _next(self) -> None:
+        self.busy = False
+        self.arm = None
+        if self.closed:
+            return
+        if not self.keep_alive:
+            self.transport.close()  # type: ignore[union-attr]
+            self.closed = True
+            return
+        if self.pending:
+            self._dispatch(self.pending.popleft())
+
+    # ---- upstream side -------------------------------------------------------------------------
+
+    def _attempt(self) -> None:
+        arm = self.arm
+        assert arm is not None
+        node = arm.choose(self.tried, time.monotonic())
+        if node is None:
+            return self._fail(503, "unavailable", "no node of the routed version is reachable")
+        self.tried.append(node)
+        if node.idle:
+            self.reused = True
+            up = self.upstream = node.idle.pop()
+            up.send(self.req, self)
+        else:
+            self.reused = False
+            self.upstream = None
+            self.loop.create_task(self._connect(node))  # type: ignore[union-attr]
+
+    async def _connect(self, node: Node) -> None:
+        try:
+            _, up = await asyncio.wait_for(
+                self.loop.create_connection(lambda: Upstream(node, self.gw), node.host, node.port),  # type: ignore[union-attr]
+                self.gw.settings.connect_timeout_s)
+        except (TimeoutError, OSError):
+            self.gw.mark_down(node)
+            return self._retry()
+        if self.closed:
+            up.close()
+            return
+        self.upstream = up  # type: ignore[assignment]
+        up.send(self.req, self)  # type: ignore[attr-defined]
+
+    def _retry(self) -> None:
+        if self.closed:
+            return
+        self.arm.retries.inc()  # type: ignore[union-attr]
+        self._attempt()
+
+    def up_head(self, status: int, head: bytes, body: bytes) -> None:
+        self.status = status
+        if self.meta is not None:
+            self.meta.append(body)
+            return
+        arm = self.arm
+        i = head.find(b"\r\n")
+        extra = arm.header if self.keep_alive else arm.header + b"\r\nconnection: close"  # type: ignore[union-attr]
+        if self.sample is not None:
+            self.sample.append(body)
+            self.sample.append(head)
+        self.head_sent = True
+        if not self.closed:
+            self.transport.write(b"".join([head[:i], extra, head[i:], b"\r\n\r\n", body]))  # type: ignore[union-attr]
+
+    def up_body(self, data: bytes) -> None:
+        if self.meta is not None:
+            self.meta.append(data)
+            return
+        if self.sample is not None:
+            self.sample.append(data)
+        if not self.closed:
+            self.transport.write(data)  # type: ignore[union-attr]
+
+    def up_done(self) -> None:
+        self.upstream = None
+        if self.meta is not None:
+            self._send_metadata()
+        self._finish_metrics(self.status)
+        self._next()
+
+    def up_lost(self, got_any: bool) -> None:
+        self.upstream = None
+        if not got_any:
+            # Nothing came back: the request was not answered; safe to send again (every request the
+            # gateway forwards is idempotent: reads, and inference, which changes no state).
+            if not self.reused:
+                self.gw.mark_down(self.tried[-1])
+            else:
+                self.tried.pop()  # a pooled connection the node had closed: the node may well be fine
+            return self._retry()
+        if self.head_sent:  # the response started: never retried; the client sees the connection end
+            self._finish_metrics(None)
+            self.arm.error("upstream_lost")  # type: ignore[union-attr]
+            self.keep_alive = False
+            self._next()
+            return
+        self._fail(502, "upstream_lost", "the upstream connection ended mid-response")
+
+    def _fail(self, status: int, reason: str, message: str) -> None:
+        arm = self.arm
+        if self.kind == INFER and arm is not None:
+            arm.in_flight.dec()
+            arm.error(reason)
+            self.kind = OTHER
+        self._local(_error(status, message))
+
+    def _finish_metrics(self, status: int | None) -> None:
+        arm = self.arm
+        if self.kind != INFER or arm is None:
+            return
+        self.kind = OTHER
+        took = time.perf_counter() - self.t0
+        arm.in_flight.dec()
+        arm.latency.observe(took)
+        if status is not None and status >= 500:
+            arm.error("upstream_5xx")
+        sample = self.sample
+        if sample is not None and status is not None and self.gw.sampler is not None:
+            self.sample = None
+            self.gw.sampler.offer({
+                "model": arm.model, "version": arm.version, "triton_model": arm.triton_model, "status": status,
+                "latency_ms": round(took * 1000, 3), "ts": time.time(),
+                "request": self.req_body, "request_head": self.req[:len(self.req) - len(self.req_body)],
+                "response_head": sample[1], "response": b"".join([sample[0], *sample[2:]]),
+            })
+
+    def _send_metadata(self) -> None:
+        arm = self.arm
+        raw = b"".join(self.meta or [])
+        self.meta = None
+        try:
+            doc = json.loads(raw)
+            if isinstance(doc, dict) and self.status == 200:
+                doc["name"] = arm.model  # type: ignore[union-attr]
+                doc["versions"] = [arm.version]  # type: ignore[union-attr]
+                raw = json.dumps(doc).encode()
+        except ValueError:
+            pass
+        extra = arm.header[2:] + b"\r\n"  # type: ignore[union-attr]
+        if not self.closed:
+            self.transport.write(_response(self.status, raw, extra=extra))  # type: ignore[union-attr]

@@ -1,0 +1,210 @@
+"""The inference gateway against a real Triton server (two python-backend models) and the stack's Redis,
+driven by the unmodified tritonclient.http client. Loopback and free ports only."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from config.stack import free_port, wait_for_port
+from deployer.gateway.echo_model import write_echo_model
+from deployer.gateway.routing import publish_routes
+from deployer.gateway.server import sticky_arm
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def redis_client():
+    import redis
+
+    url = os.environ.get("REDIS_URL")
+    if not url:
+        pytest.skip("REDIS_URL is not set: run under `python -m config.stack exec`")
+    client = redis.Redis.from_url(url)
+    client.ping()
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def triton(tmp_path_factory):
+    import tritonclient.http as triton_http
+
+    from deployer.triton_local import TritonServer
+
+    base = tmp_path_factory.mktemp("gw-triton")
+    write_echo_model(base / "repo", "echo_v1", 1)
+    write_echo_model(base / "repo", "echo_v2", 2)
+    server = TritonServer(base / "repo", base / "work")
+    server.start()
+    try:
+        client = triton_http.InferenceServerClient(server.url)
+        client.load_model("echo_v1")
+        client.load_model("echo_v2")
+        client.close()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(redis_client, triton, tmp_path_factory):
+    # The keys a gateway reads are global to the Redis; this module's gateway is the only one of the test run.
+    stream = f"gateway:samples:test-{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("gw") / "gateway.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "deployer.gateway", "--port", str(port),
+                             "--routes-from", os.environ["REDIS_URL"], "--sample-rate", "0.5",
+                             "--sample-stream", stream, "--node-down-s", "30", "--routes-poll-s", "0.2"],
+                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_port(port, 30, proc)
+        yield {"port": port, "proc": proc, "stream": stream, "url": f"127.0.0.1:{port}"}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        log.close()
+        redis_client.delete(stream)
+
+
+def _metrics(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        return resp.read().decode()
+
+
+def _route(redis_client, gateway, triton, weight: int | None, stable_nodes: list[str] | None = None) -> None:
+    """Publish a table for the logical model "echo" (v1 stable, v2 canary at `weight`) and wait until the
+    running gateway reports that table's version in use."""
+    table = {"echo": {"stable": {"version": "1", "triton_model": "echo_v1", "nodes": stable_nodes or [triton.url]},
+                      "canary": None if weight is None else
+                      {"version": "2", "triton_model": "echo_v2", "nodes": [triton.url], "weight": weight}}}
+    version = publish_routes(redis_client, table)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if re.search(rf"^gateway_routes_version {version}(\.0)?$", _metrics(gateway["port"]), re.M):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the gateway did not apply routing table version {version}")
+
+
+def _infer(client, key: str | None = None, values=(1.0, 2.0, 3.0)) -> tuple[float, str]:
+    """(factor applied, Triton model that answered) for one inference through `client`."""
+    import tritonclient.http as triton_http
+
+    x = np.asarray(values, dtype=np.float32)
+    inp = triton_http.InferInput("x", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    result = client.infer("echo", [inp], headers={"x-request-key": key} if key else None)
+    y = result.as_numpy("y")
+    factor = float(y[0] / x[0])
+    assert np.allclose(y, x * factor)
+    return factor, result.get_response()["model_name"]
+
+
+@pytest.fixture
+def client(gateway):
+    import tritonclient.http as triton_http
+
+    c = triton_http.InferenceServerClient(gateway["url"])
+    yield c
+    c.close()
+
+
+def test_health_metadata_and_inference_speak_the_triton_protocol(redis_client, gateway, triton, client):
+    _route(redis_client, gateway, triton, None)
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("echo")
+    meta = client.get_model_metadata("echo")
+    assert meta["name"] == "echo" and meta["versions"] == ["1"]
+    assert [i["name"] for i in meta["inputs"]] == ["x"] and [o["name"] for o in meta["outputs"]] == ["y"]
+    assert _infer(client) == (1.0, "echo_v1")
+    assert not client.is_model_ready("no_such_model")
+    # the routed version comes back in a header
+    req = urllib.request.Request(f"http://{gateway['url']}/v2/models/echo/infer", method="POST",
+                                 data=b'{"inputs":[{"name":"x","shape":[2],"datatype":"FP32","data":[1,2]}]}')
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        assert resp.headers["x-model-version"] == "1"
+        assert b'"data":[1.0,2.0]' in resp.read()
+
+
+def test_weights_route_as_configured_and_change_without_restart(redis_client, gateway, triton, client):
+    pid = gateway["proc"].pid
+    _route(redis_client, gateway, triton, 0)
+    assert {_infer(client) for _ in range(20)} == {(1.0, "echo_v1")}
+    _route(redis_client, gateway, triton, 100)
+    assert {_infer(client) for _ in range(20)} == {(2.0, "echo_v2")}
+    _route(redis_client, gateway, triton, 50)
+    factors = [_infer(client)[0] for _ in range(400)]
+    # unkeyed requests are spread evenly: exactly `weight` of every 100 go to the canary
+    assert factors.count(2.0) == 200 and factors.count(1.0) == 200
+    _route(redis_client, gateway, triton, 10)
+    factors = [_infer(client)[0] for _ in range(100)]
+    assert factors.count(2.0) == 10
+    assert gateway["proc"].poll() is None and gateway["proc"].pid == pid
+
+
+def test_request_keys_are_sticky_to_an_arm(redis_client, gateway, triton, client):
+    _route(redis_client, gateway, triton, 30)
+    keys = [f"user-{i}" for i in range(60)]
+    expected = {k: 2.0 if sticky_arm(k, 30) == "canary" else 1.0 for k in keys}
+    assert 0 < sum(v == 2.0 for v in expected.values()) < len(keys)  # both arms are exercised
+    for _ in range(2):
+        assert {k: _infer(client, k)[0] for k in keys} == expected
+
+
+def test_a_dead_node_is_retried_on_a_live_one_without_a_client_error(redis_client, gateway, triton, client):
+    dead = f"127.0.0.1:{free_port()}"
+    _route(redis_client, gateway, triton, None, stable_nodes=[dead, triton.url])
+    assert [_infer(client) for _ in range(10)] == [(1.0, "echo_v1")] * 10
+    text = _metrics(gateway["port"])
+    assert re.search(r'^gateway_upstream_retries_total\{model="echo",version="1"\} [1-9]', text, re.M)
+    assert f'gateway_node_marked_down_total{{node="{dead}"}} 1.0' in text
+
+
+def test_metrics_count_requests_per_version(redis_client, gateway, triton, client):
+    _route(redis_client, gateway, triton, 100)
+    before = _count(_metrics(gateway["port"]), "2")
+    for _ in range(7):
+        _infer(client)
+    text = _metrics(gateway["port"])
+    assert _count(text, "2") == before + 7
+    assert _count(text, "1") > 0
+    assert 'gateway_requests_in_flight{model="echo",version="2"} 0.0' in text
+
+
+def _count(text: str, version: str) -> float:
+    m = re.search(rf'^gateway_request_duration_seconds_count\{{model="echo",version="{version}"\}} (\S+)$', text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_samples_of_inputs_and_outputs_reach_the_redis_stream(redis_client, gateway, triton, client):
+    _route(redis_client, gateway, triton, 100)
+    for i in range(40):
+        _infer(client, values=(float(i + 1), 5.0))
+    deadline = time.monotonic() + 10
+    entries = []
+    while time.monotonic() < deadline:
+        entries = [e for _, e in redis_client.xrange(gateway["stream"]) if e[b"version"] == b"2"]
+        if len(entries) >= 5:
+            break
+        time.sleep(0.1)
+    assert len(entries) >= 5  # half sampled; 40 requests leave at least 5 unless the rate were broken
+    entry = entries[-1]
+    assert entry[b"model"] == b"echo" and entry[b"triton_model"] == b"echo_v2" and entry[b"status"] == b"200"
+    assert b"inference-header-content-length" in entry[b"request_head"].lower()
+    assert entry[b"request"] and entry[b"response"] and float(entry[b"latency_ms"]) > 0
