@@ -18,7 +18,7 @@ from registry.roles import Cap
 
 class BuildOut(serializers.ModelSerializer):
     variant = serializers.CharField(read_only=True)
-    reused_from = serializers.PrimaryKeyRelatedField(read_only=True)
+    reused_from: serializers.PrimaryKeyRelatedField = serializers.PrimaryKeyRelatedField(read_only=True)
 
     class Meta:
         model = EngineBuild

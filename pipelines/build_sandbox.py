@@ -170,7 +170,8 @@ def drop_float_casts(model):
     types = {v.name: v.type.tensor_type.elem_type
              for v in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]}
     outputs = {o.name for o in model.graph.output}
-    keep, renames = [], {}
+    keep: list = []
+    renames: dict[str, str] = {}
     for node in model.graph.node:
         to = next((a.i for a in node.attribute if a.name == "to"), None)
         float_to_float = to == onnx.TensorProto.FLOAT and types.get(node.input[0]) == onnx.TensorProto.FLOAT

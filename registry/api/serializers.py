@@ -67,10 +67,10 @@ class VersionRegisterIn(serializers.Serializer):
     """Either `archive` (multipart upload of a .zip/.tar.gz MLflow model folder) or `source`."""
 
     archive = serializers.FileField(required=False, help_text="MLflow model folder as .zip, .tar or .tar.gz")
-    source = serializers.CharField(required=False, help_text="runs:/<run_id>/<path> or models:/<name>/<version>")
+    source = serializers.CharField(required=False, help_text="runs:/<run_id>/<path> or models:/<name>/<version>")  # type: ignore[assignment]
     reference_sample = serializers.FileField(
         required=False, help_text="Rows of real input (JSON list of rows, CSV of numbers or .npy) that engine "
-                                  "builds check parity on; without it the input example is used")  # type: ignore[assignment]
+                                  "builds check parity on; without it the input example is used")
     description = serializers.CharField(required=False, allow_blank=True, default="")
     tags = serializers.JSONField(required=False, default=dict)
 
