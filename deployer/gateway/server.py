@@ -34,8 +34,10 @@ VERSION_HEADER = b"x-model-version"
 _HOP = frozenset({b"connection", b"keep-alive", b"content-length", b"transfer-encoding", b"proxy-connection",
                   b"upgrade", b"te", b"trailer", REQUEST_KEY_HEADER})
 _REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
+            431: b"Request Header Fields Too Large",
             502: b"Bad Gateway", 503: b"Service Unavailable"}
 INFER, META, OTHER = 0, 1, 2
+MAX_HEAD = 64 * 1024
 
 
 @dataclass
@@ -60,8 +62,8 @@ class Node:
 class ArmState:
     """An arm of a model's route with everything the hot path needs resolved in advance."""
 
-    __slots__ = ("model", "version", "triton_model", "nodes", "rr", "prefix", "header", "latency", "in_flight",
-                 "metrics", "_errors", "retries", "model_b")
+    __slots__ = ("model", "version", "triton_model", "nodes", "rr", "prefix", "header", "stats", "metrics",
+                 "_errors", "retries", "model_b")
 
     def __init__(self, model: str, arm: Arm, nodes: list[Node], metrics: GatewayMetrics) -> None:
         self.model, self.version, self.triton_model = model, arm.version, arm.triton_model
@@ -71,8 +73,7 @@ class ArmState:
         self.prefix = b"/v2/models/" + arm.triton_model.encode()
         self.header = b"\r\n" + VERSION_HEADER + b": " + arm.version.encode()
         self.metrics = metrics
-        self.latency = metrics.latency.labels(model, arm.version)
-        self.in_flight = metrics.in_flight.labels(model, arm.version)
+        self.stats = metrics.arm(model, arm.version)
         self.retries = metrics.retries.labels(model, arm.version)
         self._errors: dict[str, Any] = {}
 
@@ -301,7 +302,12 @@ class Client(asyncio.Protocol):
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
         self.loop = gw.loop
-        self.parser = httptools.HttpRequestParser(self)
+        self.parser: httptools.HttpRequestParser | None = None
+        self.inbuf = b""
+        self.partial: tuple[Any, ...] | None = None
+        self.need = 0
+        self.have = 0
+        self.chunks: list[bytes] = []
         self.transport: asyncio.Transport | None = None
         self.pending: deque[tuple[Any, ...]] = deque()
         self.busy = False
@@ -344,8 +350,81 @@ class Client(asyncio.Protocol):
         self._finish_metrics(None)
 
     def data_received(self, data: bytes) -> None:
+        """Requests with a Content-Length (what Triton clients send) are split here with a few bytes
+        searches and their header block is forwarded as it came; a chunked request body switches this
+        connection to httptools' parser."""
+        if self.parser is not None:
+            return self._feed_parser(data)
+        if self.partial is not None:  # a head is parsed, its body still arriving
+            self.chunks.append(data)
+            self.have += len(data)
+            if self.have < self.need:
+                return
+            buf = b"".join(self.chunks)
+            head, need = self.partial, self.need
+            self.partial, self.chunks = None, []
+            self._complete(head, buf[:need])
+            data = buf[need:]
+        elif self.inbuf:
+            data, self.inbuf = self.inbuf + data, b""
+        while data:
+            end = data.find(b"\r\n\r\n")
+            if end < 0:
+                if len(data) > MAX_HEAD:
+                    return self._reply_and_close(_error(431, "request head too large"))
+                self.inbuf = data
+                return
+            line_end = data.find(b"\r\n")
+            parts = data[:line_end].split(b" ")
+            if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+                return self._reply_and_close(_error(400, "bad request line"))
+            method, url, version = parts
+            block = data[line_end:end + 2]  # "\r\n" + the header lines, each ending "\r\n"
+            lower = block.lower()
+            if b"\r\ntransfer-encoding:" in lower:
+                self.parser = httptools.HttpRequestParser(self)
+                return self._feed_parser(data)
+            length = 0
+            i = lower.find(b"\r\ncontent-length:")
+            if i >= 0:
+                j = lower.find(b"\r\n", i + 2)
+                if lower.find(b"\r\ncontent-length:", j) >= 0:
+                    return self._reply_and_close(_error(400, "more than one Content-Length"))
+                try:
+                    length = int(lower[i + 17:j])
+                except ValueError:
+                    return self._reply_and_close(_error(400, "bad Content-Length"))
+                if length < 0:
+                    return self._reply_and_close(_error(400, "bad Content-Length"))
+            key = None
+            i = lower.find(b"\r\nx-request-key:")
+            if i >= 0:
+                key = block[i + 16:lower.find(b"\r\n", i + 2)].strip()
+            keep_alive = version == b"HTTP/1.1"
+            if b"\r\nconnection:" in lower:  # hop-by-hop: decides this connection, is not forwarded
+                lines = block[2:].split(b"\r\n")
+                conn = [ln.partition(b":")[2].strip().lower() for ln in lines if ln[:11].lower() == b"connection:"]
+                keep_alive = b"close" not in conn if keep_alive else b"keep-alive" in conn
+                block = b"\r\n" + b"".join(ln + b"\r\n" for ln in lines[:-1] if ln[:11].lower() != b"connection:")
+            head = (method, url, block[2:], key, keep_alive)
+            start = end + 4
+            if len(data) - start < length:
+                self.partial, self.need, self.chunks, self.have = head, length, [data[start:]], len(data) - start
+                return
+            self._complete(head, data[start:start + length])
+            data = data[start + length:]
+
+    def _complete(self, head: tuple[Any, ...], body: bytes) -> None:
+        method, url, block, key, keep_alive = head
+        req = (method, url, block, body, key, keep_alive)
+        if self.busy:
+            self.pending.append(req)
+        else:
+            self._dispatch(req)
+
+    def _feed_parser(self, data: bytes) -> None:
         try:
-            self.parser.feed_data(data)
+            self.parser.feed_data(data)  # type: ignore[union-attr]
         except httptools.HttpParserUpgrade:
             self._reply_and_close(_error(400, "upgrades are not supported"))
         except httptools.HttpParserError as exc:
@@ -357,6 +436,7 @@ class Client(asyncio.Protocol):
             self.transport.close()
         self.closed = True
 
+    # httptools callbacks (chunked request bodies only)
     def on_message_begin(self) -> None:
         self.url = b""
         self.headers = []
@@ -378,13 +458,10 @@ class Client(asyncio.Protocol):
         self.body.append(body)
 
     def on_message_complete(self) -> None:
-        body = self.body
-        req = (self.parser.get_method(), self.url, self.headers,
-               body[0] if len(body) == 1 else b"".join(body), self.key, self.parser.should_keep_alive())
-        if self.busy:
-            self.pending.append(req)
-        else:
-            self._dispatch(req)
+        body = b"".join(self.body)
+        block = b"".join([*self.headers, b"content-length: %d\r\n" % len(body)])
+        self._complete((self.parser.get_method(), self.url, block, self.key,  # type: ignore[union-attr]
+                        self.parser.should_keep_alive()), body)  # type: ignore[union-attr]
 
     def _dispatch(self, req: tuple[Any, ...]) -> None:
         method, url, headers, body, key, keep_alive = req
@@ -404,12 +481,11 @@ class Client(asyncio.Protocol):
             target = arm.prefix + b"/" + tail if tail else arm.prefix
             if query:
                 target += b"?" + query
-            self.req = b"".join([method, b" ", target, b" HTTP/1.1\r\n", *headers,
-                                 b"content-length: %d\r\n\r\n" % len(body), body])
+            self.req = b"".join([method, b" ", target, b" HTTP/1.1\r\n", headers, b"\r\n", body])
             self.arm, self.kind, self.tried, self.head_sent = arm, kind, [], False
             self.meta = [] if kind == META else None
             if kind == INFER:
-                arm.in_flight.inc()
+                arm.stats.in_flight += 1
                 rate = self.gw.settings.sample_rate
                 if self.gw.sampler is not None and rate > 0 and random.random() < rate:
                     self.sample, self.req_body = [], body
@@ -538,7 +614,7 @@ class Client(asyncio.Protocol):
     def _fail(self, status: int, reason: str, message: str) -> None:
         arm = self.arm
         if self.kind == INFER and arm is not None:
-            arm.in_flight.dec()
+            arm.stats.in_flight -= 1
             arm.error(reason)
             self.kind = OTHER
         self._local(_error(status, message))
@@ -549,8 +625,9 @@ class Client(asyncio.Protocol):
             return
         self.kind = OTHER
         took = time.perf_counter() - self.t0
-        arm.in_flight.dec()
-        arm.latency.observe(took)
+        stats = arm.stats
+        stats.in_flight -= 1
+        stats.observe(took)
         if status is not None and status >= 500:
             arm.error("upstream_5xx")
         sample = self.sample

@@ -208,3 +208,26 @@ def test_samples_of_inputs_and_outputs_reach_the_redis_stream(redis_client, gate
     assert entry[b"model"] == b"echo" and entry[b"triton_model"] == b"echo_v2" and entry[b"status"] == b"200"
     assert b"inference-header-content-length" in entry[b"request_head"].lower()
     assert entry[b"request"] and entry[b"response"] and float(entry[b"latency_ms"]) > 0
+
+
+def test_chunked_bodies_pipelined_requests_and_connection_close_are_handled(redis_client, gateway, triton):
+    import http.client
+    import socket
+
+    _route(redis_client, gateway, triton, None)
+    body = b'{"inputs":[{"name":"x","shape":[2],"datatype":"FP32","data":[3,4]}]}'
+    conn = http.client.HTTPConnection("127.0.0.1", gateway["port"], timeout=5)
+    conn.request("POST", "/v2/models/echo/infer", body=iter([body[:10], body[10:]]), encode_chunked=True,
+                 headers={"Transfer-Encoding": "chunked"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and b'"data":[3.0,4.0]' in resp.read()
+    conn.close()
+    # two pipelined requests on one connection, the second asking to close: two answers in order, then EOF
+    one = (b"POST /v2/models/echo/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)) + body
+    two = (b"GET /v2/models/echo/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", gateway["port"]), timeout=5) as sock:
+        sock.sendall(one + two)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    assert received.count(b"HTTP/1.1 200") == 2 and b'"data":[3.0,4.0]' in received
