@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import tempfile
+from datetime import timedelta
 from pathlib import Path
 
 from celery import shared_task
+from django.utils import timezone
 
 from registry import services
 from registry.mlflow_store import MlflowError
@@ -48,4 +50,12 @@ def version_validate(self, version_id: int) -> str:  # type: ignore[no-untyped-d
 
 @shared_task
 def registry_reconcile() -> int:
-    return services.registry_reconcile()
+    """Record MLflow versions the platform missed, and validate again any version whose validation
+    message was lost (enqueued after commit, so a broker outage at that moment would strand it)."""
+    recorded = services.registry_reconcile()
+    stale = timezone.now() - timedelta(minutes=10)
+    for version_id in ModelVersion.objects.filter(status=VersionStatus.VALIDATING, updated_at__lt=stale) \
+            .values_list("pk", flat=True):
+        ModelVersion.objects.filter(pk=version_id).update(updated_at=timezone.now())
+        version_validate.delay(version_id)
+    return recorded

@@ -89,3 +89,23 @@ def test_an_unknown_model_is_a_404_with_a_json_message(scientist):
     resp = scientist.get("/api/v1/models/does-not-exist/")
     assert resp.status_code == 404
     assert resp.json()["error"]["code"] == "not_found"
+
+
+def test_the_reconciler_validates_again_a_version_whose_message_was_lost(scientist, model_archive, unique_name,
+                                                                        monkeypatch):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from registry import tasks
+
+    upload(scientist, unique_name, model_archive)
+    version = ModelVersion.objects.get(model__name=unique_name, version=1)
+    ModelVersion.objects.filter(pk=version.pk).update(updated_at=timezone.now() - timedelta(minutes=11))
+    sent = []
+    monkeypatch.setattr(tasks.version_validate, "delay", sent.append)
+    tasks.registry_reconcile()
+    assert version.pk in sent
+    sent.clear()
+    tasks.registry_reconcile()  # just re-sent: not again for another ten minutes
+    assert version.pk not in sent
