@@ -118,8 +118,11 @@ def _model_locked(actor: Actor, name: str) -> Iterator[RegisteredModel]:
     (REST, upload, the mlflow client through the server mount) goes through this lock and numbers
     come out gap-free and unique."""
     with transaction.atomic():
-        model, _ = _get_or_create_model_row(actor, name)
-        yield RegisteredModel.objects.select_for_update().get(pk=model.pk)
+        model = RegisteredModel.objects.select_for_update().filter(name=name).first()
+        if model is None:
+            created, _ = _get_or_create_model_row(actor, name)
+            model = RegisteredModel.objects.select_for_update().get(pk=created.pk)
+        yield model
 
 
 def _enqueue_validation(version_id: int) -> None:
@@ -204,7 +207,8 @@ def _create_version(actor: Actor, model_name: str, source: str, run_id: str, ori
     created_model = False
     try:
         with _model_locked(actor, model_name) as model:
-            created_model = mlflow.ensure_registered_model(model_name)
+            if model.version_count == 0:  # a model the platform has not registered a version of yet
+                created_model = mlflow.ensure_registered_model(model_name)
             number = mlflow.create_model_version(model_name, source, run_id, description)
             if tags:
                 mlflow.set_model_version_tags(model_name, number, {}, tags)
