@@ -16,6 +16,7 @@ from typing import Any
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import F
+from django.db.models.functions import Greatest
 
 from registry import archives, samples
 from registry import mlflow_store as mlflow
@@ -113,16 +114,14 @@ def model_update(actor: Actor, model: RegisteredModel, description: str | None =
 # ---- versions -----------------------------------------------------------------------------------
 
 @contextmanager
-def _model_locked(actor: Actor, name: str) -> Iterator[RegisteredModel]:
-    """Hold the model's row lock: MLflow numbers versions as max+1, so every creator of a version
-    (REST, upload, the mlflow client through the server mount) goes through this lock and numbers
-    come out gap-free and unique."""
+def _model_row(actor: Actor, name: str) -> Iterator[RegisteredModel]:
+    """The model's row, inside the transaction that records a version. No lock of ours: MLflow
+    numbers versions as max+1 after updating the registered model's row in the same transaction,
+    so its own row lock serialises creators and numbers come out gap-free and unique (proved by
+    registry/tests/test_concurrency.py); the platform records each number once (unique per model)."""
     with transaction.atomic():
-        model = RegisteredModel.objects.select_for_update().filter(name=name).first()
-        if model is None:
-            created, _ = _get_or_create_model_row(actor, name)
-            model = RegisteredModel.objects.select_for_update().get(pk=created.pk)
-        yield model
+        model = RegisteredModel.objects.filter(name=name).first()
+        yield model if model is not None else _get_or_create_model_row(actor, name)[0]
 
 
 def _enqueue_validation(version_id: int) -> None:
@@ -146,7 +145,7 @@ def _record_version(actor: Actor, model: RegisteredModel, number: int, origin: s
         reference_sample_rows=len(sample.rows) if sample else 0,
     )
     RegisteredModel.objects.filter(pk=model.pk).update(
-        version_count=F("version_count") + 1, latest_version=number
+        version_count=F("version_count") + 1, latest_version=Greatest(F("latest_version"), number)
     )
     audit_record(actor, "version.register", "model_version", f"{model.name}/{number}", after=_version_view(version))
     transaction.on_commit(lambda: _enqueue_validation(version.pk))
@@ -206,7 +205,7 @@ def _create_version(actor: Actor, model_name: str, source: str, run_id: str, ori
     number: int | None = None
     created_model = False
     try:
-        with _model_locked(actor, model_name) as model:
+        with _model_row(actor, model_name) as model:
             if model.version_count == 0:  # a model the platform has not registered a version of yet
                 created_model = mlflow.ensure_registered_model(model_name)
             number = mlflow.create_model_version(model_name, source, run_id, description)
@@ -225,6 +224,8 @@ def _create_version(actor: Actor, model_name: str, source: str, run_id: str, ori
 
 def _undo_model(model_name: str) -> None:
     try:
+        if mlflow.version_numbers(model_name):
+            return  # a concurrent registration put a version in it meanwhile: keep it
         mlflow.delete_registered_model(model_name)
     except Exception:  # noqa: BLE001
         log.exception("could not delete MLflow model %s while undoing a failed registration", model_name)
@@ -322,7 +323,7 @@ def version_create_via_mlflow(actor: Actor, model_name: str, forward: Callable[[
     record it in the same transaction. `forward` returns the new number, or None if MLflow refused."""
     number: int | None = None
     try:
-        with _model_locked(actor, model_name) as model:
+        with _model_row(actor, model_name) as model:
             number = forward()
             if number is None:
                 return
@@ -354,7 +355,7 @@ def version_record_from_mlflow(actor: Actor, model_name: str, number: int,
     if existing is not None:
         return existing
     lineage, files = _lineage_and_files(model_name, number)
-    with _model_locked(actor, model_name) as model:
+    with _model_row(actor, model_name) as model:
         existing = ModelVersion.objects.filter(model=model, version=number).first()
         if existing is not None:
             return existing
