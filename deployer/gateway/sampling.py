@@ -61,7 +61,7 @@ class Sampler(threading.Thread):
             try:
                 pipe = client.pipeline(transaction=False)
                 for fields in batch:
-                    pipe.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)
+                    pipe.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
                 pipe.execute()
                 self.sent += len(batch)
             except (OSError, redis.RedisError) as exc:
