@@ -10,9 +10,7 @@ from rest_framework.response import Response
 
 from pipelines.models import EngineBuild
 from pipelines.services import engine_builds_request
-from registry import selectors
-from registry.api.views import BaseView, _model, actor_of
-from registry.models import ModelVersion
+from registry.api.views import BaseView, actor_of, version_or_404
 from registry.roles import Cap
 
 
@@ -27,26 +25,19 @@ class BuildOut(serializers.ModelSerializer):
                   "attempts", "started_at", "finished_at", "created_at", "log"]
 
 
-def _version(name: str, number: int) -> ModelVersion:
-    found = selectors.version_get(_model(name), number)
-    if found is None:
-        raise Http404(f"model {name!r} has no version {number}")
-    return found
-
-
 class BuildListView(BaseView):
     capabilities = {"GET": Cap.MODEL_READ, "POST": Cap.MODEL_REGISTER}
 
     @extend_schema(responses=BuildOut(many=True))
     def get(self, request: Request, name: str, version: int) -> Response:
-        builds = EngineBuild.objects.filter(version=_version(name, version)).order_by("target", "precision", "runtime")
-        return self.paginate(builds, BuildOut)
+        builds = EngineBuild.objects.filter(version=version_or_404(name, version))
+        return self.paginate(builds.order_by("target", "precision", "runtime"), BuildOut)
 
     @extend_schema(request=None, responses={202: BuildOut(many=True)},
                    description="Ask for the version's engines. Variants already built are left as they are; "
                                "failed ones are queued again.")
     def post(self, request: Request, name: str, version: int) -> Response:
-        builds = engine_builds_request(actor_of(request), _version(name, version))
+        builds = engine_builds_request(actor_of(request), version_or_404(name, version))
         return Response(BuildOut(builds, many=True).data, status=status.HTTP_202_ACCEPTED)
 
 
@@ -55,7 +46,7 @@ class BuildDetailView(BaseView):
 
     @extend_schema(responses=BuildOut)
     def get(self, request: Request, name: str, version: int, build_id: int) -> Response:
-        build = EngineBuild.objects.filter(version=_version(name, version), pk=build_id).first()
+        build = EngineBuild.objects.filter(version=version_or_404(name, version), pk=build_id).first()
         if build is None:
             raise Http404(f"no build {build_id} for {name} v{version}")
         return Response(BuildOut(build).data)

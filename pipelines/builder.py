@@ -31,7 +31,7 @@ from registry import mlflow_store
 from registry.inspection import sandbox_env
 from registry.models import ModelVersion
 from registry.samples import load_sample
-from registry.services import TransitionError, model_dir_for_inspection
+from registry.services import TransitionError, model_download
 
 SANDBOX = Path(__file__).resolve().parent / "build_sandbox.py"
 OPSET = 17
@@ -124,7 +124,7 @@ def _run(build: EngineBuild) -> str:
     with tempfile.TemporaryDirectory(prefix="build-") as tmp_name:
         tmp = Path(tmp_name)
         build_append_log(build.pk, [f"fetching {version.storage_location}"], step="fetch")
-        model_dir = model_dir_for_inspection(version, tmp / "model")
+        model_dir = model_download(version, tmp / "model")
         toolchain = toolchain_versions()
         key = content_key(tree_sha256(model_dir), build, toolchain)
         EngineBuild.objects.filter(pk=build.pk).update(content_key=key, toolchain=toolchain)

@@ -421,8 +421,8 @@ def registry_reconcile() -> int:
     return recorded
 
 
-def model_dir_for_inspection(version: ModelVersion, into: Path) -> Path:
-    """Download a version's model folder for the isolated inspection."""
+def model_download(version: ModelVersion, into: Path) -> Path:
+    """Download a version's model folder (for the isolated inspection and the engine builds)."""
     shutil.rmtree(into, ignore_errors=True)
     into.mkdir(parents=True)
     return mlflow.download_model(version.storage_location, into)

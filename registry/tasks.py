@@ -25,7 +25,7 @@ def version_validate(self, version_id: int) -> str:  # type: ignore[no-untyped-d
         return "nothing to do"
     try:
         with tempfile.TemporaryDirectory(prefix="inspect-") as tmp:
-            model_dir = services.model_dir_for_inspection(version, Path(tmp) / "model")
+            model_dir = services.model_download(version, Path(tmp) / "model")
             report = inspect_model(model_dir)
     except OSError as exc:  # artifact store unreachable: try again later, then give up visibly
         if self.request.retries < self.max_retries:

@@ -9,6 +9,7 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.http import Http404
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import status
@@ -23,7 +24,7 @@ from registry.api.errors import error_response
 from registry.api.pagination import KnownCount, Pagination
 from registry.api.permissions import HasCapability, request_roles
 from registry.audit import Actor
-from registry.models import ApiToken, RegisteredModel
+from registry.models import ApiToken, ModelVersion, RegisteredModel
 from registry.roles import CAPABILITIES, Cap, roles_allow
 from registry.samples import parse_reference_sample
 from registry.tokens import token_create, token_revoke
@@ -43,8 +44,15 @@ class BaseView(APIView):
         return paginator.get_paginated_response(serializer(page, many=True, **extra).data)
 
 
-def _model(name: str) -> RegisteredModel:
+def model_or_404(name: str) -> RegisteredModel:
     return get_object_or_404(RegisteredModel, name=name)
+
+
+def version_or_404(name: str, number: int) -> ModelVersion:
+    found = selectors.version_get(model_or_404(name), number)
+    if found is None:
+        raise Http404(f"model {name!r} has no version {number}")
+    return found
 
 
 class ModelListView(BaseView):
@@ -76,13 +84,13 @@ class ModelDetailView(BaseView):
 
     @extend_schema(responses=s.ModelOut)
     def get(self, request: Request, name: str) -> Response:
-        return Response(s.ModelOut(_model(name)).data)
+        return Response(s.ModelOut(model_or_404(name)).data)
 
     @extend_schema(request=s.ModelUpdateIn, responses=s.ModelOut)
     def patch(self, request: Request, name: str) -> Response:
         data = s.ModelUpdateIn(data=request.data)
         data.is_valid(raise_exception=True)
-        model = services.model_update(actor_of(request), _model(name), **data.validated_data)
+        model = services.model_update(actor_of(request), model_or_404(name), **data.validated_data)
         return Response(s.ModelOut(model).data)
 
 
@@ -94,7 +102,7 @@ class VersionListView(BaseView):
     def get(self, request: Request, name: str) -> Response:
         filters = s.VersionFilterIn(data=request.query_params)
         filters.is_valid(raise_exception=True)
-        model = _model(name)
+        model = model_or_404(name)
         versions: Any = selectors.version_list(model, **filters.validated_data)
         if not filters.validated_data:
             versions = KnownCount(versions, model.version_count)
@@ -168,23 +176,15 @@ class _spooled:
 class VersionDetailView(BaseView):
     capabilities = {"GET": Cap.MODEL_READ, "PATCH": Cap.MODEL_EDIT}
 
-    def _version(self, name: str, version: int) -> Any:
-        found = selectors.version_get(_model(name), version)
-        if found is None:
-            from django.http import Http404
-
-            raise Http404(f"model {name!r} has no version {version}")
-        return found
-
     @extend_schema(responses=s.VersionDetailOut)
     def get(self, request: Request, name: str, version: int) -> Response:
-        return Response(s.VersionDetailOut(self._version(name, version)).data)
+        return Response(s.VersionDetailOut(version_or_404(name, version)).data)
 
     @extend_schema(request=s.VersionUpdateIn, responses=s.VersionDetailOut)
     def patch(self, request: Request, name: str, version: int) -> Response:
         data = s.VersionUpdateIn(data=request.data)
         data.is_valid(raise_exception=True)
-        updated = services.version_update(actor_of(request), self._version(name, version), **data.validated_data)
+        updated = services.version_update(actor_of(request), version_or_404(name, version), **data.validated_data)
         return Response(s.VersionDetailOut(updated).data)
 
 
