@@ -8,7 +8,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -16,6 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from config.stack import free_port  # noqa: F401 - one place for it; the benchmarks import it from here
 
 HOST = "127.0.0.1"
 
@@ -182,10 +183,6 @@ def _phase(clients: list[_Client], make_request: Callable[[int], Request], durat
 
 # ---- servers ------------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def start_server(command: list[str], log_file: Path, env: dict[str, str] | None = None,

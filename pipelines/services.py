@@ -60,7 +60,7 @@ def thresholds_for(version: ModelVersion, precision: str) -> dict[str, dict[str,
     return merged
 
 
-def _enqueue(build_id: int, target: str) -> None:
+def build_enqueue(build_id: int, target: str) -> None:
     from pipelines.tasks import engine_build_run
 
     engine_build_run.apply_async((build_id,), queue="pipelines" if target == Target.CPU else f"pipelines-{target}")
@@ -83,10 +83,10 @@ def engine_builds_request(actor: Actor, version: ModelVersion,
             version=version, target=target, precision=precision, runtime=runtime)
         if created:
             audit_record(actor, "build.request", "engine_build", build.pk, after=_view(build))
-            transaction.on_commit(functools.partial(_enqueue, build.pk, build.target))
+            transaction.on_commit(functools.partial(build_enqueue, build.pk, build.target))
         elif build.status == BuildStatus.FAILED:
             build_transition(build.pk, BuildStatus.QUEUED, actor, step="", error="")
-            transaction.on_commit(functools.partial(_enqueue, build.pk, build.target))
+            transaction.on_commit(functools.partial(build_enqueue, build.pk, build.target))
         builds.append(build)
     return builds
 

@@ -10,7 +10,7 @@ from django.utils import timezone
 
 from pipelines.builder import engine_build_execute
 from pipelines.models import BuildStatus, EngineBuild
-from pipelines.services import _enqueue, build_transition
+from pipelines.services import build_enqueue, build_transition
 from registry.services import TransitionError
 
 
@@ -31,10 +31,10 @@ def engine_builds_reconcile() -> int:
                              claimed_by="")
         except TransitionError:
             continue
-        _enqueue(build.pk, build.target)
+        build_enqueue(build.pk, build.target)
         healed += 1
     for build in EngineBuild.objects.filter(status=BuildStatus.QUEUED, updated_at__lt=stale):
         EngineBuild.objects.filter(pk=build.pk).update(updated_at=timezone.now())
-        _enqueue(build.pk, build.target)
+        build_enqueue(build.pk, build.target)
         healed += 1
     return healed
