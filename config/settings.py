@@ -9,7 +9,7 @@ from typing import Any
 
 import dj_database_url
 
-from config.env import ConfigError, env_bool, env_int, env_list, env_str, state_dir
+from config.env import ConfigError, env_bool, env_float, env_int, env_list, env_str, state_dir
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 STATE_DIR = state_dir()
@@ -141,6 +141,22 @@ PLATFORM: dict[str, Any] = {
     # Seconds an engine build may take, and after which a silent build is handed to another worker.
     "BUILD_TIMEOUT_S": env_int("PLATFORM_BUILD_TIMEOUT_S", 900),
     "BUILD_STALE_S": env_int("PLATFORM_BUILD_STALE_S", 120),
+    # Serving fleet: "local" (Triton processes on this machine) or "kubernetes" (see deployer/kube.py).
+    "FLEET": env_str("PLATFORM_FLEET", "local"),
+    # Rollout defaults; each deployment may set its own. Steps are canary traffic percents.
+    "ROLLOUT_STEPS": [int(s) for s in env_list("PLATFORM_ROLLOUT_STEPS", ["10", "25", "50"])],
+    "ROLLOUT_STEP_INTERVAL_S": env_int("PLATFORM_ROLLOUT_STEP_INTERVAL_S", 30),
+    "ROLLOUT_BAKE_S": env_int("PLATFORM_ROLLOUT_BAKE_S", 30),
+    "ROLLOUT_MAX_P99_MS": env_float("PLATFORM_ROLLOUT_MAX_P99_MS", 500.0),
+    "ROLLOUT_MAX_ERROR_RATE": env_float("PLATFORM_ROLLOUT_MAX_ERROR_RATE", 0.01),
+    "ROLLOUT_MIN_REQUESTS": env_int("PLATFORM_ROLLOUT_MIN_REQUESTS", 20),
+    # The reconciler's tick, the analysis window, how long a canary may take to load, how long an
+    # unrouted model keeps serving requests already sent to it, and how long one pass may hold its lock.
+    "ROLLOUT_TICK_S": env_float("PLATFORM_ROLLOUT_TICK_S", 2.0),
+    "ROLLOUT_WINDOW_S": env_float("PLATFORM_ROLLOUT_WINDOW_S", 10.0),
+    "ROLLOUT_LOAD_TIMEOUT_S": env_int("PLATFORM_ROLLOUT_LOAD_TIMEOUT_S", 300),
+    "ROLLOUT_DRAIN_S": env_float("PLATFORM_ROLLOUT_DRAIN_S", 3.0),
+    "ROLLOUT_LOCK_S": env_int("PLATFORM_ROLLOUT_LOCK_S", 30),
 }
 
 REST_FRAMEWORK = {
@@ -184,6 +200,8 @@ CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_BEAT_SCHEDULE = {
     "registry-reconcile": {"task": "registry.tasks.registry_reconcile", "schedule": 60.0},
     "engine-builds-reconcile": {"task": "pipelines.tasks.engine_builds_reconcile", "schedule": 30.0},
+    "rollouts-reconcile": {"task": "deployer.tasks.rollouts_reconcile", "schedule": PLATFORM["ROLLOUT_TICK_S"],
+                           "options": {"queue": "deployer", "expires": PLATFORM["ROLLOUT_TICK_S"] * 2}},
 }
 
 LOGGING = {

@@ -387,3 +387,19 @@ def resolve_model_version_source(name: str, version_or_alias: str) -> ResolvedSo
         raise SourceNotFound(f"model version models:/{name}/{version_or_alias} does not exist") from exc
     location = store.get_model_version_download_uri(name, mv.version)
     return ResolvedSource(source=mv.source, run_id=mv.run_id or "", location=location)
+
+
+# ---- aliases (the deployer moves `champion` on promotion) -----------------------------------------
+
+def alias_version(name: str, alias: str) -> int | None:
+    """The version number an alias points at, or None when the alias is not set."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return int(registry_store().get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def alias_set(name: str, alias: str, version: int) -> None:
+    registry_store().set_registered_model_alias(name, alias, str(version))

@@ -48,7 +48,10 @@ async def _serve(args: argparse.Namespace) -> None:
                              on_drop=gw.metrics.samples_dropped.inc)
         gw.sampler.start()
     server = await gw.serve(args.host, args.port)
-    watcher = RoutesWatcher(args.routes_from, gw.apply_threadsafe, poll_s=args.routes_poll_s)
+    # The deployer reads every announced gateway's /metrics and waits for all to apply a table before
+    # it unloads a model the table no longer routes to.
+    watcher = RoutesWatcher(args.routes_from, gw.apply_threadsafe, poll_s=args.routes_poll_s,
+                            announce_as=f"{args.host}:{args.port}", metrics_url=f"http://{args.host}:{args.port}/metrics")
     watcher.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

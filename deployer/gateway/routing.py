@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,9 @@ log = logging.getLogger("deployer.gateway")
 ROUTES_KEY = "gateway:routes"
 ROUTES_VERSION_KEY = "gateway:routes:version"
 ROUTES_CHANNEL = "gateway:routes:changed"
+# Each gateway announces itself here (id -> {"metrics": url, "routes_version": n, "seen": unix time}) so the
+# deployer knows whose metrics to read and when every gateway has applied a table.
+INSTANCES_KEY = "gateway:instances"
 
 
 @dataclass(frozen=True)
@@ -122,9 +126,11 @@ class RoutesWatcher(threading.Thread):
     once; otherwise it polls the version counter every `poll_s`. A table that fails validation is
     logged and ignored (the last good one stays)."""
 
-    def __init__(self, redis_url: str, on_table: Callable[[int, RoutingTable], None], poll_s: float = 1.0) -> None:
+    def __init__(self, redis_url: str, on_table: Callable[[int, RoutingTable], None], poll_s: float = 1.0,
+                 announce_as: str = "", metrics_url: str = "") -> None:
         super().__init__(name="routes-watcher", daemon=True)
         self.redis_url, self.on_table, self.poll_s = redis_url, on_table, poll_s
+        self.announce_as, self.metrics_url = announce_as, metrics_url
         self.stopping = threading.Event()
         self.seen: int | None = None
 
@@ -138,10 +144,18 @@ class RoutesWatcher(threading.Thread):
                 pubsub.subscribe(ROUTES_CHANNEL)
                 while not self.stopping.is_set():
                     self._check(client)
+                    self._announce(client)
                     pubsub.get_message(timeout=self.poll_s)
+                if self.announce_as:
+                    client.hdel(INSTANCES_KEY, self.announce_as)
             except (OSError, redis.RedisError) as exc:
                 log.warning("routing table: redis unavailable (%s); retrying", exc)
                 self.stopping.wait(min(self.poll_s, 1.0))
+
+    def _announce(self, client: Any) -> None:
+        if self.announce_as:
+            client.hset(INSTANCES_KEY, self.announce_as, json.dumps(
+                {"metrics": self.metrics_url, "routes_version": self.seen or 0, "seen": time.time()}))
 
     def _check(self, client: Any) -> None:
         raw_version = client.get(ROUTES_VERSION_KEY)

@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+from django.conf import settings
+from django.contrib.postgres.fields import ArrayField
+from django.db import models
+
+from pipelines.models import EngineBuild, Target
+from registry.models import ModelVersion, RegisteredModel
+
+
+class Endpoint(models.Model):
+    """What serves a registered model: its stable version. Clients call the gateway with the model's
+    name; a canary, when a rollout runs, comes from the model's active Deployment."""
+
+    model = models.OneToOneField(RegisteredModel, on_delete=models.PROTECT, related_name="endpoint")
+    stable_version = models.ForeignKey(ModelVersion, null=True, blank=True, on_delete=models.PROTECT,
+                                       related_name="+")
+    stable_engine = models.ForeignKey(EngineBuild, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    stable_triton_model = models.CharField(max_length=200, blank=True, default="")
+    target = models.CharField(max_length=8, choices=Target.choices, default=Target.CPU)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["model__name"]
+
+    def __str__(self) -> str:
+        return f"endpoint {self.model.name}"
+
+
+class RolloutStatus(models.TextChoices):
+    PENDING = "pending", "Loading the canary"
+    PROGRESSING = "progressing", "Progressing"
+    PAUSED = "paused", "Paused"
+    AWAITING_APPROVAL = "awaiting_approval", "Awaiting approval"
+    PROMOTED = "promoted", "Promoted"
+    ROLLED_BACK = "rolled_back", "Rolled back"
+
+
+ACTIVE_ROLLOUT_STATES = {RolloutStatus.PENDING, RolloutStatus.PROGRESSING, RolloutStatus.PAUSED,
+                         RolloutStatus.AWAITING_APPROVAL}
+# States in which the canary takes traffic (and is analysed).
+SERVING_ROLLOUT_STATES = {RolloutStatus.PROGRESSING, RolloutStatus.PAUSED, RolloutStatus.AWAITING_APPROVAL}
+
+ROLLOUT_TRANSITIONS: dict[str, set[str]] = {
+    # PENDING -> PROMOTED: a model's first deployment has no stable to compare with.
+    RolloutStatus.PENDING: {RolloutStatus.PROGRESSING, RolloutStatus.PROMOTED, RolloutStatus.ROLLED_BACK,
+                            RolloutStatus.PAUSED},
+    # PROGRESSING -> PROGRESSING: the next traffic step.
+    RolloutStatus.PROGRESSING: {RolloutStatus.PROGRESSING, RolloutStatus.PAUSED, RolloutStatus.AWAITING_APPROVAL,
+                                RolloutStatus.PROMOTED, RolloutStatus.ROLLED_BACK},
+    RolloutStatus.PAUSED: {RolloutStatus.PROGRESSING, RolloutStatus.PENDING, RolloutStatus.PROMOTED,
+                           RolloutStatus.ROLLED_BACK},
+    RolloutStatus.AWAITING_APPROVAL: {RolloutStatus.PROMOTED, RolloutStatus.ROLLED_BACK, RolloutStatus.PAUSED},
+    RolloutStatus.PROMOTED: set(),
+    RolloutStatus.ROLLED_BACK: set(),
+}
+
+
+class Deployment(models.Model):
+    """One rollout of a model version onto the fleet: canary steps, analysis, then promotion or rollback."""
+
+    model = models.ForeignKey(RegisteredModel, on_delete=models.PROTECT, related_name="deployments")
+    version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="deployments")
+    engine = models.ForeignKey(EngineBuild, on_delete=models.PROTECT, related_name="deployments")
+    triton_model = models.CharField(max_length=200)
+    target = models.CharField(max_length=8, choices=Target.choices, default=Target.CPU)
+    previous_version = models.ForeignKey(ModelVersion, null=True, blank=True, on_delete=models.PROTECT,
+                                         related_name="+", help_text="the stable version when the rollout began")
+    # Canary traffic weights (percent), each held for step_interval_s while analysed; then the final
+    # step is held bake_s longer before promotion (or before waiting for approval).
+    steps = ArrayField(models.PositiveSmallIntegerField(), default=list)
+    step_interval_s = models.PositiveIntegerField(default=30)
+    bake_s = models.PositiveIntegerField(default=30)
+    max_p99_ms = models.FloatField(default=500.0)
+    max_error_rate = models.FloatField(default=0.01)
+    min_requests = models.PositiveIntegerField(default=20, help_text="canary requests a window needs to be judged")
+    require_approval = models.BooleanField(default=False)
+    status = models.CharField(max_length=24, choices=RolloutStatus.choices, default=RolloutStatus.PENDING)
+    step_index = models.IntegerField(default=-1, help_text="-1 until the canary takes traffic")
+    weight = models.PositiveSmallIntegerField(default=0, help_text="canary traffic percent now")
+    step_started_at = models.DateTimeField(null=True, blank=True)
+    analysis = models.JSONField(default=dict, blank=True, help_text="the latest window's figures and verdict")
+    reason = models.TextField(blank=True, default="", help_text="why it ended, paused or waits")
+    requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                     related_name="+")
+    decided_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                   related_name="+", help_text="who promoted or aborted by hand")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(fields=["model"], condition=models.Q(status__in=[
+                "pending", "progressing", "paused", "awaiting_approval"]), name="one_active_rollout_per_model"),
+        ]
+        indexes = [models.Index(fields=["status"])]
+
+    def __str__(self) -> str:
+        return f"deployment {self.pk} of {self.model.name} v{self.version.version}"
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in ACTIVE_ROLLOUT_STATES

@@ -1,0 +1,443 @@
+"""Rollouts: create a deployment, move it through its state machine, and converge the world to it.
+
+The decision (promote, roll back, next step) is one transaction in PostgreSQL: the deployment's status,
+the endpoint's stable version and the audit rows change together. Everything outside the database
+(Triton placements, the gateways' routing table, the MLflow alias `champion`, unloading) follows from
+that state in `fleet_converge`, which is idempotent and runs on every reconciler tick: a worker killed
+anywhere leaves a state the next tick finishes.
+
+Order keeps clients whole: a model is loaded and ready before the table routes to it, and it is unloaded
+only after every live gateway has applied a table without it and a short drain has passed.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from deployer import analysis
+from deployer.fleet import Fleet, FleetError, FleetNotReady, Placement
+from deployer.gateway.routing import load_routes, publish_routes
+from deployer.models import (
+    ACTIVE_ROLLOUT_STATES,
+    ROLLOUT_TRANSITIONS,
+    SERVING_ROLLOUT_STATES,
+    Deployment,
+    Endpoint,
+    RolloutStatus,
+)
+from pipelines.models import BuildStatus, EngineBuild, Precision, Runtime, Target
+from registry import mlflow_store
+from registry.audit import SYSTEM, Actor, audit_record
+from registry.models import ModelVersion, RegisteredModel, VersionStatus
+from registry.services import RegistryError, TransitionError
+
+log = logging.getLogger("deployer")
+
+CHAMPION = "champion"
+RETIRING_KEY = "deployer:retiring"  # triton model -> {"since": t, "routes_version": n}
+RECONCILE_LOCK = "deployer:reconcile"
+# Engines preferred for serving, best first: fp32 is the fastest at batch 1 on CPUs without VNNI
+# (see bench/engines); int8 and the GPU variants follow.
+ENGINE_PREFERENCE = [(Precision.FP32, Runtime.ONNXRUNTIME), (Precision.INT8, Runtime.ONNXRUNTIME),
+                     (Precision.FP16, Runtime.TENSORRT), (Precision.FP16, Runtime.ONNXRUNTIME)]
+
+
+class DeployError(RegistryError):
+    pass
+
+
+def _setting(name: str) -> Any:
+    return settings.PLATFORM[name]
+
+
+@functools.cache
+def redis_client() -> Any:
+    import redis
+
+    return redis.Redis.from_url(settings.REDIS_URL, socket_timeout=5, socket_connect_timeout=5)
+
+
+@functools.cache
+def fleet() -> Fleet:
+    kind = _setting("FLEET")
+    if kind == "local":
+        from deployer.fleet_local import LocalFleet
+
+        return LocalFleet(redis_client(), Path(settings.STATE_DIR) / "fleet-cache")
+    if kind == "kubernetes":
+        from deployer.kube import KubernetesFleet
+
+        return KubernetesFleet.from_env()  # type: ignore[no-any-return]
+    raise DeployError(f"PLATFORM_FLEET is {kind!r}; it must be 'local' or 'kubernetes'")
+
+
+def enqueue_reconcile() -> None:
+    from deployer.tasks import rollouts_reconcile
+
+    rollouts_reconcile.apply_async(queue="deployer", expires=30)
+
+
+# ---- creating a deployment ----------------------------------------------------------------------------------
+
+
+def engine_for(version: ModelVersion, target: str) -> EngineBuild:
+    kept = {(b.precision, b.runtime): b for b in
+            EngineBuild.objects.filter(version=version, target=target, status=BuildStatus.SUCCEEDED)}
+    for choice in ENGINE_PREFERENCE:
+        if choice in kept:
+            return kept[choice]
+    builds = EngineBuild.objects.filter(version=version, target=target)
+    seen = ", ".join(f"{b.variant} {b.status}" for b in builds) or "none requested"
+    raise DeployError(f"version {version.version} of {version.model.name} has no engine that passed its build "
+                      f"for target {target} (builds: {seen})", 409)
+
+
+def _check_steps(steps: list[int]) -> list[int]:
+    if not steps:
+        raise DeployError("steps: give at least one canary traffic weight, e.g. [10, 50]")
+    if any(isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= 100 for s in steps):
+        raise DeployError(f"steps: each weight is a whole percent 1..100, got {steps}")
+    if any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
+        raise DeployError(f"steps: weights must increase, got {steps}")
+    return steps
+
+
+def _view(d: Deployment) -> dict[str, Any]:
+    return {"status": d.status, "step": d.step_index, "weight": d.weight, "version": d.version.version}
+
+
+def deployment_create(actor: Actor, model: RegisteredModel, version_number: int, *, target: str = Target.CPU,
+                      steps: list[int] | None = None, step_interval_s: int | None = None,
+                      bake_s: int | None = None, max_p99_ms: float | None = None,
+                      max_error_rate: float | None = None, min_requests: int | None = None,
+                      require_approval: bool = False) -> Deployment:
+    """Start rolling a version out. Refused (409) while the model has another active rollout, when the
+    version is not ready, has no kept engine for the target, or already is the stable version."""
+    if target not in Target.values:
+        raise DeployError(f"target must be one of {', '.join(Target.values)}, not {target!r}")
+    limits = {
+        "steps": _check_steps(list(steps) if steps is not None else list(_setting("ROLLOUT_STEPS"))),
+        "step_interval_s": _positive("step_interval_s", step_interval_s, _setting("ROLLOUT_STEP_INTERVAL_S")),
+        "bake_s": _positive("bake_s", bake_s, _setting("ROLLOUT_BAKE_S"), allow_zero=True),
+        "max_p99_ms": _positive("max_p99_ms", max_p99_ms, _setting("ROLLOUT_MAX_P99_MS")),
+        "max_error_rate": _positive("max_error_rate", max_error_rate, _setting("ROLLOUT_MAX_ERROR_RATE"),
+                                    allow_zero=True),
+        "min_requests": _positive("min_requests", min_requests, _setting("ROLLOUT_MIN_REQUESTS")),
+    }
+    if limits["max_error_rate"] > 1:
+        raise DeployError("max_error_rate is a fraction 0..1 (0.01 = 1%)")
+    try:
+        with transaction.atomic():
+            version = ModelVersion.objects.select_related("model").filter(model=model, version=version_number).first()
+            if version is None:
+                raise DeployError(f"{model.name} has no version {version_number}", 404)
+            if version.status != VersionStatus.READY:
+                raise DeployError(f"version {version_number} of {model.name} is {version.status}; only ready "
+                                  "versions are deployed", 409)
+            engine = engine_for(version, target)
+            endpoint, _ = Endpoint.objects.get_or_create(model=model, defaults={"target": target})
+            endpoint = Endpoint.objects.select_for_update().get(pk=endpoint.pk)
+            if endpoint.stable_version_id == version.pk:
+                raise DeployError(f"version {version_number} already serves {model.name}", 409)
+            active = Deployment.objects.filter(model=model, status__in=ACTIVE_ROLLOUT_STATES).first()
+            if active is not None:
+                raise DeployError(_busy(active), 409)
+            d = Deployment.objects.create(
+                model=model, version=version, engine=engine, triton_model=engine.io.get("triton_model_name", ""),
+                target=target, previous_version=endpoint.stable_version, require_approval=require_approval,
+                requested_by=actor.user_or_none, reason="loading the canary onto the fleet", **limits)
+            if not d.triton_model:
+                raise DeployError(f"the engine {engine.variant} of version {version_number} has no Triton entry", 409)
+            audit_record(actor, "deployment.create", "deployment", d.pk, after={
+                **_view(d), "target": target, "engine": engine.variant, "steps": limits["steps"],
+                "previous_version": endpoint.stable_version.version if endpoint.stable_version else None})
+            transaction.on_commit(enqueue_reconcile)
+            return d
+    except IntegrityError as exc:  # a concurrent request won the one-active-rollout constraint
+        active = Deployment.objects.filter(model=model, status__in=ACTIVE_ROLLOUT_STATES).first()
+        raise DeployError(_busy(active) if active else "another rollout of this model just started", 409) from exc
+
+
+def _busy(active: Deployment) -> str:
+    return (f"deployment {active.pk} of version {active.version.version} is {active.status}; "
+            "promote, abort or wait for it first")
+
+
+def _positive(name: str, value: Any, default: Any, allow_zero: bool = False) -> Any:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0 or (value == 0 and not allow_zero):
+        raise DeployError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
+    return value
+
+
+# ---- the state machine -----------------------------------------------------------------------------------
+
+
+def deployment_transition(deployment_id: int, to: str, actor: Actor = SYSTEM, only_from: set[str] | None = None,
+                          **fields: Any) -> Deployment:
+    """The one way a deployment changes status (or step): a conditional UPDATE, its audit row, and a
+    reconciler pass after commit so the fleet and the routes follow at once."""
+    allowed = {state for state, targets in ROLLOUT_TRANSITIONS.items() if to in targets}
+    if only_from is not None:
+        allowed &= only_from
+    with transaction.atomic():
+        current = Deployment.objects.select_related("version", "model").get(pk=deployment_id)
+        now = timezone.now()
+        if to in (RolloutStatus.PROMOTED, RolloutStatus.ROLLED_BACK):
+            fields.setdefault("finished_at", now)
+        changed = Deployment.objects.filter(pk=deployment_id, status__in=allowed).update(
+            status=to, updated_at=now, **fields)
+        if not changed:
+            raise TransitionError(f"deployment {deployment_id} is {current.status}; it cannot become {to}")
+        after = Deployment.objects.select_related("version", "model").get(pk=deployment_id)
+        audit_record(actor, f"deployment.{to}", "deployment", deployment_id, before=_view(current),
+                     after={**_view(after), **({"reason": after.reason[:500]} if after.reason else {})})
+        transaction.on_commit(enqueue_reconcile)
+    return after
+
+
+def _promote(d: Deployment, actor: Actor, reason: str, only_from: set[str] | None = None) -> Deployment:
+    with transaction.atomic():
+        endpoint = Endpoint.objects.select_for_update().get(model=d.model)
+        before = endpoint.stable_version.version if endpoint.stable_version else None
+        done = deployment_transition(d.pk, RolloutStatus.PROMOTED, actor, only_from=only_from, weight=100,
+                                     reason=reason, decided_by=actor.user_or_none)
+        Endpoint.objects.filter(pk=endpoint.pk).update(
+            stable_version=d.version, stable_engine=d.engine, stable_triton_model=d.triton_model, target=d.target,
+            updated_at=timezone.now())
+        audit_record(actor, "endpoint.stable", "endpoint", d.model.name, before={"stable_version": before},
+                     after={"stable_version": d.version.version, "deployment": d.pk})
+    analysis.SnapshotStore(redis_client(), d.pk).clear()
+    return done
+
+
+def _roll_back(d: Deployment, actor: Actor, reason: str, only_from: set[str] | None = None) -> Deployment:
+    done = deployment_transition(d.pk, RolloutStatus.ROLLED_BACK, actor, only_from=only_from, weight=0,
+                                 reason=reason, decided_by=actor.user_or_none)
+    analysis.SnapshotStore(redis_client(), d.pk).clear()
+    return done
+
+
+# ---- what people do (API and UI) --------------------------------------------------------------------------
+
+
+def deployment_pause(actor: Actor, d: Deployment) -> Deployment:
+    return deployment_transition(d.pk, RolloutStatus.PAUSED, actor, reason=f"paused by {actor.name}")
+
+
+def deployment_resume(actor: Actor, d: Deployment) -> Deployment:
+    to = RolloutStatus.PROGRESSING if d.step_index >= 0 else RolloutStatus.PENDING
+    return deployment_transition(d.pk, to, actor, only_from={RolloutStatus.PAUSED}, step_started_at=timezone.now(),
+                                 reason=f"resumed by {actor.name}")
+
+
+def deployment_promote(actor: Actor, d: Deployment) -> Deployment:
+    if d.step_index < 0:
+        raise DeployError("the canary has not taken traffic yet; it can be promoted once it is loaded", 409)
+    return _promote(d, actor, f"promoted by {actor.name}",
+                    only_from={RolloutStatus.PROGRESSING, RolloutStatus.PAUSED, RolloutStatus.AWAITING_APPROVAL})
+
+
+def deployment_abort(actor: Actor, d: Deployment) -> Deployment:
+    return _roll_back(d, actor, f"aborted by {actor.name}", only_from=set(ACTIVE_ROLLOUT_STATES))
+
+
+# ---- the reconciler ---------------------------------------------------------------------------------------
+
+
+def rollouts_reconcile() -> dict[str, Any]:
+    """One pass: advance every active rollout, then converge fleet, routes and aliases. Passes never
+    overlap (a Redis lock that expires, so a killed worker does not hold it for long)."""
+    lock = redis_client().lock(RECONCILE_LOCK, timeout=_setting("ROLLOUT_LOCK_S"))
+    if not lock.acquire(blocking=False):
+        return {"skipped": "another pass is running"}
+    try:
+        advanced = 0
+        for d in Deployment.objects.filter(status__in=ACTIVE_ROLLOUT_STATES).select_related("model", "version"):
+            try:
+                rollout_advance(d)
+                advanced += 1
+            except TransitionError as exc:  # a person acted between our read and our write: theirs stands
+                log.info("%s: %s", d, exc)
+        return {"advanced": advanced, **fleet_converge()}
+    finally:
+        try:
+            lock.release()
+        except Exception:  # noqa: BLE001 - expired meanwhile: nothing to release
+            pass
+
+
+def _placement(triton_model: str, engine: EngineBuild, target: str) -> Placement:
+    return Placement(triton_model=triton_model, engine_uri=engine.engine_uri, target=target)
+
+
+def rollout_advance(d: Deployment) -> None:
+    now = timezone.now()
+    if d.status == RolloutStatus.PENDING:
+        try:
+            fleet().place(_placement(d.triton_model, d.engine, d.target))
+        except FleetNotReady as exc:
+            if now - d.created_at > timedelta(seconds=_setting("ROLLOUT_LOAD_TIMEOUT_S")):
+                _roll_back(d, SYSTEM, f"the canary did not become ready within "
+                                      f"{_setting('ROLLOUT_LOAD_TIMEOUT_S')}s: {exc}")
+            else:
+                Deployment.objects.filter(pk=d.pk).update(reason=f"loading: {exc}")
+            return
+        except FleetError as exc:
+            _roll_back(d, SYSTEM, f"the fleet cannot serve the canary: {exc}")
+            return
+        endpoint = Endpoint.objects.get(model=d.model)
+        if endpoint.stable_version_id is None:
+            _promote(d, SYSTEM, "first deployment of the model: no stable version to compare with",
+                     only_from={RolloutStatus.PENDING})
+        else:
+            deployment_transition(d.pk, RolloutStatus.PROGRESSING, only_from={RolloutStatus.PENDING}, step_index=0,
+                                  weight=d.steps[0], step_started_at=now, reason="")
+        return
+    if d.status not in SERVING_ROLLOUT_STATES:
+        return
+    verdict = analyse(d)
+    Deployment.objects.filter(pk=d.pk).update(analysis={"outcome": verdict.outcome, "reason": verdict.reason,
+                                                        **verdict.figures, "at": now.isoformat()})
+    if verdict.outcome == "fail":
+        _roll_back(d, SYSTEM, f"automatic rollback: {verdict.reason}", only_from=set(SERVING_ROLLOUT_STATES))
+        return
+    if d.status != RolloutStatus.PROGRESSING or verdict.outcome != "pass" or d.step_started_at is None:
+        return
+    last = d.step_index >= len(d.steps) - 1
+    hold = d.step_interval_s + (d.bake_s if last else 0)
+    if now - d.step_started_at < timedelta(seconds=hold):
+        return
+    if not last:
+        deployment_transition(d.pk, RolloutStatus.PROGRESSING, only_from={RolloutStatus.PROGRESSING},
+                              step_index=d.step_index + 1, weight=d.steps[d.step_index + 1], step_started_at=now,
+                              reason=f"step {d.step_index + 1} passed: {verdict.reason}")
+    elif d.require_approval:
+        deployment_transition(d.pk, RolloutStatus.AWAITING_APPROVAL, only_from={RolloutStatus.PROGRESSING},
+                              reason=f"all steps passed ({verdict.reason}); a release manager must promote")
+    else:
+        _promote(d, SYSTEM, f"all steps passed: {verdict.reason}", only_from={RolloutStatus.PROGRESSING})
+
+
+def analyse(d: Deployment) -> analysis.Verdict:
+    redis = redis_client()
+    window_s = float(_setting("ROLLOUT_WINDOW_S"))
+    gateways = [g["metrics"] for g in analysis.live_gateways(redis).values() if g.get("metrics")]
+    snap = analysis.scrape(d.model.name, {d.triton_model}, gateways, fleet().metrics_urls())
+    base = analysis.SnapshotStore(redis, d.pk).push_and_base(snap, window_s)
+    win = analysis.window(snap, base)
+    span = snap.t - base.t if base is not None else 0.0
+    stable = d.previous_version.version if d.previous_version else None
+    return analysis.judge(win, str(d.version.version), d.triton_model, None if stable is None else str(stable),
+                          analysis.Thresholds(d.max_p99_ms, d.max_error_rate, d.min_requests), span)
+
+
+def fleet_converge() -> dict[str, Any]:
+    """Place what should serve, publish the routes, move `champion`, and unload what nothing routes to."""
+    redis = redis_client()
+    backend = fleet()
+    desired: dict[str, Placement] = {}
+    nodes: dict[str, list[str]] = {}
+
+    def place(p: Placement) -> list[str]:
+        desired[p.triton_model] = p
+        if p.triton_model not in nodes:
+            try:
+                nodes[p.triton_model] = backend.place(p)
+            except (FleetNotReady, FleetError) as exc:
+                log.warning("placing %s: %s", p.triton_model, exc)
+                nodes[p.triton_model] = []
+        return nodes[p.triton_model]
+
+    active = {d.model_id: d for d in Deployment.objects.filter(status__in=ACTIVE_ROLLOUT_STATES)
+              .select_related("engine", "version")}
+    _, current = load_routes(redis)
+    table: dict[str, Any] = {}
+    endpoints = list(Endpoint.objects.filter(stable_version__isnull=False).select_related(
+        "model", "stable_version", "stable_engine"))
+    for ep in endpoints:
+        name = ep.model.name
+        stable_nodes = place(_placement(ep.stable_triton_model, ep.stable_engine, ep.target))  # type: ignore[arg-type]
+        entry: dict[str, Any]
+        if stable_nodes:
+            entry = {"stable": {"version": str(ep.stable_version.version),  # type: ignore[union-attr]
+                                "triton_model": ep.stable_triton_model, "nodes": stable_nodes}, "canary": None}
+        elif current is not None and name in current and current[name].stable.triton_model == ep.stable_triton_model:
+            # No node answers ready right now (restarting): keep the last known nodes; the gateway retries.
+            old = current[name].stable
+            entry = {"stable": {"version": old.version, "triton_model": old.triton_model, "nodes": list(old.nodes)},
+                     "canary": None}
+        else:
+            continue
+        d = active.get(ep.model_id)
+        if d is not None:
+            canary_nodes = place(_placement(d.triton_model, d.engine, d.target))
+            if d.status in SERVING_ROLLOUT_STATES and d.weight > 0 and canary_nodes:
+                entry["canary"] = {"version": str(d.version.version), "triton_model": d.triton_model,
+                                   "nodes": canary_nodes, "weight": d.weight}
+        table[name] = entry
+    for d in active.values():  # a first deployment: loaded before its endpoint has a stable version
+        if d.status == RolloutStatus.PENDING:
+            place(_placement(d.triton_model, d.engine, d.target))
+    published = None
+    current_dict = _table_dict(current)
+    if table != current_dict and table:
+        published = publish_routes(redis, table)
+    _move_champions(endpoints)
+    removed = _retire(backend, desired)
+    return {"placed": sorted(desired), "published": published, "removed": removed}
+
+
+def _table_dict(table: Any) -> dict[str, Any] | None:
+    if table is None:
+        return None
+    from deployer.gateway.routing import table_to_dict
+
+    return table_to_dict(table)
+
+
+def _move_champions(endpoints: list[Endpoint]) -> None:
+    for ep in endpoints:
+        number = ep.stable_version.version  # type: ignore[union-attr]
+        try:
+            if mlflow_store.alias_version(ep.model.name, CHAMPION) != number:
+                mlflow_store.alias_set(ep.model.name, CHAMPION, number)
+                audit_record(SYSTEM, "alias.set", "registered_model", ep.model.name,
+                             after={"alias": CHAMPION, "version": number})
+        except Exception as exc:  # noqa: BLE001 - MLflow's store errors vary; the next pass tries again
+            log.warning("moving %s of %s to v%s: %s", CHAMPION, ep.model.name, number, exc)
+
+
+def _retire(backend: Fleet, desired: dict[str, Placement]) -> list[str]:
+    """Unload models nothing routes to, once every live gateway has applied a table without them and
+    ROLLOUT_DRAIN_S has passed (requests already sent to them finish first)."""
+    redis = redis_client()
+    now = time.time()
+    routes_version, _ = load_routes(redis)
+    gateways = analysis.live_gateways(redis)
+    applied = min((int(g.get("routes_version", 0)) for g in gateways.values()), default=routes_version)
+    retiring = {k.decode(): json.loads(v) for k, v in redis.hgetall(RETIRING_KEY).items()}
+    removed = []
+    for name in set(retiring) & set(desired):
+        redis.hdel(RETIRING_KEY, name)  # deployed again
+    for name in sorted(set(backend.placed()) - set(desired)):
+        mark = retiring.get(name)
+        if mark is None:
+            redis.hset(RETIRING_KEY, name, json.dumps({"since": now, "routes_version": routes_version}))
+            continue
+        if now - mark["since"] >= _setting("ROLLOUT_DRAIN_S") and applied >= mark["routes_version"]:
+            backend.remove(name)
+            redis.hdel(RETIRING_KEY, name)
+            removed.append(name)
+    return removed
