@@ -12,6 +12,7 @@ from django.db import transaction
 from registry.audit import Actor, audit_record
 from registry.models import Profile
 from registry.services import RegistryError
+from registry.tokens import forget_cached_tokens
 
 
 def _view(user: Any) -> dict[str, Any]:
@@ -51,6 +52,7 @@ def user_update(actor: Actor, user: Any, roles: list[str] | None = None, is_acti
     if is_active is not None and is_active != user.is_active:
         user.is_active = is_active
         user.save(update_fields=["is_active"])
+    forget_cached_tokens(user_id=user.pk)
     after = _view(user)
     if after != before:
         audit_record(actor, "user.update", "user", user.username, before=before, after=after)

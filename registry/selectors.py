@@ -11,7 +11,7 @@ MODEL_ORDERINGS = {"name", "-name", "updated_at", "-updated_at", "created_at", "
 
 
 def model_list(search: str = "", tag: str = "", ordering: str = "name") -> QuerySet[RegisteredModel]:
-    qs = RegisteredModel.objects.all()
+    qs = RegisteredModel.objects.select_related("created_by")
     if search:
         qs = qs.filter(Q(name__icontains=search) | Q(description__icontains=search))
     if tag:
@@ -34,8 +34,18 @@ def version_list(model: RegisteredModel, status: str = "", origin: str = "") -> 
     return qs.order_by("-version")
 
 
+def model_get(name: str) -> RegisteredModel | None:
+    return RegisteredModel.objects.select_related("created_by").filter(name=name).first()
+
+
 def version_get(model: RegisteredModel, number: int) -> ModelVersion | None:
     return ModelVersion.objects.select_related("model", "created_by").filter(model=model, version=number).first()
+
+
+def version_get_by_name(model_name: str, number: int) -> ModelVersion | None:
+    """One query, by the unique (model, version) index, whatever the number of versions."""
+    return ModelVersion.objects.select_related("model", "created_by").filter(model__name=model_name,
+                                                                             version=number).first()
 
 
 def version_status_counts(model: RegisteredModel) -> dict[str, int]:

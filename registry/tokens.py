@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -70,6 +71,7 @@ def token_create(actor: Actor, owner: Any, name: str, roles: list[str] | None = 
 @transaction.atomic
 def token_revoke(actor: Actor, token: ApiToken) -> ApiToken:
     updated = ApiToken.objects.filter(pk=token.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
+    forget_cached_tokens(token_id=token.pk)
     token.refresh_from_db()
     if updated:
         audit_record(actor, "token.revoke", "token", token.pk, before={"revoked_at": None},
@@ -82,20 +84,42 @@ def _token_view(token: ApiToken) -> dict[str, object]:
             "expires_at": token.expires_at.isoformat() if token.expires_at else None}
 
 
+# A bearer token is checked on every request. A successful lookup is remembered in this process for
+# TOKEN_CACHE_S seconds, so a busy client costs no query per request. Revoking a token or changing
+# its owner (roles, deactivation) forgets it in this process at once; other web processes notice
+# within TOKEN_CACHE_S. Expiry is checked on every request, cached or not.
+TOKEN_CACHE_S = 5.0
+_TOKEN_CACHE: dict[str, tuple[float, ApiToken]] = {}
+
+
+def forget_cached_tokens(*, token_id: int | None = None, user_id: int | None = None) -> None:
+    for key, (_at, token) in list(_TOKEN_CACHE.items()):
+        if token.pk == token_id or token.user_id == user_id:
+            _TOKEN_CACHE.pop(key, None)
+
+
 def token_authenticate(raw: str) -> tuple[object, ApiToken] | None:
     """The user and token for a raw bearer token, or None if it is unknown, expired or revoked."""
+    key = digest(raw)
+    now = timezone.now()
+    hit = _TOKEN_CACHE.get(key)
+    if hit is not None and time.monotonic() - hit[0] < TOKEN_CACHE_S:
+        token = hit[1]
+        return None if token_expired(token, now) else (token.user, token)
     try:
-        token = ApiToken.objects.select_related("user", "user__profile").get(digest=digest(raw))
+        token = ApiToken.objects.select_related("user", "user__profile").get(digest=key)
     except ApiToken.DoesNotExist:
         return None
-    now = timezone.now()
-    if token.revoked_at is not None or (token.expires_at is not None and token.expires_at <= now):
-        return None
-    if not token.user.is_active:
+    if token.revoked_at is not None or token_expired(token, now) or not token.user.is_active:
+        _TOKEN_CACHE.pop(key, None)
         return None
     # Touch last_used_at at most once a minute: no write per request.
     if token.last_used_at is None or now - token.last_used_at > timedelta(minutes=1):
         ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)
+        token.last_used_at = now
+    if len(_TOKEN_CACHE) > 1000:
+        _TOKEN_CACHE.clear()
+    _TOKEN_CACHE[key] = (time.monotonic(), token)
     return token.user, token
 
 

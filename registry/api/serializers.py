@@ -1,10 +1,30 @@
+"""The API's shapes. The read shapes of models and versions (served on every page of a list) build
+their output by hand: DRF's field-by-field machinery cost more than the query behind them. Their
+declared fields still describe the schema, and registry/tests/test_api_shapes.py checks that each
+hand-written output equals what DRF would produce from those fields."""
+
 from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
 
 from django.contrib.auth import get_user_model
 from rest_framework import serializers
 
 from registry.models import ApiToken, AuditEvent, ModelVersion, RegisteredModel, VersionOrigin, VersionStatus
 from registry.roles import Role
+
+
+def when(value: datetime | None) -> str | None:
+    """A timestamp as DRF's DateTimeField writes it: ISO 8601 in UTC, 'Z' for +00:00."""
+    if value is None:
+        return None
+    text = value.astimezone(UTC).isoformat()
+    return text[:-6] + "Z" if text.endswith("+00:00") else text
+
+
+def _username(user: Any) -> str | None:
+    return None if user is None else str(user.username)
 
 
 class ModelOut(serializers.ModelSerializer):
@@ -14,6 +34,11 @@ class ModelOut(serializers.ModelSerializer):
         model = RegisteredModel
         fields = ["name", "description", "tags", "latest_version", "version_count", "created_by",
                   "created_at", "updated_at"]
+
+    def to_representation(self, m: RegisteredModel) -> dict[str, Any]:
+        return {"name": m.name, "description": m.description, "tags": m.tags, "latest_version": m.latest_version,
+                "version_count": m.version_count, "created_by": _username(m.created_by),
+                "created_at": when(m.created_at), "updated_at": when(m.updated_at)}
 
 
 class ModelCreateIn(serializers.Serializer):
@@ -35,6 +60,12 @@ class VersionOut(serializers.ModelSerializer):
         model = ModelVersion
         fields = ["model", "version", "status", "status_detail", "origin", "description", "tags", "created_by",
                   "created_at", "updated_at"]
+
+    def to_representation(self, v: ModelVersion) -> dict[str, Any]:
+        return {"model": v.model.name, "version": v.version, "status": v.status, "status_detail": v.status_detail,
+                "origin": v.origin, "description": v.description, "tags": v.tags,
+                "created_by": _username(v.created_by), "created_at": when(v.created_at),
+                "updated_at": when(v.updated_at)}
 
 
 class LineageOut(serializers.Serializer):
@@ -61,6 +92,14 @@ class VersionDetailOut(VersionOut):
 
     def get_lineage(self, obj: ModelVersion) -> dict[str, object]:
         return LineageOut(obj).data
+
+    def to_representation(self, v: ModelVersion) -> dict[str, Any]:
+        lineage = {"source": v.source, "storage_location": v.storage_location, "run_id": v.run_id,
+                   "experiment_id": v.experiment_id, "params": v.params, "metrics": v.metrics,
+                   "run_tags": v.run_tags, "flavors": v.flavors, "reference_sample_uri": v.reference_sample_uri,
+                   "reference_sample_rows": v.reference_sample_rows, "signature": v.signature,
+                   "input_example": v.input_example}
+        return {**super().to_representation(v), "lineage": lineage, "inspection": v.inspection}
 
 
 class VersionRegisterIn(serializers.Serializer):

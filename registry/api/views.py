@@ -45,12 +45,16 @@ class BaseView(APIView):
 
 
 def model_or_404(name: str) -> RegisteredModel:
-    return get_object_or_404(RegisteredModel, name=name)
+    found = RegisteredModel.objects.filter(name=name).first()
+    if found is None:
+        raise Http404(f"no model {name!r}")
+    return found
 
 
 def version_or_404(name: str, number: int) -> ModelVersion:
-    found = selectors.version_get(model_or_404(name), number)
+    found = selectors.version_get_by_name(name, number)
     if found is None:
+        model_or_404(name)  # say which of the two is missing
         raise Http404(f"model {name!r} has no version {number}")
     return found
 
@@ -84,7 +88,10 @@ class ModelDetailView(BaseView):
 
     @extend_schema(responses=s.ModelOut)
     def get(self, request: Request, name: str) -> Response:
-        return Response(s.ModelOut(model_or_404(name)).data)
+        model = selectors.model_get(name)
+        if model is None:
+            raise Http404(f"no model {name!r}")
+        return Response(s.ModelOut(model).data)
 
     @extend_schema(request=s.ModelUpdateIn, responses=s.ModelOut)
     def patch(self, request: Request, name: str) -> Response:
