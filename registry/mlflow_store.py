@@ -64,28 +64,100 @@ def tracking_store() -> Any:
     return SqlAlchemyStore(backend_store_uri(), "mlflow-artifacts:/")
 
 
+# A registered model as MLflow's REST API returns it, in one statement whatever its number of
+# versions: the model row, its tags and aliases, and the latest version of each stage (with tags).
+# The stages are found by a skip scan over STAGE_INDEX (one index probe per stage present), and each
+# stage's latest version is one more probe, so nothing here reads all of a model's versions.
+STAGE_INDEX = "platform_model_versions_stage"
+_MODEL_SQL = """
+select rm.name, rm.creation_time, rm.last_updated_time, rm.description, rm.workspace,
+  (select coalesce(json_agg(json_build_array(t.key, t.value)), '[]'::json) from registered_model_tags t
+    where t.workspace = rm.workspace and t.name = rm.name) as tags,
+  (select coalesce(json_agg(json_build_array(a.alias, a.version)), '[]'::json) from registered_model_aliases a
+    where a.workspace = rm.workspace and a.name = rm.name) as aliases,
+  (select coalesce(json_agg(row_to_json(latest) order by latest.version), '[]'::json) from (
+    with recursive stages(stage) as (
+      select min(current_stage) from model_versions where workspace = :workspace and name = :name
+      union all
+      select (select min(current_stage) from model_versions
+              where workspace = :workspace and name = :name and current_stage > stages.stage)
+      from stages where stages.stage is not null
+    )
+    select mv.name, mv.version, mv.creation_time, mv.last_updated_time, mv.description, mv.user_id,
+      mv.current_stage, mv.source, mv.run_id, mv.status, mv.status_message, mv.run_link, mv.workspace,
+      (select coalesce(json_agg(json_build_array(vt.key, vt.value)), '[]'::json) from model_version_tags vt
+        where vt.workspace = mv.workspace and vt.name = mv.name and vt.version = mv.version) as tags
+    from stages cross join lateral (
+      select * from model_versions m where m.workspace = :workspace and m.name = :name
+        and m.current_stage = stages.stage order by m.version desc limit 1) mv
+    where stages.stage is not null and stages.stage <> :deleted
+  ) latest) as latest
+from registered_models rm where rm.workspace = :workspace and rm.name = :name
+"""
+
+
+def _registered_model_entity(row: Any) -> Any:
+    from mlflow.entities.model_registry import (
+        ModelVersion,
+        ModelVersionTag,
+        RegisteredModel,
+        RegisteredModelAlias,
+        RegisteredModelTag,
+    )
+
+    latest = [ModelVersion(v["name"], v["version"], v["creation_time"], v["last_updated_time"], v["description"],
+                           v["user_id"], v["current_stage"], v["source"], v["run_id"], v["status"],
+                           v["status_message"], [ModelVersionTag(k, val) for k, val in v["tags"]], v["run_link"],
+                           [], workspace=v["workspace"])
+              for v in row.latest]
+    return RegisteredModel(row.name, row.creation_time, row.last_updated_time, row.description, latest,
+                           [RegisteredModelTag(k, v) for k, v in row.tags],
+                           [RegisteredModelAlias(a, v) for a, v in row.aliases], workspace=row.workspace)
+
+
 @functools.cache
 def registry_store() -> Any:
     from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore
 
     class RegistryStore(SqlAlchemyStore):  # type: ignore[misc]
         """MLflow's store, except that reading a registered model does not load all its versions
-        (MLflow's own does, so its cost grows with the number of versions): the latest version per
-        stage comes from the store's own windowed query, as its search already does."""
+        (MLflow's own does, so its cost grows with the number of versions): see _MODEL_SQL."""
 
         def get_registered_model(self, name: str) -> Any:
-            with self.ManagedSessionMaker() as session:
-                model = self._get_registered_model(session, name, eager=True)
-                latest = self._get_latest_versions_for_models(session, [name]).get(name, [])
-                return model.to_mlflow_entity(preloaded_latest_versions=latest)
+            import sqlalchemy
+            from mlflow.entities.model_registry.model_version_stages import STAGE_DELETED_INTERNAL
+            from mlflow.exceptions import MlflowException
+            from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+            from mlflow.utils.validation import _validate_model_name
+
+            if self.engine.dialect.name != "postgresql":
+                with self.ManagedSessionMaker() as session:
+                    model = self._get_registered_model(session, name, eager=True)
+                    latest = self._get_latest_versions_for_models(session, [name]).get(name, [])
+                    return model.to_mlflow_entity(preloaded_latest_versions=latest)
+            _validate_model_name(name)
+            with self.engine.connect() as conn:
+                row = conn.execute(sqlalchemy.text(_MODEL_SQL), {
+                    "workspace": self._get_active_workspace(), "name": name, "deleted": STAGE_DELETED_INTERNAL,
+                }).first()
+            if row is None:
+                raise MlflowException(f"Registered Model with name={name} not found", RESOURCE_DOES_NOT_EXIST)
+            return _registered_model_entity(row)
 
     return RegistryStore(backend_store_uri())
 
 
 def init_store() -> None:
-    """Create or upgrade MLflow's tables (MLflow runs its own migrations on first use)."""
+    """Create or upgrade MLflow's tables (MLflow runs its own migrations on first use), and add the
+    index the registered-model read above probes (MLflow's tables have none on the stage)."""
     tracking_store()
-    registry_store()
+    store = registry_store()
+    if store.engine.dialect.name == "postgresql":
+        import sqlalchemy
+
+        with store.engine.begin() as conn:
+            conn.execute(sqlalchemy.text(f"create index if not exists {STAGE_INDEX} "
+                                         "on model_versions (workspace, name, current_stage, version)"))
 
 
 def _destination_repo(artifact_uri: str) -> Any:
