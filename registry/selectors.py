@@ -3,6 +3,8 @@ paginated in the database and detail views never load all versions."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.db.models import Q, QuerySet
 
 from registry.models import AuditEvent, ModelVersion, RegisteredModel
@@ -36,6 +38,15 @@ def version_list(model: RegisteredModel, status: str = "", origin: str = "") -> 
 
 def model_get(name: str) -> RegisteredModel | None:
     return RegisteredModel.objects.select_related("created_by").filter(name=name).first()
+
+
+VERSION_ROW_FIELDS = ("version", "status", "status_detail", "origin", "description", "tags", "created_by__username",
+                      "created_at", "updated_at")
+
+
+def version_rows(model: RegisteredModel, status: str = "", origin: str = "") -> QuerySet[ModelVersion, dict[str, Any]]:
+    """version_list as plain rows of the columns the API's list shows (no model instances to build)."""
+    return version_list(model, status, origin).values(*VERSION_ROW_FIELDS)
 
 
 def version_get(model: RegisteredModel, number: int) -> ModelVersion | None:

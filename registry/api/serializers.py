@@ -68,6 +68,14 @@ class VersionOut(serializers.ModelSerializer):
                 "updated_at": when(v.updated_at)}
 
 
+def version_row(model_name: str, row: dict[str, Any]) -> dict[str, Any]:
+    """VersionOut's shape from a row of selectors.version_rows."""
+    return {"model": model_name, "version": row["version"], "status": row["status"],
+            "status_detail": row["status_detail"], "origin": row["origin"], "description": row["description"],
+            "tags": row["tags"], "created_by": row["created_by__username"], "created_at": when(row["created_at"]),
+            "updated_at": when(row["updated_at"])}
+
+
 class LineageOut(serializers.Serializer):
     source = serializers.CharField()  # type: ignore[assignment]
     storage_location = serializers.CharField()

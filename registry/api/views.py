@@ -110,10 +110,12 @@ class VersionListView(BaseView):
         filters = s.VersionFilterIn(data=request.query_params)
         filters.is_valid(raise_exception=True)
         model = model_or_404(name)
-        versions: Any = selectors.version_list(model, **filters.validated_data)
+        versions: Any = selectors.version_rows(model, **filters.validated_data)
         if not filters.validated_data:
             versions = KnownCount(versions, model.version_count)
-        return self.paginate(versions, s.VersionOut)
+        paginator = Pagination()
+        page = paginator.paginate_queryset(versions, request, view=self)
+        return paginator.get_paginated_response([s.version_row(model.name, row) for row in page or []])
 
     @extend_schema(request={"multipart/form-data": s.VersionRegisterIn, "application/json": s.VersionRegisterIn},
                    responses={201: s.VersionDetailOut})

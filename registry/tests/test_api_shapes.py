@@ -84,3 +84,13 @@ def test_a_missing_version_and_a_missing_model_are_told_apart(model_with_version
                                                               scientist: Any) -> None:
     assert "no version 9" in scientist.get("/api/v1/models/shapes/versions/9/").json()["error"]["message"]
     assert "'nope'" in scientist.get("/api/v1/models/nope/versions/1/").json()["error"]["message"]
+
+
+def test_version_list_rows_equal_the_version_shape(model_with_versions: RegisteredModel) -> None:
+    from registry import selectors
+
+    rows = list(selectors.version_rows(model_with_versions))
+    versions = list(selectors.version_list(model_with_versions))
+    assert [r["version"] for r in rows] == [v.version for v in versions] == [2, 1]
+    for row, version in zip(rows, versions, strict=True):
+        assert s.version_row("shapes", row) == s.VersionOut().to_representation(version)
