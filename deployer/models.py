@@ -104,3 +104,26 @@ class Deployment(models.Model):
     @property
     def is_active(self) -> bool:
         return self.status in ACTIVE_ROLLOUT_STATES
+
+
+class AnalysisPoint(models.Model):
+    """One analysis window of a rollout, kept as evidence and for the charts: the canary's and the stable
+    version's traffic, error rate and p99 latency, and the verdict."""
+
+    deployment = models.ForeignKey(Deployment, on_delete=models.CASCADE, related_name="points")
+    at = models.DateTimeField()
+    weight = models.PositiveSmallIntegerField()
+    outcome = models.CharField(max_length=8)  # pass, fail, wait
+    canary_requests = models.PositiveIntegerField(default=0)
+    canary_error_rate = models.FloatField(default=0.0)
+    canary_p99_ms = models.FloatField(null=True, blank=True)
+    stable_requests = models.PositiveIntegerField(default=0)
+    stable_error_rate = models.FloatField(default=0.0)
+    stable_p99_ms = models.FloatField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["deployment_id", "at"]
+        indexes = [models.Index(fields=["deployment", "at"])]
+
+    def __str__(self) -> str:
+        return f"{self.deployment_id} {self.at:%H:%M:%S} {self.outcome}"

@@ -31,6 +31,7 @@ from deployer.models import (
     ACTIVE_ROLLOUT_STATES,
     ROLLOUT_TRANSITIONS,
     SERVING_ROLLOUT_STATES,
+    AnalysisPoint,
     Deployment,
     Endpoint,
     RolloutStatus,
@@ -209,7 +210,8 @@ def deployment_transition(deployment_id: int, to: str, actor: Actor = SYSTEM, on
 
 def _promote(d: Deployment, actor: Actor, reason: str, only_from: set[str] | None = None) -> Deployment:
     with transaction.atomic():
-        endpoint = Endpoint.objects.select_for_update().get(model=d.model)
+        endpoint, _ = Endpoint.objects.get_or_create(model=d.model, defaults={"target": d.target})
+        endpoint = Endpoint.objects.select_for_update().get(pk=endpoint.pk)
         before = endpoint.stable_version.version if endpoint.stable_version else None
         done = deployment_transition(d.pk, RolloutStatus.PROMOTED, actor, only_from=only_from, weight=100,
                                      reason=reason, decided_by=actor.user_or_none)
@@ -308,8 +310,14 @@ def rollout_advance(d: Deployment) -> None:
     if d.status not in SERVING_ROLLOUT_STATES:
         return
     verdict = analyse(d)
+    f = verdict.figures
     Deployment.objects.filter(pk=d.pk).update(analysis={"outcome": verdict.outcome, "reason": verdict.reason,
-                                                        **verdict.figures, "at": now.isoformat()})
+                                                        **f, "at": now.isoformat()})
+    AnalysisPoint.objects.create(
+        deployment=d, at=now, weight=d.weight, outcome=verdict.outcome, canary_requests=f["canary_requests"],
+        canary_error_rate=f["canary_error_rate"], canary_p99_ms=f["canary_p99_ms"],
+        stable_requests=f.get("stable_requests", 0), stable_error_rate=f.get("stable_error_rate", 0.0),
+        stable_p99_ms=f.get("stable_p99_ms"))
     if verdict.outcome == "fail":
         _roll_back(d, SYSTEM, f"automatic rollback: {verdict.reason}", only_from=set(SERVING_ROLLOUT_STATES))
         return

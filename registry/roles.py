@@ -20,6 +20,10 @@ class Cap(models.TextChoices):
     MODEL_EDIT = "model.edit", "Edit descriptions and tags"
     AUDIT_READ = "audit.read", "Read the audit log"
     USER_MANAGE = "user.manage", "Manage people, roles and their tokens"
+    DEPLOY_READ = "deploy.read", "See deployments, their traffic and analysis"
+    DEPLOY_CREATE = "deploy.create", "Start a rollout of a version"
+    DEPLOY_CONTROL = "deploy.control", "Pause, resume or abort a rollout"
+    DEPLOY_PROMOTE = "deploy.promote", "Promote a canary (approve the final step)"
 
 
 _EVERYONE = {Role.DATA_SCIENTIST, Role.RELEASE_MANAGER, Role.ONCALL, Role.CI, Role.ADMIN}
@@ -30,6 +34,11 @@ CAPABILITIES: dict[str, set[Role]] = {
     Cap.MODEL_EDIT: {Role.DATA_SCIENTIST, Role.CI, Role.ADMIN},
     Cap.AUDIT_READ: {Role.RELEASE_MANAGER, Role.ONCALL, Role.ADMIN},
     Cap.USER_MANAGE: {Role.ADMIN},
+    Cap.DEPLOY_READ: _EVERYONE,
+    Cap.DEPLOY_CREATE: {Role.RELEASE_MANAGER, Role.CI, Role.ADMIN},
+    # On-call stops a bad rollout; only release managers decide that a version becomes the champion.
+    Cap.DEPLOY_CONTROL: {Role.RELEASE_MANAGER, Role.ONCALL, Role.ADMIN},
+    Cap.DEPLOY_PROMOTE: {Role.RELEASE_MANAGER, Role.ADMIN},
 }
 
 

@@ -28,6 +28,14 @@ ENDPOINTS = [
     ("GET", "/api/v1/users/{owner}/", Cap.USER_MANAGE, None),
     ("PATCH", "/api/v1/users/{owner}/", Cap.USER_MANAGE, {"roles": ["data_scientist"]}),
     ("GET", "/api/v1/audit/", Cap.AUDIT_READ, None),
+    ("GET", "/api/v1/deployments/", Cap.DEPLOY_READ, None),
+    ("POST", "/api/v1/deployments/", Cap.DEPLOY_CREATE, {"model": "{free}", "version": 1}),
+    ("GET", "/api/v1/deployments/{progressing}/", Cap.DEPLOY_READ, None),
+    ("POST", "/api/v1/deployments/{progressing}/pause/", Cap.DEPLOY_CONTROL, None),
+    ("POST", "/api/v1/deployments/{paused}/resume/", Cap.DEPLOY_CONTROL, None),
+    ("POST", "/api/v1/deployments/{progressing}/abort/", Cap.DEPLOY_CONTROL, None),
+    ("POST", "/api/v1/deployments/{progressing}/promote/", Cap.DEPLOY_PROMOTE, None),
+    ("GET", "/api/v1/endpoints/", Cap.DEPLOY_READ, None),
 ]
 
 
@@ -37,6 +45,32 @@ def registered(scientist, model_archive, unique_name):
         resp = scientist.post(f"/api/v1/models/{unique_name}/versions/", {"archive": fh}, format="multipart")
     assert resp.status_code == 201
     return unique_name, scientist.user.username
+
+
+def _servable(name: str):
+    """A model row with a ready version 1 and a kept engine (rows only: the API checks come first)."""
+    from pipelines.models import EngineBuild
+    from registry.models import ModelVersion, RegisteredModel
+
+    model = RegisteredModel.objects.create(name=name, latest_version=1, version_count=1)
+    version = ModelVersion.objects.create(model=model, version=1, status="ready", source="x", origin="test")
+    engine = EngineBuild.objects.create(version=version, target="cpu", precision="fp32", runtime="onnxruntime",
+                                        content_key=name, status="succeeded", engine_uri="mlflow-artifacts:/x",
+                                        io={"triton_model_name": f"{name}_v1"})
+    return model, version, engine
+
+
+@pytest.fixture
+def deployments(unique_name):
+    from deployer.models import Deployment
+
+    ids = {}
+    for state in ("progressing", "paused"):
+        model, version, engine = _servable(f"{unique_name}-{state}")
+        ids[state] = Deployment.objects.create(model=model, version=version, engine=engine, triton_model="t",
+                                               steps=[10], status=state, step_index=0, weight=10).pk
+    _servable(f"{unique_name}-free")
+    return {"free": f"{unique_name}-free", **ids}
 
 
 def _fill(value, names):
@@ -52,10 +86,10 @@ def _fill(value, names):
 @pytest.mark.parametrize("role", Role.values)
 @pytest.mark.parametrize(("method", "path", "capability", "body"), ENDPOINTS,
                          ids=[f"{m} {p}" for m, p, _, _ in ENDPOINTS])
-def test_each_role_is_allowed_exactly_what_the_capability_table_says(client_as, registered, role, method, path,
-                                                                     capability, body, unique_name):
+def test_each_role_is_allowed_exactly_what_the_capability_table_says(client_as, registered, deployments, role, method,
+                                                                     path, capability, body, unique_name):
     model, owner = registered
-    names = {"m": model, "owner": owner, "new": f"{unique_name}-{role.replace('_', '-')}"}
+    names = {"m": model, "owner": owner, "new": f"{unique_name}-{role.replace('_', '-')}", **deployments}
     client = client_as(role)
     resp = getattr(client, method.lower())(_fill(path, names), _fill(body, names), format="json")
     if roles_allow({role}, capability):

@@ -1,0 +1,187 @@
+"""Deployments in the REST API: start a rollout, follow it (state, weights, analysis, history), and pause,
+resume, promote or abort it. What serves each model is under /endpoints/."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.http import Http404
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import serializers, status
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from deployer import services
+from deployer.models import ACTIVE_ROLLOUT_STATES, AnalysisPoint, Deployment, Endpoint, RolloutStatus
+from pipelines.models import Target
+from registry.api.views import BaseView, actor_of, model_or_404
+from registry.models import AuditEvent
+from registry.roles import Cap
+
+
+class DeploymentIn(serializers.Serializer):
+    model = serializers.CharField()
+    version = serializers.IntegerField(min_value=1)
+    target = serializers.ChoiceField(choices=Target.choices, default=Target.CPU)
+    steps = serializers.ListField(child=serializers.IntegerField(), required=False,
+                                  help_text="canary traffic percents, increasing, e.g. [10, 25, 50]")
+    step_interval_s = serializers.IntegerField(min_value=1, required=False)
+    bake_s = serializers.IntegerField(min_value=0, required=False)
+    max_p99_ms = serializers.FloatField(min_value=0.001, required=False)
+    max_error_rate = serializers.FloatField(min_value=0, max_value=1, required=False)
+    min_requests = serializers.IntegerField(min_value=1, required=False)
+    require_approval = serializers.BooleanField(default=False)
+
+
+class PointOut(serializers.ModelSerializer):
+    class Meta:
+        model = AnalysisPoint
+        fields = ["at", "weight", "outcome", "canary_requests", "canary_error_rate", "canary_p99_ms",
+                  "stable_requests", "stable_error_rate", "stable_p99_ms"]
+
+
+class DeploymentOut(serializers.ModelSerializer):
+    model = serializers.CharField(source="model.name")
+    version = serializers.IntegerField(source="version.version")
+    previous_version = serializers.IntegerField(source="previous_version.version", allow_null=True, default=None)
+    engine = serializers.CharField(source="engine.variant")
+    requested_by = serializers.CharField(source="requested_by.username", allow_null=True, default=None)
+    decided_by = serializers.CharField(source="decided_by.username", allow_null=True, default=None)
+    active = serializers.BooleanField(source="is_active")
+
+    class Meta:
+        model = Deployment
+        fields = ["id", "model", "version", "previous_version", "target", "engine", "triton_model", "status",
+                  "active", "steps", "step_index", "weight", "step_interval_s", "bake_s", "max_p99_ms",
+                  "max_error_rate", "min_requests", "require_approval", "analysis", "reason", "requested_by",
+                  "decided_by", "step_started_at", "created_at", "updated_at", "finished_at"]
+
+
+class DeploymentDetailOut(DeploymentOut):
+    history = serializers.SerializerMethodField()
+    points = serializers.SerializerMethodField()
+
+    class Meta(DeploymentOut.Meta):
+        fields = [*DeploymentOut.Meta.fields, "history", "points"]
+
+    def get_history(self, d: Deployment) -> list[dict[str, Any]]:
+        events = AuditEvent.objects.filter(target_type="deployment", target_id=str(d.pk)).order_by("id")
+        return [{"at": e.at, "action": e.action, "actor": e.actor_name, "after": e.after} for e in events]
+
+    def get_points(self, d: Deployment) -> list[dict[str, Any]]:
+        recent = list(d.points.order_by("-at")[:300])[::-1]  # the last 10 minutes at the default tick
+        return PointOut(recent, many=True).data  # type: ignore[return-value]
+
+
+def _deployments() -> Any:
+    return Deployment.objects.select_related("model", "version", "previous_version", "engine", "requested_by",
+                                             "decided_by")
+
+
+def deployment_or_404(deployment_id: int) -> Deployment:
+    found = _deployments().filter(pk=deployment_id).first()
+    if found is None:
+        raise Http404(f"no deployment {deployment_id}")
+    return found
+
+
+class DeploymentListView(BaseView):
+    capabilities = {"GET": Cap.DEPLOY_READ, "POST": Cap.DEPLOY_CREATE}
+
+    @extend_schema(parameters=[
+        OpenApiParameter("model", str, description="only this model's deployments"),
+        OpenApiParameter("status", str, enum=RolloutStatus.values),
+        OpenApiParameter("active", bool, description="only rollouts in progress"),
+    ], responses=DeploymentOut(many=True))
+    def get(self, request: Request) -> Response:
+        found = _deployments()
+        if model := request.query_params.get("model"):
+            found = found.filter(model__name=model)
+        if state := request.query_params.get("status"):
+            if state not in RolloutStatus.values:
+                raise serializers.ValidationError({"status": f"one of {', '.join(RolloutStatus.values)}"})
+            found = found.filter(status=state)
+        if request.query_params.get("active") in ("1", "true", "yes"):
+            found = found.filter(status__in=ACTIVE_ROLLOUT_STATES)
+        return self.paginate(found.order_by("-created_at", "-id"), DeploymentOut)
+
+    @extend_schema(request=DeploymentIn, responses={201: DeploymentDetailOut},
+                   description="Start rolling a version out: the canary is loaded, then takes each step's share of "
+                               "traffic while analysed, and is promoted (MLflow alias `champion` moves) or rolled "
+                               "back. A model's first deployment is promoted as soon as it is loaded.")
+    def post(self, request: Request) -> Response:
+        data = DeploymentIn(data=request.data)
+        data.is_valid(raise_exception=True)
+        args = dict(data.validated_data)
+        model = model_or_404(args.pop("model"))
+        d = services.deployment_create(actor_of(request), model, args.pop("version"), **args)
+        return Response(DeploymentDetailOut(deployment_or_404(d.pk)).data, status=status.HTTP_201_CREATED)
+
+
+class DeploymentDetailView(BaseView):
+    capabilities = {"GET": Cap.DEPLOY_READ}
+
+    @extend_schema(responses=DeploymentDetailOut)
+    def get(self, request: Request, deployment_id: int) -> Response:
+        return Response(DeploymentDetailOut(deployment_or_404(deployment_id)).data)
+
+
+class _ActionView(BaseView):
+    action: Any = None
+
+    @extend_schema(request=None, responses=DeploymentDetailOut)
+    def post(self, request: Request, deployment_id: int) -> Response:
+        d = deployment_or_404(deployment_id)
+        self.action(actor_of(request), d)
+        return Response(DeploymentDetailOut(deployment_or_404(deployment_id)).data)
+
+
+class DeploymentPauseView(_ActionView):
+    """Hold the canary at its current weight (safety analysis still rolls a failing canary back)."""
+
+    capabilities = {"POST": Cap.DEPLOY_CONTROL}
+    action = staticmethod(services.deployment_pause)
+
+
+class DeploymentResumeView(_ActionView):
+    capabilities = {"POST": Cap.DEPLOY_CONTROL}
+    action = staticmethod(services.deployment_resume)
+
+
+class DeploymentAbortView(_ActionView):
+    """Roll back now: all traffic to the stable version, the canary unloaded, the alias unchanged."""
+
+    capabilities = {"POST": Cap.DEPLOY_CONTROL}
+    action = staticmethod(services.deployment_abort)
+
+
+class DeploymentPromoteView(_ActionView):
+    """Make the canary the stable version now (also how a release manager approves the final step)."""
+
+    capabilities = {"POST": Cap.DEPLOY_PROMOTE}
+    action = staticmethod(services.deployment_promote)
+
+
+class EndpointOut(serializers.ModelSerializer):
+    model = serializers.CharField(source="model.name")
+    stable_version = serializers.IntegerField(source="stable_version.version", allow_null=True, default=None)
+    canary = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Endpoint
+        fields = ["model", "stable_version", "stable_triton_model", "target", "canary", "updated_at"]
+
+    def get_canary(self, ep: Endpoint) -> dict[str, Any] | None:
+        d = Deployment.objects.filter(model=ep.model, status__in=ACTIVE_ROLLOUT_STATES).select_related(
+            "version").first()
+        return None if d is None else {"deployment": d.pk, "version": d.version.version, "status": d.status,
+                                       "weight": d.weight}
+
+
+class EndpointListView(BaseView):
+    capabilities = {"GET": Cap.DEPLOY_READ}
+
+    @extend_schema(responses=EndpointOut(many=True))
+    def get(self, request: Request) -> Response:
+        return self.paginate(Endpoint.objects.select_related("model", "stable_version").order_by("model__name"),
+                             EndpointOut)
