@@ -144,6 +144,56 @@ def registry_store() -> Any:
                 raise MlflowException(f"Registered Model with name={name} not found", RESOURCE_DOES_NOT_EXIST)
             return _registered_model_entity(row)
 
+        def create_model_version(self, name: str, source: str, run_id: str | None = None, tags: Any = None,
+                                 run_link: str | None = None, description: str | None = None,
+                                 local_model_path: str | None = None, model_id: str | None = None) -> Any:
+            """MLflow's numbering in two statements instead of its ORM round trips: the UPDATE of the
+            registered model's row takes its row lock (as MLflow's own flush does), so concurrent
+            creators queue there and max(version) + 1 is gap-free and unique. Sources that MLflow
+            resolves itself (models:/ URIs, logged models) and other databases take MLflow's path."""
+            if self.engine.dialect.name != "postgresql" or model_id or source.startswith("models:"):
+                return super().create_model_version(name, source, run_id, tags, run_link, description,
+                                                    local_model_path, model_id)
+            import sqlalchemy as sa
+            from mlflow.entities.model_registry import ModelVersion, ModelVersionTag
+            from mlflow.exceptions import MlflowException
+            from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+            from mlflow.store.model_registry.dbmodels.models import (
+                SqlModelVersion,
+                SqlModelVersionTag,
+                SqlRegisteredModel,
+            )
+            from mlflow.utils.time import get_current_time_millis
+            from mlflow.utils.validation import _validate_model_name, _validate_model_version_tag
+
+            _validate_model_name(name)
+            tag_values = {tag.key: tag.value for tag in tags or []}
+            for key, value in tag_values.items():
+                _validate_model_version_tag(key, value)
+            workspace = self._get_active_workspace()
+            rm, mv = SqlRegisteredModel.__table__, SqlModelVersion.__table__
+            now = get_current_time_millis()
+            with self.engine.begin() as conn:
+                locked = conn.execute(sa.update(rm).where(rm.c.workspace == workspace, rm.c.name == name)
+                                      .values(last_updated_time=now))
+                if locked.rowcount == 0:
+                    raise MlflowException(f"Registered Model with name={name} not found", RESOURCE_DOES_NOT_EXIST)
+                next_number = (sa.select(sa.func.coalesce(sa.func.max(mv.c.version), 0) + 1)
+                               .where(mv.c.workspace == workspace, mv.c.name == name).scalar_subquery())
+                version = conn.execute(sa.insert(mv).values(
+                    workspace=workspace, name=name, version=next_number, creation_time=now, last_updated_time=now,
+                    source=source, storage_location=source, run_id=run_id, run_link=run_link,
+                    description=description,
+                ).returning(mv.c.version, mv.c.current_stage, mv.c.status)).one()
+                if tag_values:
+                    conn.execute(sa.insert(SqlModelVersionTag.__table__), [
+                        {"workspace": workspace, "name": name, "version": version.version, "key": k, "value": v}
+                        for k, v in tag_values.items()])
+            # A number never used before has no alias pointing at it (MLflow checks versions exist).
+            return ModelVersion(name, version.version, now, now, description, None, version.current_stage, source,
+                                run_id, version.status, None, [ModelVersionTag(k, v) for k, v in tag_values.items()],
+                                run_link, [], workspace=workspace)
+
     return RegistryStore(backend_store_uri())
 
 
@@ -475,3 +525,9 @@ def alias_version(name: str, alias: str) -> int | None:
 
 def alias_set(name: str, alias: str, version: int) -> None:
     registry_store().set_registered_model_alias(name, alias, str(version))
+
+
+def download_file(location: str, relative: str, dst_dir: Path) -> Path:
+    """One file under an artifact location, into dst_dir."""
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    return Path(_destination_repo(location).download_artifacts(relative, dst_path=str(dst_dir)))

@@ -56,3 +56,24 @@ def test_an_unknown_model_is_mlflows_not_found(unique_name: str) -> None:
     with pytest.raises(MlflowException) as raised:
         registry_store().get_registered_model(unique_name)
     assert raised.value.error_code == "RESOURCE_DOES_NOT_EXIST"
+
+
+def test_a_created_version_is_what_mlflow_then_reads(unique_name: str) -> None:
+    store = registry_store()
+    store.create_registered_model(unique_name)
+    first = store.create_model_version(unique_name, "mlflow-artifacts:/0/x/artifacts/model", run_id=None)
+    store.delete_model_version(unique_name, first.version)  # a deleted number is never given again
+    created = store.create_model_version(unique_name, "mlflow-artifacts:/0/y/artifacts/model", run_id=None,
+                                         tags=[ModelVersionTag("k", "v")], run_link="http://run",
+                                         description="second")
+    assert (int(first.version), int(created.version)) == (1, 2)
+    read = store.get_model_version(unique_name, created.version)
+    assert MessageToDict(created.to_proto()) == MessageToDict(read.to_proto())
+    assert read.tags == {"k": "v"} and read.description == "second" and read.current_stage == "None"
+    assert int(store.get_registered_model(unique_name).last_updated_timestamp) == created.creation_timestamp
+
+
+def test_creating_a_version_of_an_unknown_model_is_mlflows_not_found(unique_name: str) -> None:
+    with pytest.raises(MlflowException) as raised:
+        registry_store().create_model_version(unique_name, "mlflow-artifacts:/0/x/artifacts/model")
+    assert raised.value.error_code == "RESOURCE_DOES_NOT_EXIST"
