@@ -192,7 +192,8 @@ def _package_and_store(build: EngineBuild, key: str, out: Path, result: dict[str
     mlflow_store.upload_artifacts(marker, uri, "")  # last: only now is the engine complete
     status = BuildStatus.SUCCEEDED if passed else BuildStatus.REJECTED
     build_transition(
-        build.pk, status, step="done", io={**result["io"], "triton_model_name": name}, parity=result["parity"],
+        build.pk, status, step="done", io={**result["io"], "triton_model_name": name, "triton_settings": settings_},
+        parity=result["parity"],
         size_bytes=engine.stat().st_size, sha256=sha, build_seconds=result.get("build_seconds"), engine_uri=uri,
         toolchain={**result.get("toolchain", {}), **toolchain_versions()},
         error="" if passed else "missed the parity gate: " + "; ".join(result["parity"]["failures"]),
@@ -201,14 +202,33 @@ def _package_and_store(build: EngineBuild, key: str, out: Path, result: dict[str
 
 
 def _reuse(build: EngineBuild, key: str) -> str | None:
-    """Another build with the same content key is complete: take its engine instead of building."""
-    done = EngineBuild.objects.filter(content_key=key, status__in=[BuildStatus.SUCCEEDED, BuildStatus.REJECTED]) \
-        .exclude(pk=build.pk).first()
+    """Another build with the same content key is complete: take its engine instead of building. Its
+    Triton entries are written again when this version's name or serving settings differ (every version
+    is its own Triton model, or unloading one would unload the other). A different parity threshold
+    means a fresh build: the verdict belongs to the thresholds."""
+    version = build.version
+    thresholds = thresholds_for(version, build.precision)
+    done = next((b for b in EngineBuild.objects.filter(
+        content_key=key, status__in=[BuildStatus.SUCCEEDED, BuildStatus.REJECTED]).exclude(pk=build.pk)
+        if b.parity.get("thresholds") == thresholds.get(b.parity.get("kind", ""), {})), None)
     if done is None:
         return None
     build_append_log(build.pk, [f"identical build #{done.pk} exists (same model bytes, variant and toolchain); "
                                 "reusing its engine"], step="reuse")
-    build_transition(build.pk, done.status, step="done", io=done.io, parity=done.parity, size_bytes=done.size_bytes,
-                     sha256=done.sha256, build_seconds=0.0, engine_uri=done.engine_uri, reused_from=done,
-                     error=done.error)
+    name = packaging.triton_model_name(version.model.name, version.version, build.variant)
+    settings_ = packaging.settings_from_metadata({**version.model.tags, **version.tags}, build.target)
+    io, uri = done.io, done.engine_uri
+    if done.io.get("triton_model_name") != name or done.io.get("triton_settings") != settings_:
+        uri = f"{done.engine_uri}/{name}"
+        with tempfile.TemporaryDirectory(prefix="repack-") as tmp_name:
+            out = Path(tmp_name) / "out"
+            mlflow_store.download_file(done.engine_uri, "engine.onnx", out)
+            io = {**done.io, "triton_model_name": name, "triton_settings": settings_}
+            packaging.write_entries(out / "engine.onnx", out / "triton", name, io, settings_, build.precision,
+                                    build.runtime)
+            (out / "COMPLETE").write_text(json.dumps({"engine_sha256": done.sha256}))
+            mlflow_store.upload_artifacts(out, uri, "")
+        build_append_log(build.pk, [f"Triton entries written for {name} in {uri}"])
+    build_transition(build.pk, done.status, step="done", io=io, parity=done.parity, size_bytes=done.size_bytes,
+                     sha256=done.sha256, build_seconds=0.0, engine_uri=uri, reused_from=done, error=done.error)
     return done.status

@@ -76,7 +76,12 @@ def test_identical_model_bytes_reuse_the_engine_already_built(model_archive, uni
     again.refresh_from_db()
     fp32.refresh_from_db()
     assert again.reused_from_id == fp32.pk and again.content_key == fp32.content_key
-    assert again.engine_uri == fp32.engine_uri and "reusing its engine" in again.log
+    assert "reusing its engine" in again.log and again.sha256 == fp32.sha256
+    # Same engine, but its own Triton model: serving one version never shares (or unloads) another's.
+    name = again.io["triton_model_name"]
+    assert name != fp32.io["triton_model_name"] and name.startswith(unique_name + "-again_v1")
+    assert again.engine_uri == f"{fp32.engine_uri}/{name}"
+    assert f'name: "{name}"' in mlflow_store.read_artifact_text(again.engine_uri, f"triton/python/{name}/config.pbtxt")
 
 
 def test_a_variant_that_misses_the_parity_gate_is_kept_as_rejected_with_its_figures(model_archive, unique_name):
