@@ -1,4 +1,5 @@
-"""python -m deployer.gateway --port P [--host H] [--routes-from redis://...] [--sample-rate 0.01]"""
+"""python -m deployer.gateway --port P [--host H] [--routes-from redis://...] [--sample-rate 0.01]
+[--read-timeout-s 30]"""
 
 from __future__ import annotations
 
@@ -24,12 +25,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sample-stream", default=SAMPLES_STREAM)
     parser.add_argument("--sample-maxlen", type=int, default=100_000)
     parser.add_argument("--node-down-s", type=float, default=5.0)
+    parser.add_argument("--read-timeout-s", type=float, default=30.0,
+                        help="a request whose upstream response has not completed this long after the gateway "
+                             "took it gets a 504 (default 30)")
     parser.add_argument("--no-uvloop", action="store_true")
     args = parser.parse_args(argv)
     if not args.routes_from:
         parser.error("--routes-from (or REDIS_URL) is required")
     if not 0 <= args.sample_rate <= 1:
         parser.error("--sample-rate is a fraction 0..1")
+    if args.read_timeout_s <= 0:
+        parser.error("--read-timeout-s must be positive")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s gateway %(levelname)s %(message)s")
     if not args.no_uvloop:
         try:
@@ -42,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    gw = Gateway(Settings(node_down_s=args.node_down_s, sample_rate=args.sample_rate))
+    gw = Gateway(Settings(node_down_s=args.node_down_s, sample_rate=args.sample_rate,
+                          read_timeout_s=args.read_timeout_s))
     if args.sample_rate > 0:
         gw.sampler = Sampler(args.routes_from, args.sample_stream, args.sample_maxlen,
                              on_drop=gw.metrics.samples_dropped.inc)

@@ -62,8 +62,10 @@ class GatewayMetrics:
         self.arms: dict[tuple[str, str], ArmStats] = {}
         self.registry.register(_ArmCollector(self.arms))  # type: ignore[arg-type]
         self.errors = Counter("gateway_request_errors_total",
-                              "Inference requests that failed: upstream status >= 500, no node reachable, or the "
-                              "upstream connection lost mid-response", ["model", "version", "reason"],
+                              "Inference requests that failed, by reason: upstream_5xx (upstream status >= 500), "
+                              "unavailable (no node reachable), upstream_lost (the upstream connection ended "
+                              "mid-response), upstream_timeout (no complete response within the read timeout)",
+                              ["model", "version", "reason"],
                               registry=self.registry)
         self.retries = Counter("gateway_upstream_retries_total",
                                "Requests sent again to another node after a connection failure",

@@ -3,13 +3,20 @@ driven by the unmodified tritonclient.http client. Loopback and free ports only.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import http.client
+import json
 import os
 import re
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +24,7 @@ import pytest
 
 from config.stack import free_port, wait_for_port
 from deployer.gateway.echo_model import write_echo_model
-from deployer.gateway.routing import publish_routes
+from deployer.gateway.routing import INSTANCES_KEY, ROUTES_KEY, ROUTES_VERSION_KEY, publish_routes
 from deployer.gateway.server import sticky_arm
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,27 +65,37 @@ def triton(tmp_path_factory):
         server.stop()
 
 
+@contextlib.contextmanager
+def _gateway_process(redis_url: str, log_path: Path, *args: str) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    """A gateway process following the routing table in `redis_url`: (its port, the process)."""
+    port = free_port()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "deployer.gateway", "--port", str(port), "--routes-from",
+                                 redis_url, *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            wait_for_port(port, 30, proc)
+            yield port, proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
 @pytest.fixture(scope="module")
 def gateway(redis_client, triton, tmp_path_factory):
-    # The keys a gateway reads are global to the Redis; this module's gateway is the only one of the test run.
+    # The keys a gateway reads are global to the Redis; this module's gateway is the only one of the test run
+    # following database 0 (see the read-timeout test for another).
     stream = f"gateway:samples:test-{uuid.uuid4().hex[:8]}"
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("gw") / "gateway.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "deployer.gateway", "--port", str(port),
-                             "--routes-from", os.environ["REDIS_URL"], "--sample-rate", "0.5",
-                             "--sample-stream", stream, "--node-down-s", "30", "--routes-poll-s", "0.2"],
-                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_for_port(port, 30, proc)
-        yield {"port": port, "proc": proc, "stream": stream, "url": f"127.0.0.1:{port}"}
+        with _gateway_process(os.environ["REDIS_URL"], tmp_path_factory.mktemp("gw") / "gateway.log",
+                              "--sample-rate", "0.5", "--sample-stream", stream, "--node-down-s", "30",
+                              "--routes-poll-s", "0.2") as (port, proc):
+            yield {"port": port, "proc": proc, "stream": stream, "url": f"127.0.0.1:{port}"}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        log.close()
         redis_client.delete(stream)
 
 
@@ -211,9 +228,6 @@ def test_samples_of_inputs_and_outputs_reach_the_redis_stream(redis_client, gate
 
 
 def test_chunked_bodies_pipelined_requests_and_connection_close_are_handled(redis_client, gateway, triton):
-    import http.client
-    import socket
-
     _route(redis_client, gateway, triton, None)
     body = b'{"inputs":[{"name":"x","shape":[2],"datatype":"FP32","data":[3,4]}]}'
     conn = http.client.HTTPConnection("127.0.0.1", gateway["port"], timeout=5)
@@ -231,3 +245,105 @@ def test_chunked_bodies_pipelined_requests_and_connection_close_are_handled(redi
         while chunk := sock.recv(65536):
             received += chunk
     assert received.count(b"HTTP/1.1 200") == 2 and b'"data":[3.0,4.0]' in received
+
+
+class StuckUpstream:
+    """A model server that is stuck: it accepts connections and reads requests but never answers (or, for a
+    Triton model name containing "stall", sends a response head and the first bytes of the body, then
+    nothing). Runs its own event loop in a thread; counts connections and those the peer closed."""
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.closed_by_peer = 0
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._handle, "127.0.0.1", 0), self.loop).result(10)
+        self.addr = f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _handle(self, reader, writer) -> None:
+        self.accepted += 1
+        head = await reader.readuntil(b"\r\n\r\n")
+        if b"stall" in head.split(b"\r\n", 1)[0]:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"mod")
+        while await reader.read(65536):
+            pass
+        self.closed_by_peer += 1
+        writer.close()
+
+    def close(self) -> None:
+        async def stop() -> None:
+            self.server.close()
+            await self.server.wait_closed()
+
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def _wait_until(check, what: str, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s}s: {what}")
+        time.sleep(0.02)
+
+
+def test_a_stuck_upstream_gets_a_504_and_its_connection_is_dropped(redis_client, triton, tmp_path):
+    """A gateway of its own (--read-timeout-s 0.5), following a routing table in another Redis database,
+    so the module's gateway is left alone."""
+    import redis
+
+    url = os.environ["REDIS_URL"].rsplit("/", 1)[0] + "/1"
+    routes = redis.Redis.from_url(url)
+    stuck = StuckUpstream()
+    try:
+        with _gateway_process(url, tmp_path / "gateway.log", "--sample-rate", "0", "--read-timeout-s", "0.5",
+                              "--routes-poll-s", "0.2") as (port, _):
+            _stuck_upstream_checks(routes, stuck, port, triton)
+    finally:
+        stuck.close()
+        routes.delete(ROUTES_KEY, ROUTES_VERSION_KEY, INSTANCES_KEY)
+        routes.close()
+
+
+def _stuck_upstream_checks(routes, stuck: StuckUpstream, port: int, triton) -> None:
+    import tritonclient.http as triton_http
+
+    version = publish_routes(routes, {
+        "slow": {"stable": {"version": "7", "triton_model": "slow_v7", "nodes": [stuck.addr]}},
+        "half": {"stable": {"version": "3", "triton_model": "stall_v3", "nodes": [stuck.addr]}},
+        "echo": {"stable": {"version": "1", "triton_model": "echo_v1", "nodes": [triton.url]}}})
+    _wait_until(lambda: re.search(rf"^gateway_routes_version {version}(\.0)?$", _metrics(port), re.M),
+                "the gateway applies the table")
+    body = b'{"inputs":[{"name":"x","shape":[2],"datatype":"FP32","data":[1,2]}]}'
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+    for n in (1, 2):
+        conn.request("POST", "/v2/models/slow/infer", body=body)
+        resp = conn.getresponse()
+        assert resp.status == 504
+        assert "error" in json.loads(resp.read())
+        # the connection to the stuck server was closed, not pooled: the next request opens another
+        _wait_until(lambda n=n: stuck.closed_by_peer == n, "the gateway closes the stuck connection")
+        assert stuck.accepted == n
+    conn.close()
+    # a response that started and then stalled: the client has the head, then the connection ends
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(b"POST /v2/models/half/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+                     + body)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 200 OK\r\nx-model-version: 3\r\n") and received.endswith(b'{"mod')
+    _wait_until(lambda: stuck.closed_by_peer == 3, "the gateway closes the stalled connection")
+    text = _metrics(port)
+    assert 'gateway_request_errors_total{model="slow",reason="upstream_timeout",version="7"} 2.0' in text
+    assert 'gateway_request_errors_total{model="half",reason="upstream_timeout",version="3"} 1.0' in text
+    assert 'gateway_requests_in_flight{model="slow",version="7"} 0.0' in text
+    # the gateway goes on serving the models whose servers answer
+    client = triton_http.InferenceServerClient(f"127.0.0.1:{port}")
+    try:
+        assert _infer(client) == (1.0, "echo_v1")
+    finally:
+        client.close()
