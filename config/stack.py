@@ -267,6 +267,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     state = Path(args.state).resolve()
     stack = Stack(state)
     children: dict[str, subprocess.Popen[bytes]] = {}
+    demo: subprocess.Popen[bytes] | None = None
     stopping = False
 
     def stop_all(*_: object) -> None:
@@ -286,7 +287,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             capture_output=True, text=True, cwd=REPO,
         ).stdout.strip()
         port = int(os.environ.get("PLATFORM_PORT", "0")) or _preferred_port(8000)
-        values = {"python": _python(), "web_port": str(port), "state": str(state)}
+        gateway_port = int(os.environ.get("PLATFORM_GATEWAY_PORT", "0")) or _preferred_port(8080)
+        values = {"python": _python(), "web_port": str(port), "gateway_port": str(gateway_port), "state": str(state),
+                  "fleet_nodes": os.environ.get("PLATFORM_FLEET_NODES", "2")}
         for name, command in read_processes(values).items():
             log = open(state / "logs" / f"{name}.log", "ab")
             children[name] = subprocess.Popen(command, env=full_env, cwd=REPO, stdout=log, stderr=log,
@@ -295,9 +298,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         base = f"http://127.0.0.1:{port}"
         if not args.no_demo:
             manage({**env, "PLATFORM_BASE_URL": base}, "seed_demo")
+            # The rollout demo runs beside the platform (it waits for builds, then rolls versions out).
+            log = open(state / "logs" / "demo.log", "ab")
+            demo = subprocess.Popen([_python(), str(REPO / "manage.py"), "demo_rollouts", "--gateway",
+                                     f"127.0.0.1:{gateway_port}"], env=full_env, cwd=REPO, stdout=log, stderr=log,
+                                    start_new_session=True)
         print(f"\nThe platform is up: {base}/", flush=True)
         print(admin_line, flush=True)
         print(f"MLflow clients: MLFLOW_TRACKING_URI={base}  MLFLOW_TRACKING_TOKEN=<a token from {base}/tokens/>")
+        print(f"Inference gateway (KServe v2 / Triton HTTP): http://127.0.0.1:{gateway_port}/v2/models/<model>/infer")
+        if demo is not None:
+            print(f"Demo rollouts: watch {base}/deployments/ (progress in {state / 'logs' / 'demo.log'})")
         print(f"Logs: {state / 'logs'}   Ctrl-C stops everything.", flush=True)
         while not stopping:
             for name, proc in list(children.items()):
@@ -311,6 +322,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     finally:
         print("\nStopping...", flush=True)
+        if demo is not None and demo.poll() is None:
+            demo.terminate()
         for proc in children.values():
             if proc.poll() is None:
                 proc.terminate()

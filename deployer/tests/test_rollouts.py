@@ -15,7 +15,8 @@ from deployer import services
 from deployer.fleet_local import read_nodes
 from deployer.gateway.routing import load_routes
 from deployer.models import Deployment, Endpoint, RolloutStatus
-from deployer.tests.conftest import Load, wait_until
+from deployer.testing import Load
+from deployer.tests.conftest import wait_until
 from registry import mlflow_store
 from registry.audit import SYSTEM
 from registry.models import AuditEvent

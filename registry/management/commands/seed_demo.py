@@ -11,7 +11,7 @@ from registry.services import version_register_from_archive
 DEMO_MODEL = "digits-classifier"
 
 
-def train_demo_model(into: Path) -> Path:
+def train_demo_model(into: Path, hidden: tuple[int, ...] = (64,)) -> Path:
     """A small scikit-learn classifier on the digits data set that ships with scikit-learn."""
     import mlflow.sklearn
     from mlflow.models import infer_signature
@@ -23,7 +23,7 @@ def train_demo_model(into: Path) -> Path:
 
     X, y = load_digits(return_X_y=True)
     X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.25, random_state=0)
-    mlp = MLPClassifier(hidden_layer_sizes=(64,), max_iter=300, random_state=0)
+    mlp = MLPClassifier(hidden_layer_sizes=hidden, max_iter=300, random_state=0)
     model = make_pipeline(StandardScaler(), mlp).fit(X_train, y_train)
     folder = into / "model"
     # skops (MLflow's default for scikit-learn) asks which types to trust on load: this one we made.

@@ -1,0 +1,111 @@
+"""Support for the deployer's tests and benchmarks (bench/rollback): versions whose engines are the
+fault-injectable echo model, and a constant client load through the gateway that records every answer."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deployer.gateway.echo_model import write_echo_model
+
+
+def echo_version(model: str, archive: Path, factor: float, workdir: Path, fault_file: Path | None = None) -> Any:
+    """A ready version of `model` whose kept cpu/fp32 engine is the echo model multiplying by `factor`
+    (failing or slow while `fault_file` holds a fault), stored in MLflow's artifact store like a real build."""
+    from pipelines.models import BuildStatus, EngineBuild
+    from registry import mlflow_store
+    from registry.audit import SYSTEM
+    from registry.models import ModelVersion, VersionStatus
+    from registry.services import version_register_from_archive
+
+    version = version_register_from_archive(SYSTEM, model, archive)
+    # Granted directly: validation and engine builds are tested in registry/ and pipelines/.
+    ModelVersion.objects.filter(pk=version.pk).update(status=VersionStatus.READY)
+    triton_model = f"{model}_v{version.version}_cpu-fp32-onnxruntime"
+    key = f"echo-{model}-{version.version}"
+    entry_root = workdir / key
+    write_echo_model(entry_root / "python", triton_model, factor, fault_file=fault_file)
+    uri = f"mlflow-artifacts:/engines/{key}"
+    mlflow_store.upload_artifacts(entry_root, uri, "triton")
+    EngineBuild.objects.create(version=version, target="cpu", precision="fp32", runtime="onnxruntime",
+                               content_key=key, status=BuildStatus.SUCCEEDED, engine_uri=uri,
+                               io={"triton_model_name": triton_model})
+    version.refresh_from_db()
+    return version
+
+
+@dataclass
+class Load:
+    """Client threads sending inference requests to the gateway back to back, recording each outcome:
+    (status, the version that answered, factor seen)."""
+
+    port: int
+    model: str
+    threads: int = 3
+    pause_s: float = 0.004
+    outcomes: Counter[tuple[int, str, float]] = field(default_factory=Counter)
+    failures: list[tuple[int, str, str]] = field(default_factory=list)  # (status, version, detail)
+    stopping: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    workers: list[threading.Thread] = field(default_factory=list)
+    last_answer: dict[str, float] = field(default_factory=dict)  # version -> time.monotonic() of its last answer
+
+    def __enter__(self) -> Load:
+        for i in range(self.threads):
+            t = threading.Thread(target=self._run, name=f"load-{i}", daemon=True)
+            t.start()
+            self.workers.append(t)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        for t in self.workers:
+            t.join(30)
+
+    def _run(self) -> None:
+        body = json.dumps({"inputs": [{"name": "x", "shape": [3], "datatype": "FP32", "data": [1.0, 2.0, 3.0]}]})
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        while not self.stopping.is_set():
+            try:
+                conn.request("POST", f"/v2/models/{self.model}/infer", body, {"content-type": "application/json"})
+                resp = conn.getresponse()
+                data = resp.read()
+                version = resp.getheader("x-model-version") or ""
+                factor = 0.0
+                if resp.status == 200:
+                    factor = float(json.loads(data)["outputs"][0]["data"][0])
+                with self.lock:
+                    self.outcomes[(resp.status, version, factor)] += 1
+                    self.last_answer[version] = time.monotonic()
+                    if resp.status != 200:
+                        self.failures.append((resp.status, version, data[:200].decode(errors="replace")))
+            except (OSError, http.client.HTTPException, ValueError, KeyError) as exc:
+                with self.lock:
+                    self.failures.append((0, "", f"client error: {exc!r}"))
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+            self.stopping.wait(self.pause_s)
+        conn.close()
+
+    def total(self) -> int:
+        with self.lock:
+            return sum(self.outcomes.values())
+
+    def by_version(self, status: int = 200) -> dict[str, int]:
+        with self.lock:
+            out: Counter[str] = Counter()
+            for (s, version, _), n in self.outcomes.items():
+                if s == status:
+                    out[version] += n
+            return dict(out)
+
+    def failed_outside(self, version: str | None = None) -> list[tuple[int, str, str]]:
+        """Failures not returned by `version` itself: connection errors, errors of other versions, no route."""
+        with self.lock:
+            return [f for f in self.failures if version is None or f[1] != version]
