@@ -99,9 +99,10 @@ def triton_figures(text: str, triton_models: set[str]) -> dict[str, Figures]:
             if name not in triton_models:
                 continue
             figures = out.setdefault(name, Figures())
-            if s.name == "nv_inference_request_success":
+            sample = s.name.removesuffix("_total")  # the parser names counter samples <name>_total
+            if sample == "nv_inference_request_success":
                 figures.requests += s.value
-            elif s.name == "nv_inference_request_failure":
+            elif sample == "nv_inference_request_failure":
                 figures.requests += s.value
                 figures.errors += s.value
     return out
