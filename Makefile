@@ -39,11 +39,13 @@ bench: install
 	$(BIN)/python -m config.stack --state $(STATE)/bench exec --fresh -- $(BIN)/python -m bench.registry
 	$(BIN)/python -m bench.engines
 	$(BIN)/python -m config.stack --state $(STATE)/bench exec --fresh -- $(BIN)/python -m bench.gateway
+	$(BIN)/python -m config.stack --state $(STATE)/bench exec --fresh -- $(BIN)/python -m bench.rollback
 
 bench-quick: install
 	$(BIN)/python -m config.stack --state $(STATE)/bench exec --fresh -- $(BIN)/python -m bench.registry --quick
 	$(BIN)/python -m bench.engines --quick
 	$(BIN)/python -m config.stack --state $(STATE)/bench exec --fresh -- $(BIN)/python -m bench.gateway --quick
+	$(BIN)/python -m config.stack --state $(STATE)/bench exec --fresh -- $(BIN)/python -m bench.rollback --quick
 
 clean:
 	rm -rf $(STATE)/test $(STATE)/bench $(STATE)/lint
