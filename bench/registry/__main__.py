@@ -143,7 +143,9 @@ def platform_web_command(port: int, state: Path) -> tuple[list[str], int]:
     """The production `web` line of platform/processes.conf, and its number of workers."""
     from config.stack import read_processes
 
-    command = read_processes({"python": sys.executable, "web_port": str(port), "state": str(state)})["web"]
+    # Only the web line is used; the other lines' placeholders get values that are never run.
+    command = read_processes({"python": sys.executable, "web_port": str(port), "state": str(state),
+                              "gateway_port": "0", "fleet_nodes": "0"})["web"]
     workers = int(command[command.index("--workers") + 1]) if "--workers" in command else 1
     return command, workers
 
