@@ -7,6 +7,7 @@ from typing import Any, cast
 from django import forms
 from django.conf import settings
 
+from pipelines.models import Target
 from registry import archives
 from registry.roles import Role
 
@@ -104,3 +105,69 @@ class AuditFilterForm(forms.Form):
     action = forms.CharField(required=False, widget=forms.TextInput(attrs={"placeholder": "e.g. version."}))
     target = forms.CharField(required=False, widget=forms.TextInput(attrs={"placeholder": "e.g. my-model/3"}))
     actor = forms.CharField(required=False, widget=forms.TextInput(attrs={"placeholder": "username"}))
+
+
+def parse_steps(text: str) -> list[int]:
+    """`10, 25, 50` (or spaces, or `%` signs) as a list of whole percents; the service checks the rest."""
+    steps = []
+    for raw in text.replace(",", " ").replace("%", " ").split():
+        try:
+            steps.append(int(raw))
+        except ValueError as exc:
+            raise forms.ValidationError(f"“{raw}” is not a whole percent; write e.g. 10, 25, 50") from exc
+    if not steps:
+        raise forms.ValidationError("Give at least one canary traffic weight, e.g. 10, 25, 50")
+    return steps
+
+
+class DeploymentForm(forms.Form):
+    """What a rollout needs. Empty numbers take the platform's defaults, shown as placeholders."""
+
+    model = forms.CharField(max_length=128, widget=forms.TextInput(attrs={"autocomplete": "off",
+                                                                          "list": "model-names"}))
+    version = forms.IntegerField(min_value=1, help_text="Only ready versions with a built engine can be deployed.")
+    target = forms.ChoiceField(choices=Target.choices, initial=Target.CPU,
+                               help_text="The hardware the canary is served on.")
+    steps = forms.CharField(
+        label="Canary steps (% of traffic)", max_length=200,
+        help_text="Increasing percents; the canary holds each step while it is analysed.",
+    )
+    step_interval_s = forms.IntegerField(label="Seconds per step", min_value=1, required=False)
+    bake_s = forms.IntegerField(label="Bake time on the last step (s)", min_value=0, required=False)
+    max_p99_ms = forms.FloatField(label="Max p99 latency (ms)", min_value=0.001, required=False,
+                                  help_text="A canary slower than this at the 99th percentile is rolled back.")
+    max_error_rate_pct = forms.FloatField(label="Max error rate (%)", min_value=0, max_value=100, required=False,
+                                          help_text="A canary failing more requests than this is rolled back.")
+    min_requests = forms.IntegerField(label="Min canary requests per window", min_value=1, required=False,
+                                      help_text="Fewer requests than this and a window is not judged a pass.")
+    require_approval = forms.BooleanField(
+        label="Require approval", required=False,
+        help_text="Wait on the last step until a release manager promotes it, instead of promoting by itself.",
+    )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        defaults = settings.PLATFORM
+        self.fields["steps"].initial = ", ".join(str(s) for s in defaults["ROLLOUT_STEPS"])
+        placeholders = {
+            "step_interval_s": defaults["ROLLOUT_STEP_INTERVAL_S"], "bake_s": defaults["ROLLOUT_BAKE_S"],
+            "max_p99_ms": defaults["ROLLOUT_MAX_P99_MS"], "min_requests": defaults["ROLLOUT_MIN_REQUESTS"],
+            "max_error_rate_pct": f"{defaults['ROLLOUT_MAX_ERROR_RATE'] * 100:g}",
+        }
+        for name, value in placeholders.items():
+            self.fields[name].widget.attrs["placeholder"] = f"{value:g}" if isinstance(value, float) else str(value)
+
+    def clean_model(self) -> str:
+        return str(self.cleaned_data["model"]).strip()
+
+    def clean_steps(self) -> list[int]:
+        return parse_steps(self.cleaned_data.get("steps") or "")
+
+    def limits(self) -> dict[str, Any]:
+        """The service's keyword arguments: only what was given, the error rate as a fraction."""
+        data = self.cleaned_data
+        given = {name: data[name] for name in ("target", "steps", "step_interval_s", "bake_s", "max_p99_ms",
+                                               "min_requests", "require_approval") if data.get(name) is not None}
+        if data.get("max_error_rate_pct") is not None:
+            given["max_error_rate"] = data["max_error_rate_pct"] / 100
+        return given

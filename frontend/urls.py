@@ -19,4 +19,11 @@ urlpatterns = [
     path("tokens/", views.tokens, name="tokens"),
     path("tokens/<int:token_id>/revoke/", views.token_revoke_view, name="token-revoke"),
     path("audit/", views.audit, name="audit"),
+    path("deployments/", views.deployment_list, name="deployment-list"),
+    path("deployments/live/", views.deployment_list_live, name="deployment-list-live"),
+    path("deployments/new/", views.deployment_new, name="deployment-new"),
+    path("deployments/<int:deployment_id>/", views.deployment_detail, name="deployment-detail"),
+    path("deployments/<int:deployment_id>/live/", views.deployment_live, name="deployment-live"),
+    path("deployments/<int:deployment_id>/points/", views.deployment_points, name="deployment-points"),
+    path("deployments/<int:deployment_id>/<str:action>/", views.deployment_action, name="deployment-action"),
 ]

@@ -19,16 +19,18 @@ from django.contrib.auth.views import redirect_to_login
 from django.core.files.uploadedfile import UploadedFile
 from django.core.paginator import Page, Paginator
 from django.db.models import OuterRef, Subquery
-from django.http import HttpRequest, HttpResponse, HttpResponseBase
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBase, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render, resolve_url
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from frontend.forms import AuditFilterForm, RegisterForm, TokenForm
+from deployer import services as deploy_services
+from deployer.models import ACTIVE_ROLLOUT_STATES, Deployment, Endpoint, RolloutStatus
+from frontend.forms import AuditFilterForm, DeploymentForm, RegisterForm, TokenForm
 from pipelines.models import TERMINAL_BUILD_STATES, BuildStatus, EngineBuild
 from pipelines.services import engine_builds_request, planned_variants
 from registry import archives, selectors, services
 from registry.audit import Actor
-from registry.models import ApiToken, ModelVersion, RegisteredModel, VersionStatus
+from registry.models import ApiToken, AuditEvent, ModelVersion, RegisteredModel, VersionStatus
 from registry.roles import CAPABILITIES, Cap, Role, roles_allow
 from registry.tokens import TokenError, token_create, token_revoke, user_roles
 
@@ -124,7 +126,11 @@ def _versions_context(request: HttpRequest, model: RegisteredModel) -> dict[str,
 @page_needs(Cap.MODEL_READ)
 def model_detail(request: HttpRequest, name: str) -> HttpResponse:
     model = get_object_or_404(RegisteredModel, name=name)
-    return render(request, "frontend/model_detail.html", _versions_context(request, model))
+    context = _versions_context(request, model)
+    context["endpoint"] = Endpoint.objects.filter(model=model).select_related("stable_version").first()
+    context["rollout"] = Deployment.objects.filter(model=model, status__in=ACTIVE_ROLLOUT_STATES).select_related(
+        "version").first()
+    return render(request, "frontend/model_detail.html", context)
 
 
 @require_GET
@@ -144,8 +150,6 @@ def _version(name: str, number: int) -> ModelVersion:
     model = get_object_or_404(RegisteredModel, name=name)
     version = selectors.version_get(model, number)
     if version is None:
-        from django.http import Http404
-
         raise Http404(f"model {name!r} has no version {number}")
     return version
 
@@ -347,3 +351,187 @@ def audit(request: HttpRequest) -> HttpResponse:
         "page": paginate(request, selectors.audit_list(**filters), AUDIT_PER_PAGE),
     }
     return render(request, "frontend/audit.html", context)
+
+
+# ---- deployments --------------------------------------------------------------------------------
+
+DEPLOYMENTS_PER_PAGE = 20
+CHART_POINTS = 300  # the last 10 minutes at the default 2 s analysis tick
+
+
+def _deployments() -> Any:
+    return Deployment.objects.select_related("model", "version", "previous_version", "engine", "requested_by",
+                                             "decided_by")
+
+
+def _deployment(deployment_id: int) -> Deployment:
+    return get_object_or_404(_deployments(), pk=deployment_id)
+
+
+def _deployment_list_context(request: HttpRequest) -> dict[str, Any]:
+    show = "active" if request.GET.get("show") == "active" else "all"
+    active = list(_deployments().filter(status__in=ACTIVE_ROLLOUT_STATES))
+    canary_of = {d.model_id: d for d in active}
+    endpoints = [(ep, canary_of.get(ep.model_id))
+                 for ep in Endpoint.objects.select_related("model", "stable_version").order_by("model__name")]
+    found = _deployments().order_by("-created_at", "-id")
+    if show == "active":
+        found = found.filter(status__in=ACTIVE_ROLLOUT_STATES)
+    return {
+        "endpoints": endpoints, "page": paginate(request, found, DEPLOYMENTS_PER_PAGE), "show": show,
+        "active_count": len(active), "total_count": Deployment.objects.count(),
+        "polling": bool(active), "poll_seconds": POLL_SECONDS,
+    }
+
+
+@require_GET
+@page_needs(Cap.DEPLOY_READ)
+def deployment_list(request: HttpRequest) -> HttpResponse:
+    return render(request, "frontend/deployment_list.html", _deployment_list_context(request))
+
+
+@require_GET
+@page_needs(Cap.DEPLOY_READ)
+def deployment_list_live(request: HttpRequest) -> HttpResponse:
+    """The deployments page's live part alone (what serves each model, the deployments), for its poll."""
+    return render(request, "frontend/_deployments_live.html", _deployment_list_context(request))
+
+
+def _history(d: Deployment) -> list[AuditEvent]:
+    return list(AuditEvent.objects.filter(target_type="deployment", target_id=str(d.pk)).order_by("-at", "-id"))
+
+
+def _actions(request: HttpRequest, d: Deployment) -> list[dict[str, str]]:
+    """The buttons this person may press on this deployment now, each with its confirm question."""
+    mine = user_roles(request.user)
+    label = f"{d.model.name} v{d.version.version}"
+    shown = []
+    for name, (capability, _, _) in DEPLOYMENT_ACTIONS.items():
+        if not roles_allow(mine, capability) or d.status not in ACTION_STATES[name]:
+            continue
+        if name == "promote" and d.step_index < 0:
+            continue  # not taking traffic yet: the service would refuse
+        text = {
+            "pause": ("Pause", f"Pause the rollout of {label}? The canary keeps its current weight and is still "
+                               "rolled back if it fails."),
+            "resume": ("Resume", f"Resume the rollout of {label}?"),
+            "promote": ("Approve and promote" if d.status == RolloutStatus.AWAITING_APPROVAL else "Promote now",
+                        f"Make {label} the stable version now? All traffic moves to it."),
+            "abort": ("Abort and roll back", f"Abort the rollout of {label}? All traffic goes back to the stable "
+                                             "version and the canary is unloaded."),
+        }[name]
+        shown.append({"name": name, "label": text[0], "confirm": text[1]})
+    return shown
+
+
+def _deployment_context(request: HttpRequest, d: Deployment) -> dict[str, Any]:
+    steps = []
+    for i, weight in enumerate(d.steps):
+        if d.status == RolloutStatus.PROMOTED or i < d.step_index:
+            state = "done"
+        elif i == d.step_index:
+            state = "failed" if d.status == RolloutStatus.ROLLED_BACK else "current" if d.is_active else "done"
+        else:
+            state = "pending"
+        steps.append({"weight": weight, "state": state})
+    return {
+        "d": d, "steps": steps, "actions": _actions(request, d), "history": _history(d),
+        "analysis": d.analysis if isinstance(d.analysis, dict) else {},
+        "polling": d.is_active, "poll_seconds": POLL_SECONDS,
+    }
+
+
+@require_GET
+@page_needs(Cap.DEPLOY_READ)
+def deployment_detail(request: HttpRequest, deployment_id: int) -> HttpResponse:
+    return render(request, "frontend/deployment_detail.html", _deployment_context(request, _deployment(deployment_id)))
+
+
+@require_GET
+@page_needs(Cap.DEPLOY_READ)
+def deployment_live(request: HttpRequest, deployment_id: int) -> HttpResponse:
+    """The deployment page's live part alone (state, steps, analysis, buttons), for its poll; the history
+    below the charts comes along as an htmx partial."""
+    context = _deployment_context(request, _deployment(deployment_id))
+    context["oob_history"] = True
+    return render(request, "frontend/_deployment_live.html", context)
+
+
+@require_GET
+@page_needs(Cap.DEPLOY_READ)
+def deployment_points(request: HttpRequest, deployment_id: int) -> JsonResponse:
+    """The charts' data: one row per analysis window, oldest first, and the thresholds to draw."""
+    d = _deployment(deployment_id)
+    fields = ["at", "weight", "outcome", "canary_requests", "canary_error_rate", "canary_p99_ms", "stable_requests",
+              "stable_error_rate", "stable_p99_ms"]
+    points = list(d.points.order_by("-at").values(*fields)[:CHART_POINTS])[::-1]
+    for point in points:
+        point["at"] = point["at"].timestamp()
+    return JsonResponse({
+        "active": d.is_active, "poll_seconds": POLL_SECONDS, "max_p99_ms": d.max_p99_ms,
+        "max_error_rate": d.max_error_rate, "canary": f"v{d.version.version}",
+        "stable": f"v{d.previous_version.version}" if d.previous_version else None, "points": points,
+    })
+
+
+DEPLOYMENT_ACTIONS: dict[str, tuple[str, Callable[[Actor, Deployment], Deployment], str]] = {
+    "pause": (Cap.DEPLOY_CONTROL, deploy_services.deployment_pause, "Paused"),
+    "resume": (Cap.DEPLOY_CONTROL, deploy_services.deployment_resume, "Resumed"),
+    "promote": (Cap.DEPLOY_PROMOTE, deploy_services.deployment_promote, "Promoted"),
+    "abort": (Cap.DEPLOY_CONTROL, deploy_services.deployment_abort, "Aborted"),
+}
+# When each button is offered (the state machine in deployer.models allows these moves).
+ACTION_STATES: dict[str, set[str]] = {
+    "pause": {RolloutStatus.PENDING, RolloutStatus.PROGRESSING, RolloutStatus.AWAITING_APPROVAL},
+    "resume": {RolloutStatus.PAUSED},
+    "promote": {RolloutStatus.PROGRESSING, RolloutStatus.PAUSED, RolloutStatus.AWAITING_APPROVAL},
+    "abort": set(ACTIVE_ROLLOUT_STATES),
+}
+
+
+@require_POST
+@page_needs(Cap.DEPLOY_READ)
+def deployment_action(request: HttpRequest, deployment_id: int, action: str) -> HttpResponse:
+    if action not in DEPLOYMENT_ACTIONS:
+        raise Http404(f"no action {action!r}")
+    capability, act, done = DEPLOYMENT_ACTIONS[action]
+    if not roles_allow(user_roles(request.user), capability):
+        return forbidden(request, capability)
+    d = _deployment(deployment_id)
+    label = f"the rollout of {d.model.name} v{d.version.version}"
+    try:
+        act(Actor(request.user, "web"), d)
+    except services.RegistryError as exc:
+        messages.error(request, f"Could not {action} {label}: {exc}")
+    else:
+        messages.success(request, f"{done} {label}.")
+    return redirect("frontend:deployment-detail", deployment_id=d.pk)
+
+
+@require_http_methods(["GET", "POST"])
+@page_needs(Cap.DEPLOY_CREATE)
+def deployment_new(request: HttpRequest) -> HttpResponse:
+    status = 200
+    if request.method == "POST":
+        form = DeploymentForm(request.POST)
+        status = 400
+        if form.is_valid():
+            model = RegisteredModel.objects.filter(name=form.cleaned_data["model"]).first()
+            if model is None:
+                form.add_error("model", f"There is no model named “{form.cleaned_data['model']}”.")
+            else:
+                try:
+                    d = deploy_services.deployment_create(Actor(request.user, "web"), model,
+                                                          form.cleaned_data["version"], **form.limits())
+                except services.RegistryError as exc:
+                    form.add_error(None, str(exc))
+                    status = exc.status_code
+                else:
+                    messages.success(request, f"Started deploying {model.name} v{d.version.version}: the canary "
+                                              "is being loaded. This page follows it.")
+                    return redirect("frontend:deployment-detail", deployment_id=d.pk)
+    else:
+        form = DeploymentForm(initial={"model": request.GET.get("model", ""), "version": request.GET.get("version")})
+    context = {"form": form, "model_names": list(RegisteredModel.objects.order_by("name")
+                                                 .values_list("name", flat=True)[:500])}
+    return render(request, "frontend/deployment_new.html", context, status=status)

@@ -65,7 +65,7 @@ def test_a_data_scientist_uploads_a_model_and_watches_it_become_ready(platform_s
     # The vendored assets loaded from this site: htmx is defined and the stylesheet applied.
     assert page.evaluate("typeof htmx") == "object"
     assert page.evaluate("getComputedStyle(document.body).backgroundColor") == "rgb(245, 246, 250)"
-    assert page.locator(".nav-links").inner_text().split() == ["Models", "Register", "Tokens", "API"]
+    assert page.locator(".nav-links").inner_text().split() == ["Models", "Deployments", "Register", "Tokens", "API"]
 
     # Register: upload the archive for a new model name.
     page.fill("#id_name", unique_name)
@@ -288,3 +288,117 @@ def test_engine_builds_appear_and_follow_a_real_build_live(platform_server, brow
     assert page.locator("#engines[hx-trigger]").count() == 1
     other.refresh_from_db()
     assert other.status == BuildStatus.QUEUED and other.error == ""
+
+
+def test_a_release_manager_follows_a_canary_on_its_charts_then_pauses_and_aborts_it(platform_server, browser_page,
+                                                                                      make_user, unique_name):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from deployer.models import AnalysisPoint, Deployment, Endpoint, RolloutStatus
+    from deployer.services import deployment_transition
+    from pipelines.models import EngineBuild
+    from registry.models import RegisteredModel
+
+    page = browser_page
+    user = make_user(Role.RELEASE_MANAGER, password=PASSWORD)
+    ARTIFACTS.mkdir(exist_ok=True)
+    model = RegisteredModel.objects.create(name=unique_name, latest_version=2, version_count=2)
+    versions, engines = [], []
+    for number in (1, 2):
+        version = ModelVersion.objects.create(model=model, version=number, status="ready", source="x", origin="test")
+        versions.append(version)
+        engines.append(EngineBuild.objects.create(
+            version=version, target="cpu", precision="fp32", runtime="onnxruntime",
+            content_key=f"{unique_name}-{number}", status="succeeded", engine_uri="mlflow-artifacts:/x",
+            io={"triton_model_name": f"{unique_name}_v{number}"}))
+    Endpoint.objects.create(model=model, stable_version=versions[0], stable_engine=engines[0],
+                            stable_triton_model=f"{unique_name}_v1")
+    d = Deployment.objects.create(
+        model=model, version=versions[1], engine=engines[1], triton_model=f"{unique_name}_v2",
+        previous_version=versions[0], steps=[10, 25, 50], step_index=1, weight=25, max_p99_ms=80.0,
+        max_error_rate=0.02, status=RolloutStatus.PROGRESSING,
+        analysis={"outcome": "pass", "reason": "52 canary requests, error rate 0.0%, p99 41.0 ms",
+                  "canary_requests": 52, "canary_error_rate": 0.0, "canary_p99_ms": 41.0, "stable_requests": 160,
+                  "stable_error_rate": 0.0, "stable_p99_ms": 35.0, "window_s": 10.0, "at": timezone.now().isoformat()})
+    start = timezone.now() - timedelta(seconds=80)
+    for i in range(40):
+        AnalysisPoint.objects.create(
+            deployment=d, at=start + timedelta(seconds=2 * i), weight=10 if i < 20 else 25, outcome="pass",
+            canary_requests=20 + i, canary_error_rate=0.004 * (i % 5), canary_p99_ms=30.0 + (i % 7) * 3,
+            stable_requests=150, stable_error_rate=0.002 * (i % 3), stable_p99_ms=28.0 + (i % 4) * 2)
+
+    _sign_in(page, platform_server, user.username)
+    page.click(".nav-links >> text=Deployments")
+    page.wait_for_url(f"{platform_server}/deployments/")
+    serving = page.locator(f"#endpoints tr[data-model='{unique_name}']")
+    assert "v1" in serving.inner_text() and "25%" in serving.inner_text()
+    page.screenshot(path=str(ARTIFACTS / "ui-deployments.png"), full_page=True)
+    page.click(f"#deployment-table tr[data-deployment='{d.pk}'] a.strong")
+    page.wait_for_url(f"{platform_server}/deployments/{d.pk}/")
+
+    # The three charts drew from the vendored uPlot: every window, the canary's line in its colour.
+    charts = page.locator("#deployment-charts")
+    page.locator("#deployment-charts[data-points='40']").wait_for()
+    assert page.evaluate("typeof uPlot") == "function"
+    for chart in ("chart-latency", "chart-errors", "chart-weight"):
+        assert page.locator(f"#{chart} .uplot canvas").count() == 1, chart
+    canary_pixels = page.evaluate("""() => {
+        const canvas = document.querySelector('#chart-latency canvas');
+        const px = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+        let n = 0;
+        for (let i = 0; i < px.length; i += 4) {
+            if (Math.abs(px[i] - 217) < 30 && Math.abs(px[i + 1] - 119) < 30 && px[i + 2] < 60 && px[i + 3] > 200) n++;
+        }
+        return n;
+    }""")
+    assert canary_pixels > 100, canary_pixels
+    legend = page.locator("#chart-latency .u-legend").inner_text()
+    assert "stable v1" in legend and "canary v2" in legend and "limit" in legend
+    assert "Healthy: 52 canary requests" in page.locator("#deployment-analysis").inner_text()
+
+    # A new analysis window appears on the charts by itself.
+    AnalysisPoint.objects.create(deployment=d, at=timezone.now(), weight=25, outcome="pass", canary_requests=60,
+                                 canary_p99_ms=44.0, stable_requests=150, stable_p99_ms=30.0)
+    page.locator("#deployment-charts[data-points='41']").wait_for(timeout=15_000)
+
+    # The reconciler takes the next step: the state, the traffic bar and the history follow, no reload.
+    page.evaluate("window.notReloaded = true")
+    deployment_transition(d.pk, RolloutStatus.PROGRESSING, only_from={RolloutStatus.PROGRESSING}, step_index=2,
+                          weight=50, step_started_at=timezone.now(), reason="step 2 passed: 61 canary requests")
+    page.locator("#canary-weight", has_text="50%").wait_for(timeout=15_000)
+    page.locator("#deployment-history tr[data-action='deployment.progressing']").wait_for(timeout=15_000)
+    assert "step 2 passed: 61 canary requests" in page.locator("#deployment-history").inner_text()
+    assert page.locator(".rollout-steps .step-current").inner_text().endswith("50%")
+    assert page.evaluate("window.notReloaded") is True
+    assert page.locator("#chart-latency .uplot canvas").count() == 1  # the charts were left in place
+    page.screenshot(path=str(ARTIFACTS / "ui-deployment.png"), full_page=True)
+
+    # Pause asks first, then the page shows the paused state; Resume replaces the Pause button.
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#deployment-actions button[data-action='pause']")
+    page.locator("#deployment-status .badge-paused").wait_for()
+    assert "Paused the rollout" in page.locator(".messages").inner_text()
+    assert page.locator("#deployment-actions button[data-action='resume']").is_visible()
+    assert page.locator("#deployment-actions button[data-action='pause']").count() == 0
+
+    # Dismissing the question sends nothing.
+    page.once("dialog", lambda dialog: dialog.dismiss())
+    page.click("#deployment-actions button[data-action='abort']")
+    page.wait_for_timeout(500)
+    d.refresh_from_db()
+    assert d.status == RolloutStatus.PAUSED
+
+    # Abort: rolled back, and the page and its charts stop refreshing.
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#deployment-actions button[data-action='abort']")
+    page.locator("#deployment-status .badge-rolled_back").wait_for()
+    d.refresh_from_db()
+    assert d.status == RolloutStatus.ROLLED_BACK and d.decided_by == user
+    assert page.locator("#deployment-live[hx-trigger]").count() == 0
+    page.locator("#deployment-charts[data-live='false']").wait_for()
+    assert charts.get_attribute("data-points") == "41"
+    history = page.locator("#deployment-history").inner_text()
+    assert "Rolled back" in history and "Paused" in history and user.username in history
+    page.screenshot(path=str(ARTIFACTS / "ui-deployment-rolled-back.png"), full_page=True)

@@ -27,6 +27,13 @@ STATUS_HINTS = {
     "succeeded": "Built, passed the parity gate and stored",
     "rejected": "Built, but missed the parity gate; kept as evidence, not for serving",
     "failed": "Could not be built; see the error and the log",
+    # rollouts
+    "pending": "The canary is being loaded onto the fleet; it takes no traffic yet",
+    "progressing": "The canary takes a step of traffic at a time while it is analysed",
+    "paused": "Held at its current traffic share until someone resumes it; a failing canary is still rolled back",
+    "awaiting_approval": "Every step passed; a release manager must promote it",
+    "promoted": "The canary became the stable version",
+    "rolled_back": "All traffic went back to the stable version; the canary was unloaded",
 }
 
 
@@ -264,3 +271,74 @@ def toolchain_line(toolchain: Any) -> str:
 @register.filter
 def line_count(text: str) -> int:
     return len(text.splitlines()) if text else 0
+
+
+# ---- deployments --------------------------------------------------------------------------------
+
+@register.filter
+def percent(value: Any) -> str:
+    """A fraction as a percent: 0.01 -> 1%, 0.0025 -> 0.25%."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return "—"
+    return f"{value * 100:.3g}%"
+
+
+@register.filter
+def ms(value: Any) -> str:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return "—"
+    return f"{value:.4g} ms"
+
+
+@register.filter
+def traffic_rest(weight: Any) -> int:
+    return 100 - int(weight or 0)
+
+
+@register.filter
+def iso_ago(value: Any) -> str:
+    try:
+        return ago(datetime.fromisoformat(str(value)))
+    except ValueError:
+        return ""
+
+
+VERDICT_WORDS = {"pass": "Healthy", "fail": "Failing", "wait": "Not enough traffic yet"}
+
+
+@register.filter
+def verdict_word(outcome: str) -> str:
+    return VERDICT_WORDS.get(outcome, outcome)
+
+
+@register.filter
+def history_word(action: str) -> str:
+    """`deployment.paused` -> `Paused`: an audit action of a deployment, in words."""
+    from deployer.models import RolloutStatus
+
+    if action == "deployment.create":
+        return "Started"
+    return dict(RolloutStatus.choices).get(action.removeprefix("deployment."), action)
+
+
+@register.filter
+def rollout_sentence(d: Any) -> str:
+    """Where a rollout stands, in one sentence."""
+    canary = f"v{d.version.version}"
+    stable = f"v{d.previous_version.version}" if d.previous_version else None
+    if d.status == "pending":
+        return f"Loading {canary} onto the fleet; it takes no traffic yet."
+    if d.status == "progressing":
+        return (f"Canary {canary} takes {d.weight}% of traffic (step {d.step_index + 1} of {len(d.steps)}) "
+                "while it is analysed.")
+    if d.status == "paused":
+        if d.step_index < 0:
+            return "Paused before the canary took any traffic; resume to go on."
+        return f"Paused with {canary} at {d.weight}% of traffic; no further step until it is resumed."
+    if d.status == "awaiting_approval":
+        return f"Every step passed; {canary} waits for a release manager to approve and promote it."
+    if d.status == "promoted":
+        return f"{canary} is now the stable version of {d.model.name}."
+    if d.status == "rolled_back":
+        return f"Rolled back: all traffic is on {stable} again." if stable else "Rolled back: the canary was removed."
+    return str(d.status)

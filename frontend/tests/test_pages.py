@@ -96,6 +96,7 @@ def test_a_403_on_post_registers_nothing(browser_as, unique_name):
 @pytest.mark.django_db
 def test_the_nav_shows_only_links_the_person_may_use(browser_as):
     scientist = browser_as(Role.DATA_SCIENTIST).get("/").content.decode()
+    assert 'href="/deployments/"' in scientist  # everyone may watch rollouts
     assert 'href="/register/"' in scientist
     assert 'href="/audit/"' not in scientist
     assert "data_scientist" in scientist
