@@ -11,11 +11,10 @@ from rest_framework import serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from deployer import services
+from deployer import selectors, services
 from deployer.models import ACTIVE_ROLLOUT_STATES, AnalysisPoint, Deployment, Endpoint, RolloutStatus
 from pipelines.models import Target
 from registry.api.views import BaseView, actor_of, model_or_404
-from registry.models import AuditEvent
 from registry.roles import Cap
 
 
@@ -65,21 +64,15 @@ class DeploymentDetailOut(DeploymentOut):
         fields = [*DeploymentOut.Meta.fields, "history", "points"]
 
     def get_history(self, d: Deployment) -> list[dict[str, Any]]:
-        events = AuditEvent.objects.filter(target_type="deployment", target_id=str(d.pk)).order_by("id")
-        return [{"at": e.at, "action": e.action, "actor": e.actor_name, "after": e.after} for e in events]
+        return [{"at": e.at, "action": e.action, "actor": e.actor_name, "after": e.after}
+                for e in selectors.deployment_history(d)]
 
     def get_points(self, d: Deployment) -> list[dict[str, Any]]:
-        recent = list(d.points.order_by("-at")[:300])[::-1]  # the last 10 minutes at the default tick
-        return PointOut(recent, many=True).data  # type: ignore[return-value]
-
-
-def _deployments() -> Any:
-    return Deployment.objects.select_related("model", "version", "previous_version", "engine", "requested_by",
-                                             "decided_by")
+        return PointOut(selectors.recent_points(d), many=True).data  # type: ignore[return-value]
 
 
 def deployment_or_404(deployment_id: int) -> Deployment:
-    found = _deployments().filter(pk=deployment_id).first()
+    found = selectors.deployments().filter(pk=deployment_id).first()
     if found is None:
         raise Http404(f"no deployment {deployment_id}")
     return found
@@ -94,7 +87,7 @@ class DeploymentListView(BaseView):
         OpenApiParameter("active", bool, description="only rollouts in progress"),
     ], responses=DeploymentOut(many=True))
     def get(self, request: Request) -> Response:
-        found = _deployments()
+        found = selectors.deployments()
         if model := request.query_params.get("model"):
             found = found.filter(model__name=model)
         if state := request.query_params.get("status"):
@@ -172,8 +165,7 @@ class EndpointOut(serializers.ModelSerializer):
         fields = ["model", "stable_version", "stable_triton_model", "target", "canary", "updated_at"]
 
     def get_canary(self, ep: Endpoint) -> dict[str, Any] | None:
-        d = Deployment.objects.filter(model=ep.model, status__in=ACTIVE_ROLLOUT_STATES).select_related(
-            "version").first()
+        d = selectors.active_rollout(ep.model)
         return None if d is None else {"deployment": d.pk, "version": d.version.version, "status": d.status,
                                        "weight": d.weight}
 

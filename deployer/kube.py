@@ -279,10 +279,10 @@ class KubernetesFleet:
         for pod in pods.items:
             pod_name = pod.metadata.name if pod.metadata else "?"
             pod_status = pod.status or k8s.V1PodStatus()
-            for condition in pod_status.conditions or []:
-                if condition.type == "PodScheduled" and condition.status == "False":
+            for pod_condition in pod_status.conditions or []:
+                if pod_condition.type == "PodScheduled" and pod_condition.status == "False":
                     # Transient: a cluster autoscaler may be adding the node (a GPU one, say).
-                    waits.append(f"pod {pod_name} {condition.reason}: {condition.message}")
+                    waits.append(f"pod {pod_name} {pod_condition.reason}: {pod_condition.message}")
             for container in (pod_status.init_container_statuses or []) + (pod_status.container_statuses or []):
                 waiting = container.state.waiting if container.state else None
                 if waiting is None or not waiting.reason:

@@ -23,6 +23,7 @@ from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBase, Js
 from django.shortcuts import get_object_or_404, redirect, render, resolve_url
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
+from deployer import selectors as deployer_selectors
 from deployer import services as deploy_services
 from deployer.models import ACTIVE_ROLLOUT_STATES, Deployment, Endpoint, RolloutStatus
 from frontend.forms import AuditFilterForm, DeploymentForm, RegisterForm, TokenForm
@@ -128,8 +129,7 @@ def model_detail(request: HttpRequest, name: str) -> HttpResponse:
     model = get_object_or_404(RegisteredModel, name=name)
     context = _versions_context(request, model)
     context["endpoint"] = Endpoint.objects.filter(model=model).select_related("stable_version").first()
-    context["rollout"] = Deployment.objects.filter(model=model, status__in=ACTIVE_ROLLOUT_STATES).select_related(
-        "version").first()
+    context["rollout"] = deployer_selectors.active_rollout(model)
     return render(request, "frontend/model_detail.html", context)
 
 
@@ -359,22 +359,17 @@ DEPLOYMENTS_PER_PAGE = 20
 CHART_POINTS = 300  # the last 10 minutes at the default 2 s analysis tick
 
 
-def _deployments() -> Any:
-    return Deployment.objects.select_related("model", "version", "previous_version", "engine", "requested_by",
-                                             "decided_by")
-
-
 def _deployment(deployment_id: int) -> Deployment:
-    return get_object_or_404(_deployments(), pk=deployment_id)
+    return get_object_or_404(deployer_selectors.deployments(), pk=deployment_id)
 
 
 def _deployment_list_context(request: HttpRequest) -> dict[str, Any]:
     show = "active" if request.GET.get("show") == "active" else "all"
-    active = list(_deployments().filter(status__in=ACTIVE_ROLLOUT_STATES))
+    active = list(deployer_selectors.deployments().filter(status__in=ACTIVE_ROLLOUT_STATES))
     canary_of = {d.model_id: d for d in active}
     endpoints = [(ep, canary_of.get(ep.model_id))
                  for ep in Endpoint.objects.select_related("model", "stable_version").order_by("model__name")]
-    found = _deployments().order_by("-created_at", "-id")
+    found = deployer_selectors.deployments().order_by("-created_at", "-id")
     if show == "active":
         found = found.filter(status__in=ACTIVE_ROLLOUT_STATES)
     return {
@@ -398,7 +393,7 @@ def deployment_list_live(request: HttpRequest) -> HttpResponse:
 
 
 def _history(d: Deployment) -> list[AuditEvent]:
-    return list(AuditEvent.objects.filter(target_type="deployment", target_id=str(d.pk)).order_by("-at", "-id"))
+    return list(deployer_selectors.deployment_history(d))[::-1]  # newest first
 
 
 def _actions(request: HttpRequest, d: Deployment) -> list[dict[str, str]]:
@@ -464,7 +459,7 @@ def deployment_points(request: HttpRequest, deployment_id: int) -> JsonResponse:
     d = _deployment(deployment_id)
     fields = ["at", "weight", "outcome", "canary_requests", "canary_error_rate", "canary_p99_ms", "stable_requests",
               "stable_error_rate", "stable_p99_ms"]
-    points = list(d.points.order_by("-at").values(*fields)[:CHART_POINTS])[::-1]
+    points = [{f: getattr(p, f) for f in fields} for p in deployer_selectors.recent_points(d, CHART_POINTS)]
     for point in points:
         point["at"] = point["at"].timestamp()
     return JsonResponse({

@@ -1,0 +1,28 @@
+"""Reads of deployments for the API and the UI (one place for each query)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from deployer.models import ACTIVE_ROLLOUT_STATES, AnalysisPoint, Deployment
+from registry.models import AuditEvent, RegisteredModel
+
+
+def deployments() -> Any:
+    """Deployments with everything their views show, in one query."""
+    return Deployment.objects.select_related("model", "version", "previous_version", "engine", "requested_by",
+                                             "decided_by")
+
+
+def active_rollout(model: RegisteredModel) -> Deployment | None:
+    return Deployment.objects.filter(model=model, status__in=ACTIVE_ROLLOUT_STATES).select_related("version").first()
+
+
+def deployment_history(d: Deployment) -> Any:
+    """The deployment's audit events, oldest first."""
+    return AuditEvent.objects.filter(target_type="deployment", target_id=str(d.pk)).order_by("at", "id")
+
+
+def recent_points(d: Deployment, limit: int = 300) -> list[AnalysisPoint]:
+    """The last `limit` analysis windows (10 minutes at the default tick), oldest first."""
+    return list(d.points.order_by("-at")[:limit])[::-1]
