@@ -120,12 +120,12 @@ class DeploymentDetailView(BaseView):
 
 
 class _ActionView(BaseView):
-    action: Any = None
+    operation: Any = None
 
     @extend_schema(request=None, responses=DeploymentDetailOut)
     def post(self, request: Request, deployment_id: int) -> Response:
         d = deployment_or_404(deployment_id)
-        self.action(actor_of(request), d)
+        self.operation(actor_of(request), d)
         return Response(DeploymentDetailOut(deployment_or_404(deployment_id)).data)
 
 
@@ -133,26 +133,26 @@ class DeploymentPauseView(_ActionView):
     """Hold the canary at its current weight (safety analysis still rolls a failing canary back)."""
 
     capabilities = {"POST": Cap.DEPLOY_CONTROL}
-    action = staticmethod(services.deployment_pause)
+    operation = staticmethod(services.deployment_pause)
 
 
 class DeploymentResumeView(_ActionView):
     capabilities = {"POST": Cap.DEPLOY_CONTROL}
-    action = staticmethod(services.deployment_resume)
+    operation = staticmethod(services.deployment_resume)
 
 
 class DeploymentAbortView(_ActionView):
     """Roll back now: all traffic to the stable version, the canary unloaded, the alias unchanged."""
 
     capabilities = {"POST": Cap.DEPLOY_CONTROL}
-    action = staticmethod(services.deployment_abort)
+    operation = staticmethod(services.deployment_abort)
 
 
 class DeploymentPromoteView(_ActionView):
     """Make the canary the stable version now (also how a release manager approves the final step)."""
 
     capabilities = {"POST": Cap.DEPLOY_PROMOTE}
-    action = staticmethod(services.deployment_promote)
+    operation = staticmethod(services.deployment_promote)
 
 
 class EndpointOut(serializers.ModelSerializer):
