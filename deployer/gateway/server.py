@@ -70,8 +70,8 @@ class Node:
 class ArmState:
     """An arm of a model's route with everything the hot path needs resolved in advance."""
 
-    __slots__ = ("model", "version", "triton_model", "nodes", "rr", "prefix", "header", "stats", "metrics",
-                 "_errors", "retries", "model_b")
+    __slots__ = ("model", "version", "triton_model", "nodes", "rr", "prefix", "header", "header_crlf", "stats",
+                 "metrics", "_errors", "retries", "model_b")
 
     def __init__(self, model: str, arm: Arm, nodes: list[Node], metrics: GatewayMetrics) -> None:
         self.model, self.version, self.triton_model = model, arm.version, arm.triton_model
@@ -80,6 +80,7 @@ class ArmState:
         self.rr = 0
         self.prefix = b"/v2/models/" + arm.triton_model.encode()
         self.header = b"\r\n" + VERSION_HEADER + b": " + arm.version.encode()
+        self.header_crlf = self.header + b"\r\n"
         self.metrics = metrics
         self.stats = metrics.arm(model, arm.version)
         self.retries = metrics.retries.labels(model, arm.version)
@@ -459,7 +460,9 @@ class Client(asyncio.Protocol):
             line_end = data.find(b"\r\n")
             line = data[:line_end]
             lower = data[line_end:end + 2].lower()  # "\r\n" + the header lines, each ending "\r\n"
-            if b"\r\ntransfer-encoding:" in lower:
+            # find() rather than `in`: bytes.__contains__ first tries its argument as an integer and
+            # builds (then drops) a TypeError, which costs more than the search.
+            if lower.find(b"\r\ntransfer-encoding:") >= 0:
                 self.parser = httptools.HttpRequestParser(self)
                 return self._feed_parser(data)
             length = 0
@@ -480,7 +483,7 @@ class Client(asyncio.Protocol):
                 key = data[line_end + i + 16:line_end + lower.find(b"\r\n", i + 2)].strip()
             keep_alive = line.endswith(b" HTTP/1.1")
             start = end + 4
-            if b"\r\nconnection:" in lower:  # hop-by-hop: decides this connection, is not forwarded
+            if lower.find(b"\r\nconnection:") >= 0:  # hop-by-hop: decides this connection, is not forwarded
                 lines = data[line_end + 2:end].split(b"\r\n")
                 conn = [ln.partition(b":")[2].strip().lower() for ln in lines if ln[:11].lower() == b"connection:"]
                 keep_alive = b"close" not in conn if keep_alive else b"keep-alive" in conn
@@ -491,6 +494,8 @@ class Client(asyncio.Protocol):
                     self.pending.append((line, data[line_end:start + length], length, key, keep_alive))
                 else:
                     self._dispatch(line, data[line_end:start + length], length, key, keep_alive)
+                if len(data) == start + length:  # nothing pipelined behind it (no empty slice to make)
+                    return
                 data = data[start + length:]
                 continue
             else:
@@ -669,10 +674,10 @@ class Client(asyncio.Protocol):
         self.head_sent = True
         if not self.closed:
             arm = self.arm
-            extra = arm.header if self.keep_alive else arm.header + b"\r\nconnection: close"  # type: ignore[union-attr]
-            i = data.find(b"\r\n")
-            # One write (uvloop sends it at the end of this loop iteration, with nothing else queued).
-            self.transport.write(b"".join((data[:i], extra, data[i:])))  # type: ignore[union-attr]
+            # x-model-version goes right after the status line: one replace() of the first CRLF makes the
+            # whole relayed segment in one call (no slices, no join).
+            extra = arm.header_crlf if self.keep_alive else arm.header + b"\r\nconnection: close\r\n"  # type: ignore[union-attr]
+            self.transport.write(data.replace(b"\r\n", extra, 1))  # type: ignore[union-attr]
 
     def up_body(self, data: bytes) -> None:
         if self.meta is not None:
