@@ -4,7 +4,8 @@ One Triton server (from the nvidia-pytriton wheel) serves a trivial python-backe
 values in Triton's binary tensor format, as tritonclient.http sends them). The gateway
 (`python -m deployer.gateway`, routing table published in the stack's Redis, 1% sampling on as in
 production) fronts it. Keep-alive client threads send inference requests back to back at concurrency
-1 and 8, alternating direct / gateway in rounds so drift of the machine falls on both.
+1 and 8, the sides taking turns in rounds so drift of the machine falls on both. With --floor, a third
+side: a byte-relaying proxy with no HTTP (floor_proxy.py), what any uvloop proxy costs here at least.
 
 Reported per concurrency: p50 and p99 latency and throughput of each, the gateway's added p50/p99, its
 throughput as a fraction of direct, and the CPU time per request of the gateway process (all its threads,
@@ -17,11 +18,12 @@ and the added latency is queueing, 8 / throughput, which the throughput target c
 
 How to read the throughput ratio: client, Triton and gateway share the machine's cores, so once they are
 saturated each request costs the sum of their CPU times, and the ratio tends to
-(client + Triton) / (client + Triton + gateway), printed as "CPU-bound ratio". With 2 cores and Triton's
-python backend at ~250 us per request, 0.9x needs the gateway under ~1/9 of client + Triton (~50 us),
-about what the kernel alone charges for its four loopback socket operations per request.
+(client + Triton) / (client + Triton + gateway), printed as "CPU-bound ratio". With 2 cores, the client
+threads at ~200 us and Triton's python backend at ~250-300 us per request, 0.9x needs the gateway under
+~1/9 of that (~55 us): about what the floor proxy costs (four loopback socket operations, two wake-ups,
+two Python callbacks), before any HTTP.
 
-    python -m config.stack exec -- python -m bench.gateway [--quick]
+    python -m config.stack exec -- python -m bench.gateway [--quick] [--floor]
 
 Prints a table and ends with one line of JSON.
 """
@@ -131,55 +133,54 @@ def check_answers(triton_port: int, gw_port: int) -> None:
             raise SystemExit(f"bench/gateway: wrong answer on port {port}: {values}")
 
 
-class CpuUse:
-    """CPU seconds of the client (this process), Triton (its group), the gateway and the rest of the machine."""
-
-    def __init__(self, triton_pid: int, gw_pid: int) -> None:
-        self.triton_pid, self.gw_pid = triton_pid, gw_pid
-        self.hz = os.sysconf("SC_CLK_TCK")
-
-    def read(self) -> dict[str, float]:
-        return {"client": self_cpu_s(), "triton": group_cpu_ns(self.triton_pid) / 1e9,
-                "gateway": cpu_ns(self.gw_pid) / 1e9, "machine": busy_ticks() / self.hz}
+def _us(cpu_s: float, load: LoadResult) -> float | None:
+    """CPU seconds over a load's requests, in microseconds per request."""
+    return round(cpu_s / load.ok * 1e6, 1) if load.ok else None
 
 
-def measure(triton_pid: int, triton_port: int, gw_port: int, gw_pid: int, cfg: Settings) -> dict[int, dict[str, Any]]:
-    sides = {"direct": (triton_port, TRITON_MODEL), "gateway": (gw_port, MODEL)}
-    for port, model in sides.values():  # warm-up: connections, the stub, the gateway's pool
+def measure(triton_pid: int, sides: dict[str, tuple[int, str, int | None]], cfg: Settings) -> dict[int, dict[str, Any]]:
+    """sides: name -> (port, model, pid of the proxy in front of Triton or None); "direct" and "gateway" always."""
+    for port, model, _ in sides.values():  # warm-up: connections, the stub, the gateway's pool
         req = infer_request(model)
         run_load(port, lambda _i, r=req: r, concurrency=max(cfg.concurrencies), duration_s=cfg.warmup_s,
                  warmup_s=0, warmup_concurrency=max(cfg.concurrencies))
-    cpu_use = CpuUse(triton_pid, gw_pid)
+    hz = os.sysconf("SC_CLK_TCK")
+    names = list(sides)
     out: dict[int, dict[str, Any]] = {}
     for conc in cfg.concurrencies:
-        merged: dict[str, LoadResult | None] = {"direct": None, "gateway": None}
-        cpu = {side: dict.fromkeys(("client", "triton", "gateway", "machine"), 0.0) for side in sides}
+        merged: dict[str, LoadResult | None] = dict.fromkeys(names)
+        cpu = {side: dict.fromkeys(("client", "triton", "proxy", "machine"), 0.0) for side in names}
         for rnd in range(cfg.rounds):
-            order = ("direct", "gateway") if rnd % 2 == 0 else ("gateway", "direct")
-            for side in order:
-                port, model = sides[side]
+            for side in names[rnd % len(names):] + names[:rnd % len(names)]:  # each side first in turn
+                port, model, pid = sides[side]
                 req = infer_request(model)
-                before = cpu_use.read()
+
+                def read(pid: int | None = pid) -> dict[str, float]:
+                    return {"client": self_cpu_s(), "triton": group_cpu_ns(triton_pid) / 1e9,
+                            "proxy": cpu_ns(pid) / 1e9 if pid else 0.0, "machine": busy_ticks() / hz}
+
+                before = read()
                 res = run_load(port, lambda _i, r=req: r, concurrency=conc, duration_s=cfg.duration_s, warmup_s=0,
                                min_requests=20)
-                after = cpu_use.read()
+                after = read()
                 for k in before:
                     cpu[side][k] += after[k] - before[k]
                 if res.errors:
                     print(f"  {side} c={conc}: {res.errors} errors, first: {res.first_error}", flush=True)
                 prev = merged[side]
                 merged[side] = res if prev is None else prev.merged(res)
-        d, g = merged["direct"], merged["gateway"]
-        assert d is not None and g is not None
-        per_req = {side: {k: round(v / load.ok * 1e6, 1) if load.ok else None
-                          for k, v in cpu[side].items() if k != "machine" and (k != "gateway" or side == "gateway")}
-                   for side, load in (("direct", d), ("gateway", g))}
+        loads = {side: load for side, load in merged.items() if load is not None}
+        d, g = loads["direct"], loads["gateway"]
+        per_req = {side: {k: _us(cpu[side][k], loads[side]) for k in ("client", "triton")} for side in names}
+        per_req["gateway"]["gateway"] = _us(cpu["gateway"]["proxy"], g)
+        if "floor" in names:
+            per_req["floor"]["proxy"] = _us(cpu["floor"]["proxy"], loads["floor"])
         # cores the rest of the machine (other people's processes) kept busy meanwhile
-        others = {side: round((c["machine"] - c["client"] - c["triton"] - c["gateway"]) / load.elapsed_s, 2)
-                  for side, c, load in (("direct", cpu["direct"], d), ("gateway", cpu["gateway"], g))}
+        others = {side: round((c["machine"] - c["client"] - c["triton"] - c["proxy"]) / loads[side].elapsed_s, 2)
+                  for side, c in cpu.items()}
         dc, gc = per_req["direct"], per_req["gateway"]
         bound = None
-        if None not in (dc["client"], dc["triton"], gc["client"], gc["triton"], gc["gateway"]):
+        if None not in (dc["client"], dc["triton"], gc["gateway"]):
             base = dc["client"] + dc["triton"]  # type: ignore[operator]
             bound = round(base / (base + gc["gateway"]), 3)  # type: ignore[operator]
         out[conc] = {"direct": d.figures(), "gateway": g.figures(),
@@ -188,6 +189,11 @@ def measure(triton_pid: int, triton_port: int, gw_port: int, gw_pid: int, cfg: S
                      "throughput_ratio": round(g.rps / d.rps, 3) if d.rps else None,
                      "gateway_cpu_us_per_request": gc["gateway"],
                      "cpu_us_per_request": per_req, "cpu_bound_ratio": bound, "other_cores_busy": others}
+        if "floor" in loads:
+            f = loads["floor"]
+            out[conc]["floor"] = {**f.figures(), "throughput_ratio": round(f.rps / d.rps, 3) if d.rps else None,
+                                  "p50_overhead_ms": round(f.percentile(50) - d.percentile(50), 3),
+                                  "proxy_cpu_us_per_request": per_req["floor"]["proxy"]}
     return out
 
 
@@ -208,12 +214,21 @@ def print_table(results: dict[int, dict[str, Any]]) -> None:
                "CPU-bound ratio", "others (direct/gw)"]
     rows = []
     for conc, r in results.items():
-        dc, gc, others = r["cpu_us_per_request"]["direct"], r["cpu_us_per_request"]["gateway"], r["other_cores_busy"]
+        dc, gc = r["cpu_us_per_request"]["direct"], r["cpu_us_per_request"]["gateway"]
+        others = r["other_cores_busy"]
         bound = r["cpu_bound_ratio"]
         rows.append([str(conc), fmt(dc["client"]), fmt(dc["triton"]), fmt(gc["client"]), fmt(gc["triton"]),
                      fmt(gc["gateway"]), "-" if bound is None else f"{bound:.2f}x",
                      f"{others['direct']:.2f} / {others['gateway']:.2f}"])
     print(table(headers, rows), flush=True)
+    if all("floor" in r for r in results.values()):
+        print("\nThe floor, a byte-relaying uvloop proxy with no HTTP (bench/gateway/floor_proxy.py), same runs:",
+              flush=True)
+        headers = ["concurrency", "floor req/s", "ratio", "+p50 ms", "floor CPU us/req"]
+        rows = [[str(conc), fmt(r["floor"]["rps"]), f"{r['floor']['throughput_ratio']:.2f}x",
+                 fmt(r["floor"]["p50_overhead_ms"], 3), fmt(r["floor"]["proxy_cpu_us_per_request"])]
+                for conc, r in results.items()]
+        print(table(headers, rows), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--instances", type=int, default=2, help="Triton model instances (default 2)")
     parser.add_argument("--sample-rate", type=float, default=0.01)
+    parser.add_argument("--floor", action="store_true",
+                        help="also measure the floor: a byte-relaying proxy with no HTTP (floor_proxy.py)")
     args = parser.parse_args(argv)
     cfg = Settings(duration_s=args.duration or (1.0 if args.quick else 4.0), warmup_s=0.5 if args.quick else 2.0,
                    rounds=args.rounds or (2 if args.quick else 4), concurrencies=(1, 8), instances=args.instances,
@@ -244,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         base = Path(tmp)
         write_echo_model(base / "repo", TRITON_MODEL, 2, instances=cfg.instances)
         triton = TritonServer(base / "repo", base / "triton")
-        gw = None
+        gw = floor = None
         try:
             triton.start()
             client = triton_http.InferenceServerClient(triton.url)
@@ -265,13 +282,22 @@ def main(argv: list[str] | None = None) -> int:
                   f"{cfg.instances} instance(s); gateway uvloop + httptools, 1 process, sampling {cfg.sample_rate:g}",
                   flush=True)
             print(f"  keep-alive client threads; {cfg.rounds} rounds x {cfg.duration_s:g}s per side and "
-                  f"concurrency, alternating direct / gateway; latency in ms", flush=True)
+                  f"concurrency, the sides in turn; latency in ms", flush=True)
+            sides: dict[str, tuple[int, str, int | None]] = {"direct": (triton.http_port, TRITON_MODEL, None),
+                                                              "gateway": (gw_port, MODEL, gw.pid)}
+            if args.floor:
+                floor_port = free_port()
+                floor = start_server([sys.executable, "-m", "bench.gateway.floor_proxy", str(floor_port),
+                                      str(triton.http_port)], base / "floor.log", cwd=REPO)
+                wait_http(floor_port, "/v2/health/ready", floor, base / "floor.log", timeout_s=30)
+                sides["floor"] = (floor_port, TRITON_MODEL, floor.pid)
             assert triton.proc is not None
-            results = measure(triton.proc.pid, triton.http_port, gw_port, gw.pid, cfg)
+            results = measure(triton.proc.pid, sides, cfg)
             redis.Redis.from_url(redis_url).delete(stream)
         finally:
-            if gw is not None:
-                stop_server(gw)
+            for proc in (gw, floor):
+                if proc is not None:
+                    stop_server(proc)
             triton.stop()
     print_table(results)
     c1, c8 = results[1], results[8]
