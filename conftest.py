@@ -110,10 +110,12 @@ def _test_database_url() -> str:
 
 
 @contextmanager
-def _child_process(args: list[str], log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+def _child_process(args: list[str], log_path: Path, env: dict[str, str] | None = None) -> Iterator[
+        subprocess.Popen[bytes]]:
     """A platform process on the test database, logging to log_path, stopped at the end."""
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", *args], env={**os.environ, "DATABASE_URL": _test_database_url()},
+        proc = subprocess.Popen([sys.executable, "-m", *args],
+                                env={**os.environ, "DATABASE_URL": _test_database_url(), **(env or {})},
                                 stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         try:
             yield proc
@@ -152,6 +154,13 @@ def _worker_process(django_db_setup: None, tmp_path_factory: pytest.TempPathFact
             "--queues", "default,pipelines", "--hostname", f"test-{uuid.uuid4().hex[:6]}@%h"]
     with _child_process(args, log_path):
         yield log_path
+
+
+@pytest.fixture
+def platform_process(tmp_path: Path, transactional_db: None) -> Callable[..., Any]:
+    """Start a platform process, `python -m <args>`, on the test database: a context manager that stops it
+    (`with platform_process(["celery", ...], "worker", {"VAR": "1"}) as proc:`); logs in tmp_path."""
+    return lambda args, name, env=None: _child_process(args, tmp_path / f"{name}.log", env)
 
 
 @pytest.fixture

@@ -182,3 +182,32 @@ def test_the_reconciler_finishes_a_promotion_whose_worker_died_before_acting_on_
     assert mlflow_store.alias_version(unique_name, "champion") == 2
     wait_until(lambda: f"{unique_name}_v1_cpu-fp32-onnxruntime" not in services.fleet().placed(), 60,
                "v1 unloaded", every=services.rollouts_reconcile, interval=0.3)
+
+
+def test_a_deployer_worker_killed_mid_rollout_leaves_nothing_the_next_worker_does_not_finish(
+        served, serving_version, model_archive, unique_name, platform_process, tmp_path):
+    redis_client = served["redis"]
+    _first_deployment(unique_name, model_archive, serving_version, redis_client)
+    v2 = serving_version(unique_name, model_archive, 2.0)
+    worker = ["celery", "-A", "config", "worker", "--pool", "solo", "--queues", "deployer", "--loglevel", "INFO"]
+    beat = ["celery", "-A", "config", "beat", "--schedule", str(tmp_path / "beat-schedule")]
+    env = {"PLATFORM_ROLLOUT_LOCK_S": "4", "PLATFORM_ROLLOUT_WINDOW_S": "5", "PLATFORM_ROLLOUT_DRAIN_S": "0.5"}
+    with Load(served["gateway"]["port"], unique_name) as load, platform_process(beat, "beat", env):
+        d = services.deployment_create(SYSTEM, v2.model, v2.version, steps=[30, 60],
+                                       **{**FAST, "step_interval_s": 3})
+        with platform_process([*worker, "--hostname", "first@%h"], "worker-1", env) as first:
+            wait_until(lambda: Deployment.objects.get(pk=d.pk).status == RolloutStatus.PROGRESSING, 60,
+                       "the first worker to start the canary", first)
+            os.kill(first.pid, signal.SIGKILL)  # whatever it was doing, mid-pass or between passes
+            first.wait(10)
+        d.refresh_from_db()
+        assert d.status == RolloutStatus.PROGRESSING
+        with platform_process([*worker, "--hostname", "second@%h"], "worker-2", env) as second:
+            wait_until(lambda: Deployment.objects.get(pk=d.pk).status == RolloutStatus.PROMOTED, 120,
+                       "the second worker to finish the rollout", second)
+            wait_until(lambda: f"{unique_name}_v1_cpu-fp32-onnxruntime" not in services.fleet().placed(), 60,
+                       "v1 unloaded by the second worker", second)
+    assert load.failures == [], load.failures[:5]
+    route = _routed(redis_client, unique_name)
+    assert route.stable.version == "2" and route.canary is None
+    assert mlflow_store.alias_version(unique_name, "champion") == 2
