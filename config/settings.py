@@ -174,6 +174,8 @@ REST_FRAMEWORK = {
         "rest_framework.renderers.JSONRenderer",
         "rest_framework.renderers.BrowsableAPIRenderer",
     ],
+    # DRF's negotiation, with a shortcut for clients that accept anything or JSON (most API calls).
+    "DEFAULT_CONTENT_NEGOTIATION_CLASS": "registry.api.negotiation.CommonCaseFirst",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
 

@@ -8,6 +8,7 @@ from typing import Any
 from django.db.models import Q, QuerySet
 
 from registry.models import AuditEvent, ModelVersion, RegisteredModel
+from registry.prepared import Prepared
 
 MODEL_ORDERINGS = {"name", "-name", "updated_at", "-updated_at", "created_at", "-created_at"}
 
@@ -42,11 +43,53 @@ def model_get(name: str) -> RegisteredModel | None:
 
 VERSION_ROW_FIELDS = ("version", "status", "status_detail", "origin", "description", "tags", "created_by__username",
                       "created_at", "updated_at")
+LINEAGE_FIELDS = ("source", "storage_location", "run_id", "experiment_id", "params", "metrics", "run_tags", "flavors",
+                  "reference_sample_uri", "reference_sample_rows", "signature", "input_example")
+VERSION_DETAIL_FIELDS = ("model__name", *VERSION_ROW_FIELDS, *LINEAGE_FIELDS, "inspection")
 
 
-def version_rows(model: RegisteredModel, status: str = "", origin: str = "") -> QuerySet[ModelVersion, dict[str, Any]]:
-    """version_list as plain rows of the columns the API's list shows (no model instances to build)."""
-    return version_list(model, status, origin).values(*VERSION_ROW_FIELDS)
+def _model_summary(name: str) -> QuerySet[RegisteredModel, Any]:
+    return RegisteredModel.objects.filter(name=name).values("id", "name", "version_count")
+
+
+def _version_rows(model_id: int, status: str | None, origin: str | None) -> QuerySet[ModelVersion, dict[str, Any]]:
+    qs = ModelVersion.objects.filter(model_id=model_id)
+    if status is not None:
+        qs = qs.filter(status=status)
+    if origin is not None:
+        qs = qs.filter(origin=origin)
+    return qs.order_by("-version").values(*VERSION_ROW_FIELDS)
+
+
+def _version_detail(model_name: str, number: int) -> QuerySet[ModelVersion, dict[str, Any]]:
+    return ModelVersion.objects.filter(model__name=model_name, version=number).values(*VERSION_DETAIL_FIELDS)
+
+
+# The API's hot reads, compiled once per process (see registry/prepared.py).
+_MODEL_SUMMARY = Prepared(_model_summary)
+_VERSION_ROWS = Prepared(_version_rows)
+_VERSION_DETAIL = Prepared(_version_detail)
+
+
+def model_summary(name: str) -> dict[str, Any] | None:
+    """The model's id, name and version_count: what a version list needs of it."""
+    return _MODEL_SUMMARY.first(name)
+
+
+def version_rows(model_id: int, status: str | None = None, origin: str | None = None, *, offset: int = 0,
+                 limit: int | None = None) -> list[dict[str, Any]]:
+    """A page of version_list as plain rows of the columns the API's list shows, newest first."""
+    return _VERSION_ROWS.rows(model_id, status, origin, offset=offset, limit=limit)
+
+
+def version_rows_count(model_id: int, status: str | None = None, origin: str | None = None) -> int:
+    return _version_rows(model_id, status, origin).count()
+
+
+def version_detail_row(model_name: str, number: int) -> dict[str, Any] | None:
+    """A version with its model's name and its author's username, as one row: one query by the unique
+    (model, version) index, whatever the number of versions."""
+    return _VERSION_DETAIL.first(model_name, number)
 
 
 def version_get(model: RegisteredModel, number: int) -> ModelVersion | None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from rest_framework.pagination import PageNumberPagination
@@ -10,19 +11,24 @@ class Pagination(PageNumberPagination):
     max_page_size = 500
 
 
-class KnownCount:
-    """A queryset whose total is already known (a counter column), so a page costs no COUNT(*)."""
+class PagedRows:
+    """What the paginator slices, for rows read a page at a time: `fetch(offset, limit)` reads one page and
+    `count()` gives the total (from a counter column where there is one, so that a page costs no COUNT(*))."""
 
-    def __init__(self, queryset: Any, count: int) -> None:
-        self.queryset = queryset
-        self.total = count
-        self.ordered = True
+    ordered = True
+
+    def __init__(self, fetch: Callable[[int, int], list[dict[str, Any]]], count: Callable[[], int]) -> None:
+        self.fetch = fetch
+        self._count = count
 
     def count(self) -> int:
-        return self.total
+        return self._count()
 
     def __len__(self) -> int:
-        return self.total
+        return self._count()
 
-    def __getitem__(self, item: Any) -> Any:
-        return self.queryset[item]
+    def __getitem__(self, item: slice) -> list[dict[str, Any]]:
+        if not isinstance(item, slice) or item.step is not None or item.stop is None:
+            raise TypeError("PagedRows is read by slices [start:stop]")
+        start = item.start or 0
+        return self.fetch(start, max(0, item.stop - start))

@@ -13,6 +13,7 @@ from rest_framework import serializers
 
 from registry.models import ApiToken, AuditEvent, ModelVersion, RegisteredModel, VersionOrigin, VersionStatus
 from registry.roles import Role
+from registry.selectors import LINEAGE_FIELDS
 
 
 def when(value: datetime | None) -> str | None:
@@ -69,7 +70,7 @@ class VersionOut(serializers.ModelSerializer):
 
 
 def version_row(model_name: str, row: dict[str, Any]) -> dict[str, Any]:
-    """VersionOut's shape from a row of selectors.version_rows."""
+    """VersionOut's shape from a row of selectors.version_rows (or version_detail_row)."""
     return {"model": model_name, "version": row["version"], "status": row["status"],
             "status_detail": row["status_detail"], "origin": row["origin"], "description": row["description"],
             "tags": row["tags"], "created_by": row["created_by__username"], "created_at": when(row["created_at"]),
@@ -102,12 +103,14 @@ class VersionDetailOut(VersionOut):
         return LineageOut(obj).data
 
     def to_representation(self, v: ModelVersion) -> dict[str, Any]:
-        lineage = {"source": v.source, "storage_location": v.storage_location, "run_id": v.run_id,
-                   "experiment_id": v.experiment_id, "params": v.params, "metrics": v.metrics,
-                   "run_tags": v.run_tags, "flavors": v.flavors, "reference_sample_uri": v.reference_sample_uri,
-                   "reference_sample_rows": v.reference_sample_rows, "signature": v.signature,
-                   "input_example": v.input_example}
+        lineage = {field: getattr(v, field) for field in LINEAGE_FIELDS}
         return {**super().to_representation(v), "lineage": lineage, "inspection": v.inspection}
+
+
+def version_detail_row(row: dict[str, Any]) -> dict[str, Any]:
+    """VersionDetailOut's shape from a row of selectors.version_detail_row."""
+    return {**version_row(row["model__name"], row), "lineage": {field: row[field] for field in LINEAGE_FIELDS},
+            "inspection": row["inspection"]}
 
 
 class VersionRegisterIn(serializers.Serializer):

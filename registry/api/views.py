@@ -21,7 +21,7 @@ from rest_framework.views import APIView
 from registry import people, selectors, services
 from registry.api import serializers as s
 from registry.api.errors import error_response
-from registry.api.pagination import KnownCount, Pagination
+from registry.api.pagination import PagedRows, Pagination
 from registry.api.permissions import HasCapability, request_roles
 from registry.audit import Actor
 from registry.models import ApiToken, ModelVersion, RegisteredModel
@@ -109,13 +109,23 @@ class VersionListView(BaseView):
     def get(self, request: Request, name: str) -> Response:
         filters = s.VersionFilterIn(data=request.query_params)
         filters.is_valid(raise_exception=True)
-        model = model_or_404(name)
-        versions: Any = selectors.version_rows(model, **filters.validated_data)
-        if not filters.validated_data:
-            versions = KnownCount(versions, model.version_count)
+        status_, origin = filters.validated_data.get("status"), filters.validated_data.get("origin")
+        model = selectors.model_summary(name)
+        if model is None:
+            raise Http404(f"no model {name!r}")
+        model_id, version_count = model["id"], model["version_count"]
+
+        def count() -> int:
+            if status_ is None and origin is None:
+                return int(version_count)  # a counter column: no COUNT(*)
+            return selectors.version_rows_count(model_id, status_, origin)
+
+        rows = PagedRows(lambda offset, limit: selectors.version_rows(model_id, status_, origin, offset=offset,
+                                                                      limit=limit), count)
         paginator = Pagination()
-        page = paginator.paginate_queryset(versions, request, view=self)
-        return paginator.get_paginated_response([s.version_row(model.name, row) for row in page or []])
+        # Django's Paginator takes any sliceable with count(); the stubs say QuerySet.
+        page: list[dict[str, Any]] | None = paginator.paginate_queryset(rows, request, view=self)  # type: ignore[arg-type]
+        return paginator.get_paginated_response([s.version_row(model["name"], row) for row in page or []])
 
     @extend_schema(request={"multipart/form-data": s.VersionRegisterIn, "application/json": s.VersionRegisterIn},
                    responses={201: s.VersionDetailOut})
@@ -187,7 +197,11 @@ class VersionDetailView(BaseView):
 
     @extend_schema(responses=s.VersionDetailOut)
     def get(self, request: Request, name: str, version: int) -> Response:
-        return Response(s.VersionDetailOut(version_or_404(name, version)).data)
+        row = selectors.version_detail_row(name, version)
+        if row is None:
+            model_or_404(name)  # say which of the two is missing
+            raise Http404(f"model {name!r} has no version {version}")
+        return Response(s.version_detail_row(row))
 
     @extend_schema(request=s.VersionUpdateIn, responses=s.VersionDetailOut)
     def patch(self, request: Request, name: str, version: int) -> Response:

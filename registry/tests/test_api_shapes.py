@@ -89,8 +89,32 @@ def test_a_missing_version_and_a_missing_model_are_told_apart(model_with_version
 def test_version_list_rows_equal_the_version_shape(model_with_versions: RegisteredModel) -> None:
     from registry import selectors
 
-    rows = list(selectors.version_rows(model_with_versions))
+    rows = selectors.version_rows(model_with_versions.pk)
     versions = list(selectors.version_list(model_with_versions))
     assert [r["version"] for r in rows] == [v.version for v in versions] == [2, 1]
     for row, version in zip(rows, versions, strict=True):
         assert s.version_row("shapes", row) == s.VersionOut().to_representation(version)
+
+
+def test_version_detail_row_equals_the_version_detail_shape(model_with_versions: RegisteredModel) -> None:
+    from registry import selectors
+
+    for version in ModelVersion.objects.select_related("model", "created_by").filter(model=model_with_versions):
+        row = selectors.version_detail_row("shapes", version.version)
+        assert row is not None
+        assert s.version_detail_row(row) == s.VersionDetailOut().to_representation(version)
+    assert selectors.version_detail_row("shapes", 3) is None
+    assert selectors.version_detail_row("other", 1) is None
+
+
+def test_version_list_pages_and_filters(model_with_versions: RegisteredModel, scientist: Any) -> None:
+    def versions(query: str) -> tuple[int, list[int]]:
+        body = scientist.get(f"/api/v1/models/shapes/versions/?{query}").json()
+        return body["count"], [v["version"] for v in body["results"]]
+
+    assert versions("page_size=1") == (2, [2])
+    assert versions("page_size=1&page=2") == (2, [1])
+    assert versions("status=ready") == (1, [2])
+    assert versions("origin=upload") == (1, [1])
+    assert versions("status=ready&origin=upload") == (0, [])
+    assert scientist.get("/api/v1/models/shapes/versions/?page_size=1&page=3").status_code == 404
