@@ -88,7 +88,9 @@ except ConfigError:
         "DATABASE_URL is not set. Start the platform with `make run` (embedded PostgreSQL) "
         "or set DATABASE_URL=postgresql://user:password@host:port/dbname"
     ) from None
-DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=60, conn_health_checks=True)}
+# Persistent connections without a per-request health check (a SELECT 1 round trip on every request):
+# a connection that died fails one request, and Django replaces it for the next.
+DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=60, conn_health_checks=False)}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
