@@ -290,7 +290,8 @@ def rollout_advance(d: Deployment) -> None:
         try:
             fleet().place(_placement(d.triton_model, d.engine, d.target))
         except FleetNotReady as exc:
-            if now - d.created_at > timedelta(seconds=_setting("ROLLOUT_LOAD_TIMEOUT_S")):
+            waiting_since = d.step_started_at or d.created_at  # resuming a paused load restarts the clock
+            if now - waiting_since > timedelta(seconds=_setting("ROLLOUT_LOAD_TIMEOUT_S")):
                 _roll_back(d, SYSTEM, f"the canary did not become ready within "
                                       f"{_setting('ROLLOUT_LOAD_TIMEOUT_S')}s: {exc}")
             else:
