@@ -6,6 +6,7 @@ import pytest
 
 from deployer.models import Deployment, Endpoint, RolloutStatus
 from pipelines.models import EngineBuild
+from registry.audit import SYSTEM as SYSTEM_ACTOR
 from registry.models import AuditEvent, ModelVersion, RegisteredModel
 
 pytestmark = pytest.mark.django_db
@@ -113,3 +114,37 @@ def test_deployments_list_filters_by_model_and_activity(manager, unique_name):
     only = manager.get(f"/api/v1/deployments/?model={unique_name}&active=true").json()
     assert [d["model"] for d in only["results"]] == [unique_name]
     assert manager.get("/api/v1/deployments/?status=nonsense").status_code == 400
+
+
+class _LoadingFleet:
+    """A fleet on which the canary is still loading (the timeout logic alone; loading itself is tested
+    end to end in test_rollouts.py)."""
+
+    kind = "loading"
+
+    def place(self, placement):
+        from deployer.fleet import FleetNotReady
+
+        raise FleetNotReady("1 of 2 nodes loading")
+
+
+def test_a_canary_that_never_loads_is_rolled_back_after_the_load_timeout_counted_from_its_last_resume(
+        manager, unique_name, monkeypatch, settings):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from deployer import services
+
+    monkeypatch.setattr(services, "fleet", lambda: _LoadingFleet())
+    model = _model(unique_name)
+    d = services.deployment_create(SYSTEM_ACTOR, model, 1)
+    long_ago = timezone.now() - timedelta(seconds=settings.PLATFORM["ROLLOUT_LOAD_TIMEOUT_S"] + 5)
+    Deployment.objects.filter(pk=d.pk).update(created_at=long_ago, step_started_at=timezone.now())
+    services.rollout_advance(Deployment.objects.get(pk=d.pk))  # resumed just now: still waiting
+    d.refresh_from_db()
+    assert d.status == RolloutStatus.PENDING and d.reason == "loading: 1 of 2 nodes loading"
+    Deployment.objects.filter(pk=d.pk).update(step_started_at=None)
+    services.rollout_advance(Deployment.objects.get(pk=d.pk))
+    d.refresh_from_db()
+    assert d.status == RolloutStatus.ROLLED_BACK and "did not become ready within" in d.reason
