@@ -49,35 +49,10 @@ def _setup_django() -> None:
     mlflow_store.init_store()
 
 
-def _start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(args, cwd=REPO, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    for p in procs:
-        try:
-            p.wait(40)
-        except subprocess.TimeoutExpired:
-            p.kill()
-
-
-def _wait(check: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.1)
-    raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
 def _round(name: str, fault: str, archive: Path, work: Path, gateway_port: int) -> dict[str, Any]:
     from deployer import services
     from deployer.models import Deployment, RolloutStatus
-    from deployer.testing import Load, echo_version
+    from deployer.testing import Load, echo_version, wait_until
     from registry.audit import SYSTEM
 
     def status(pk: int) -> str:
@@ -85,16 +60,16 @@ def _round(name: str, fault: str, archive: Path, work: Path, gateway_port: int) 
 
     v1 = echo_version(name, archive, 1.0, work)
     first = services.deployment_create(SYSTEM, v1.model, v1.version)
-    _wait(lambda: status(first.pk) == RolloutStatus.PROMOTED, 120, "the first deployment")
+    wait_until(lambda: status(first.pk) == RolloutStatus.PROMOTED, 120, "the first deployment")
     fault_file = work / f"{name}.fault"
     v2 = echo_version(name, archive, 2.0, work, fault_file=fault_file)
     with Load(gateway_port, name, threads=3, pause_s=0.01) as load:
-        _wait(lambda: load.by_version().get("1", 0) >= 20, 60, "the stable version answering")
+        wait_until(lambda: load.by_version().get("1", 0) >= 20, 60, "the stable version answering")
         canary = services.deployment_create(SYSTEM, v2.model, v2.version)
-        _wait(lambda: load.by_version().get("2", 0) >= 30, 120, "the canary answering")
+        wait_until(lambda: load.by_version().get("2", 0) >= 30, 120, "the canary answering")
         start = time.monotonic()
         fault_file.write_text(fault)
-        _wait(lambda: status(canary.pk) != RolloutStatus.PROGRESSING, 120, "the rollback")
+        wait_until(lambda: status(canary.pk) != RolloutStatus.PROGRESSING, 120, "the rollback", interval=0.1)
         detected = time.monotonic() - start
         # Responses already on their way finish; then nothing more comes from the canary.
         time.sleep(3.0)
@@ -109,14 +84,15 @@ def _round(name: str, fault: str, archive: Path, work: Path, gateway_port: int) 
 def _baseline(name: str, archive: Path, work: Path, gateway_port: int, seconds: float) -> dict[str, Any]:
     from deployer import services
     from deployer.models import Deployment, RolloutStatus
-    from deployer.testing import Load, echo_version
+    from deployer.testing import Load, echo_version, wait_until
     from registry.audit import SYSTEM
 
     v1 = echo_version(name, archive, 1.0, work)
     d = services.deployment_create(SYSTEM, v1.model, v1.version)
-    _wait(lambda: Deployment.objects.get(pk=d.pk).status == RolloutStatus.PROMOTED, 120, "the baseline deployment")
+    wait_until(lambda: Deployment.objects.get(pk=d.pk).status == RolloutStatus.PROMOTED, 120,
+               "the baseline deployment")
     with Load(gateway_port, name, threads=3, pause_s=0.01) as load:
-        _wait(lambda: load.total() >= 20, 60, "the baseline answering")
+        wait_until(lambda: load.total() >= 20, 60, "the baseline answering")
         time.sleep(seconds)
     return {"requests": load.total(), "failed": len(load.failures)}
 
@@ -131,7 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     _setup_django()
     from django.conf import settings
 
-    from bench._common import fmt, free_port, table
+    from bench._common import fmt, free_port, start_server, stop_server, table
+    from deployer.testing import wait_until
     from registry.management.commands.seed_demo import train_demo_model
 
     rounds = 1 if args.quick else 3
@@ -140,26 +117,28 @@ def main(argv: list[str] | None = None) -> None:
         tmp = Path(tmp_name)
         gateway_port = free_port()
         py = sys.executable
-        procs.append(_start([py, "-m", "deployer.fleet_local", "--state", str(tmp / "fleet"), "--nodes", "2"],
-                            tmp / "fleet.log"))
-        procs.append(_start([py, "-m", "deployer.gateway", "--port", str(gateway_port)], tmp / "gateway.log"))
-        procs.append(_start([py, "-m", "celery", "-A", "config", "worker", "--concurrency", "1", "--queues",
-                             "deployer", "--hostname", "bench-deployer@%h", "--loglevel", "WARNING"],
-                            tmp / "worker.log"))
-        procs.append(_start([py, "-m", "celery", "-A", "config", "beat", "--schedule", str(tmp / "beat"),
-                             "--loglevel", "WARNING"], tmp / "beat.log"))
+        procs.append(start_server([py, "-m", "deployer.fleet_local", "--state", str(tmp / "fleet"), "--nodes", "2"],
+                                  tmp / "fleet.log", cwd=REPO))
+        procs.append(start_server([py, "-m", "deployer.gateway", "--port", str(gateway_port)], tmp / "gateway.log",
+                                  cwd=REPO))
+        procs.append(start_server([py, "-m", "celery", "-A", "config", "worker", "--concurrency", "1", "--queues",
+                                   "deployer", "--hostname", "bench-deployer@%h", "--loglevel", "WARNING"],
+                                  tmp / "worker.log", cwd=REPO))
+        procs.append(start_server([py, "-m", "celery", "-A", "config", "beat", "--schedule", str(tmp / "beat"),
+                                   "--loglevel", "WARNING"], tmp / "beat.log", cwd=REPO))
         try:
             from deployer.fleet_local import read_nodes
             from deployer.services import redis_client
 
-            _wait(lambda: len([n for n in read_nodes(redis_client()) if n.ready]) == 2, 120, "two Triton nodes")
+            wait_until(lambda: len([n for n in read_nodes(redis_client()) if n.ready]) == 2, 120, "two Triton nodes")
             archive = train_demo_model(tmp / "model")
             stamp = int(time.time())
             results = [_round(f"rb-{kind}-{i}-{stamp}", fault, archive, tmp, gateway_port)
                        for i in range(rounds) for kind, fault in FAULTS.items()]
             base = _baseline(f"rb-baseline-{stamp}", archive, tmp, gateway_port, 10.0)
         finally:
-            _stop(procs)
+            for proc in procs:
+                stop_server(proc, timeout=40)
     p = settings.PLATFORM
     print(f"Rollback on a canary fault, default settings: tick {p['ROLLOUT_TICK_S']}s, window "
           f"{p['ROLLOUT_WINDOW_S']}s, max p99 {p['ROLLOUT_MAX_P99_MS']} ms, max error rate "

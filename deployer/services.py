@@ -26,7 +26,7 @@ from django.utils import timezone
 
 from deployer import analysis
 from deployer.fleet import Fleet, FleetError, FleetNotReady, Placement
-from deployer.gateway.routing import load_routes, publish_routes
+from deployer.gateway.routing import load_routes, publish_routes, table_to_dict
 from deployer.models import (
     ACTIVE_ROLLOUT_STATES,
     ROLLOUT_TRANSITIONS,
@@ -146,6 +146,9 @@ def deployment_create(actor: Actor, model: RegisteredModel, version_number: int,
                 raise DeployError(f"version {version_number} of {model.name} is {version.status}; only ready "
                                   "versions are deployed", 409)
             engine = engine_for(version, target)
+            triton_model = engine.io.get("triton_model_name", "")
+            if not triton_model:
+                raise DeployError(f"the engine {engine.variant} of version {version_number} has no Triton entry", 409)
             endpoint, _ = Endpoint.objects.get_or_create(model=model, defaults={"target": target})
             endpoint = Endpoint.objects.select_for_update().get(pk=endpoint.pk)
             if endpoint.stable_version_id == version.pk:
@@ -154,11 +157,9 @@ def deployment_create(actor: Actor, model: RegisteredModel, version_number: int,
             if active is not None:
                 raise DeployError(_busy(active), 409)
             d = Deployment.objects.create(
-                model=model, version=version, engine=engine, triton_model=engine.io.get("triton_model_name", ""),
+                model=model, version=version, engine=engine, triton_model=triton_model,
                 target=target, previous_version=endpoint.stable_version, require_approval=require_approval,
                 requested_by=actor.user_or_none, reason="loading the canary onto the fleet", **limits)
-            if not d.triton_model:
-                raise DeployError(f"the engine {engine.variant} of version {version_number} has no Triton entry", 409)
             audit_record(actor, "deployment.create", "deployment", d.pk, after={
                 **_view(d), "target": target, "engine": engine.variant, "steps": limits["steps"],
                 "previous_version": endpoint.stable_version.version if endpoint.stable_version else None})
@@ -371,7 +372,7 @@ def fleet_converge() -> dict[str, Any]:
 
     active = {d.model_id: d for d in Deployment.objects.filter(status__in=ACTIVE_ROLLOUT_STATES)
               .select_related("engine", "version")}
-    _, current = load_routes(redis)
+    routes_version, current = load_routes(redis)
     table: dict[str, Any] = {}
     endpoints = list(Endpoint.objects.filter(stable_version__isnull=False).select_related(
         "model", "stable_version", "stable_engine"))
@@ -400,20 +401,11 @@ def fleet_converge() -> dict[str, Any]:
         if d.status == RolloutStatus.PENDING:
             place(_placement(d.triton_model, d.engine, d.target))
     published = None
-    current_dict = _table_dict(current)
-    if table != current_dict and table:
-        published = publish_routes(redis, table)
+    if table and (current is None or table != table_to_dict(current)):
+        published = routes_version = publish_routes(redis, table)
     _move_champions(endpoints)
-    removed = _retire(backend, desired)
+    removed = _retire(backend, desired, routes_version)
     return {"placed": sorted(desired), "published": published, "removed": removed}
-
-
-def _table_dict(table: Any) -> dict[str, Any] | None:
-    if table is None:
-        return None
-    from deployer.gateway.routing import table_to_dict
-
-    return table_to_dict(table)
 
 
 def _move_champions(endpoints: list[Endpoint]) -> None:
@@ -428,12 +420,11 @@ def _move_champions(endpoints: list[Endpoint]) -> None:
             log.warning("moving %s of %s to v%s: %s", CHAMPION, ep.model.name, number, exc)
 
 
-def _retire(backend: Fleet, desired: dict[str, Placement]) -> list[str]:
-    """Unload models nothing routes to, once every live gateway has applied a table without them and
-    ROLLOUT_DRAIN_S has passed (requests already sent to them finish first)."""
+def _retire(backend: Fleet, desired: dict[str, Placement], routes_version: int) -> list[str]:
+    """Unload models nothing routes to, once every live gateway has applied a table without them (the
+    table in use is `routes_version`) and ROLLOUT_DRAIN_S has passed (requests already sent finish first)."""
     redis = redis_client()
     now = time.time()
-    routes_version, _ = load_routes(redis)
     gateways = analysis.live_gateways(redis)
     applied = min((int(g.get("routes_version", 0)) for g in gateways.values()), default=routes_version)
     retiring = {k.decode(): json.loads(v) for k, v in redis.hgetall(RETIRING_KEY).items()}

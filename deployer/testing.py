@@ -1,18 +1,62 @@
-"""Support for the deployer's tests and benchmarks (bench/rollback): versions whose engines are the
-fault-injectable echo model, and a constant client load through the gateway that records every answer."""
+"""Support for the deployer's tests and benchmarks (bench/rollback): a gateway process, waiting for a
+condition, versions whose engines are the fault-injectable echo model, and a constant client load through
+the gateway that records every answer."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from config.stack import free_port, wait_for_port
 from deployer.gateway.echo_model import write_echo_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def wait_until(check: Callable[[], Any], timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None,
+               every: Callable[[], Any] | None = None, interval: float = 0.2) -> Any:
+    """Poll `check` (after calling `every`, if given) until it returns something true, and return that."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if every is not None:
+            every()
+        result = check()
+        if result:
+            return result
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"waiting for {what}: the process exited with {proc.returncode}")
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+@contextlib.contextmanager
+def gateway_process(redis_url: str, log_path: Path, *args: str) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    """A gateway process following the routing table in `redis_url`: (its port, the process)."""
+    port = free_port()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "deployer.gateway", "--port", str(port), "--routes-from",
+                                 redis_url, *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            wait_for_port(port, 30, proc)
+            yield port, proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
 
 
 def echo_version(model: str, archive: Path, factor: float, workdir: Path, fault_file: Path | None = None) -> Any:

@@ -6,15 +6,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from config.stack import free_port, wait_for_port
-from deployer.testing import echo_version
+from deployer.testing import echo_version, gateway_process, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 KEYS = ["fleet:local:nodes", "gateway:instances", "gateway:routes", "gateway:routes:version", "deployer:retiring"]
@@ -64,32 +62,9 @@ def local_fleet(redis_client: Any, tmp_path_factory: pytest.TempPathFactory) -> 
 
 @pytest.fixture(scope="module")
 def gateway(redis_client: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("gateway") / "gateway.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "deployer.gateway", "--port", str(port), "--routes-from",
-                             os.environ["REDIS_URL"], "--sample-rate", "0", "--routes-poll-s", "0.2"],
-                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_for_port(port, 30, proc)
+    with gateway_process(os.environ["REDIS_URL"], tmp_path_factory.mktemp("gateway") / "gateway.log",
+                         "--sample-rate", "0", "--routes-poll-s", "0.2") as (port, proc):
         yield {"port": port, "proc": proc}
-    finally:
-        _stop(proc)
-        log.close()
-
-
-def wait_until(check: Callable[[], Any], timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None,
-               every: Callable[[], Any] | None = None, interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if every is not None:
-            every()
-        result = check()
-        if result:
-            return result
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"waiting for {what}: the process exited with {proc.returncode}")
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 @pytest.fixture

@@ -4,44 +4,26 @@ driven by the unmodified tritonclient.http client. Loopback and free ports only.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import http.client
 import json
 import os
 import re
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from config.stack import free_port, wait_for_port
+from config.stack import free_port
 from deployer.gateway.echo_model import write_echo_model
 from deployer.gateway.routing import INSTANCES_KEY, ROUTES_KEY, ROUTES_VERSION_KEY, publish_routes
 from deployer.gateway.server import sticky_arm
+from deployer.testing import gateway_process
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def redis_client():
-    import redis
-
-    url = os.environ.get("REDIS_URL")
-    if not url:
-        pytest.skip("REDIS_URL is not set: run under `python -m config.stack exec`")
-    client = redis.Redis.from_url(url)
-    client.ping()
-    yield client
-    client.close()
 
 
 @pytest.fixture(scope="module")
@@ -65,33 +47,13 @@ def triton(tmp_path_factory):
         server.stop()
 
 
-@contextlib.contextmanager
-def _gateway_process(redis_url: str, log_path: Path, *args: str) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
-    """A gateway process following the routing table in `redis_url`: (its port, the process)."""
-    port = free_port()
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "deployer.gateway", "--port", str(port), "--routes-from",
-                                 redis_url, *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            wait_for_port(port, 30, proc)
-            yield port, proc
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-
-
 @pytest.fixture(scope="module")
 def gateway(redis_client, triton, tmp_path_factory):
     # The keys a gateway reads are global to the Redis; this module's gateway is the only one of the test run
     # following database 0 (see the read-timeout test for another).
     stream = f"gateway:samples:test-{uuid.uuid4().hex[:8]}"
     try:
-        with _gateway_process(os.environ["REDIS_URL"], tmp_path_factory.mktemp("gw") / "gateway.log",
+        with gateway_process(os.environ["REDIS_URL"], tmp_path_factory.mktemp("gw") / "gateway.log",
                               "--sample-rate", "0.5", "--sample-stream", stream, "--node-down-s", "30",
                               "--routes-poll-s", "0.2") as (port, proc):
             yield {"port": port, "proc": proc, "stream": stream, "url": f"127.0.0.1:{port}"}
@@ -299,7 +261,7 @@ def test_a_stuck_upstream_gets_a_504_and_its_connection_is_dropped(redis_client,
     routes = redis.Redis.from_url(url)
     stuck = StuckUpstream()
     try:
-        with _gateway_process(url, tmp_path / "gateway.log", "--sample-rate", "0", "--read-timeout-s", "0.5",
+        with gateway_process(url, tmp_path / "gateway.log", "--sample-rate", "0", "--read-timeout-s", "0.5",
                               "--routes-poll-s", "0.2") as (port, _):
             _stuck_upstream_checks(routes, stuck, port, triton)
     finally:

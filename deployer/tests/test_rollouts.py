@@ -15,8 +15,7 @@ from deployer import services
 from deployer.fleet_local import read_nodes
 from deployer.gateway.routing import load_routes
 from deployer.models import Deployment, Endpoint, RolloutStatus
-from deployer.testing import Load
-from deployer.tests.conftest import wait_until
+from deployer.testing import Load, wait_until
 from registry import mlflow_store
 from registry.audit import SYSTEM
 from registry.models import AuditEvent
@@ -49,6 +48,14 @@ def _reconcile_until(deployment: Deployment, states: set[str], timeout: float = 
 def _routed(redis_client: Any, model: str) -> Any:
     _, table = load_routes(redis_client)
     return None if table is None else table.get(model)
+
+
+def _wait_unloaded(model: str, version: int, proc: Any = None) -> None:
+    """Until the fleet no longer holds the version's Triton model; reconciler passes run in this process
+    unless a worker process (`proc`) does them."""
+    name = f"{model}_v{version}_cpu-fp32-onnxruntime"
+    wait_until(lambda: name not in services.fleet().placed(), 60, f"{name} unloaded", proc,
+               every=None if proc is not None else services.rollouts_reconcile, interval=0.3)
 
 
 def _first_deployment(model: str, archive: Path, serving_version: Any, redis_client: Any) -> Any:
@@ -93,8 +100,7 @@ def test_a_canary_steps_through_its_weights_and_is_promoted_under_load_without_a
         wait_until(lambda: Deployment.objects.get(pk=d.pk).status == RolloutStatus.PROMOTED, 120, "promotion",
                    every=watch, interval=0.3)
         # After the promotion the old version leaves the routes, then the fleet, once the gateway applied it.
-        wait_until(lambda: f"{unique_name}_v1_cpu-fp32-onnxruntime" not in services.fleet().placed(), 60,
-                   "v1 unloaded", every=services.rollouts_reconcile, interval=0.3)
+        _wait_unloaded(unique_name, 1)
         served_before = load.by_version().get("2", 0)
         wait_until(lambda: load.by_version().get("2", 0) >= served_before + 20, 30, "v2 answering after promotion")
     assert weights_seen == {20, 50}
@@ -134,8 +140,7 @@ def test_a_faulty_canary_is_rolled_back_automatically_and_clients_see_only_its_o
         assert load.failures and all(f[0] >= 500 for f in load.failures)
     assert mlflow_store.alias_version(unique_name, "champion") == 1
     assert Endpoint.objects.get(model=v2.model).stable_version.version == 1
-    wait_until(lambda: f"{unique_name}_v2_cpu-fp32-onnxruntime" not in services.fleet().placed(), 60,
-               "the canary unloaded", every=services.rollouts_reconcile, interval=0.3)
+    _wait_unloaded(unique_name, 2)
 
 
 def test_a_triton_node_killed_during_a_canary_costs_no_client_request(
@@ -180,8 +185,7 @@ def test_the_reconciler_finishes_a_promotion_whose_worker_died_before_acting_on_
     route = _routed(redis_client, unique_name)
     assert route.stable.version == "2" and route.canary is None
     assert mlflow_store.alias_version(unique_name, "champion") == 2
-    wait_until(lambda: f"{unique_name}_v1_cpu-fp32-onnxruntime" not in services.fleet().placed(), 60,
-               "v1 unloaded", every=services.rollouts_reconcile, interval=0.3)
+    _wait_unloaded(unique_name, 1)
 
 
 def test_a_deployer_worker_killed_mid_rollout_leaves_nothing_the_next_worker_does_not_finish(
@@ -205,8 +209,7 @@ def test_a_deployer_worker_killed_mid_rollout_leaves_nothing_the_next_worker_doe
         with platform_process([*worker, "--hostname", "second@%h"], "worker-2", env) as second:
             wait_until(lambda: Deployment.objects.get(pk=d.pk).status == RolloutStatus.PROMOTED, 120,
                        "the second worker to finish the rollout", second)
-            wait_until(lambda: f"{unique_name}_v1_cpu-fp32-onnxruntime" not in services.fleet().placed(), 60,
-                       "v1 unloaded by the second worker", second)
+            _wait_unloaded(unique_name, 1, second)
     assert load.failures == [], load.failures[:5]
     route = _routed(redis_client, unique_name)
     assert route.stable.version == "2" and route.canary is None
