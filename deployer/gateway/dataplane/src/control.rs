@@ -1,0 +1,232 @@
+//! The control protocol on stdin: TAB-separated lines, a table applied whole at its `end` line.
+//!
+//!     table   <version>
+//!     model   <name>  <canary weight 0..100>
+//!     arm     stable|canary   <version>   <triton model>  <host:port>[,<host:port>...]
+//!     end
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArmSpec {
+    pub version: String,
+    pub triton_model: String,
+    pub nodes: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelSpec {
+    pub name: String,
+    pub weight: u32,
+    pub stable: Option<ArmSpec>,
+    pub canary: Option<ArmSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableSpec {
+    pub version: u64,
+    pub models: Vec<ModelSpec>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event {
+    None,
+    Apply(TableSpec),
+    /// A table that will not be applied (version when known, why).
+    Reject(Option<u64>, String),
+}
+
+#[derive(Default)]
+pub struct ControlParser {
+    /// The table being read, and the first problem found in it.
+    cur: Option<(TableSpec, Option<String>)>,
+    /// Whether the table line gave a readable version (for the rejection message).
+    version_known: bool,
+}
+
+/// "host:port" as the Python control plane validates it: non-empty host, port 1..65535.
+pub fn valid_node(n: &str) -> bool {
+    match n.rsplit_once(':') {
+        Some((host, port)) => {
+            !host.is_empty()
+                && !port.is_empty()
+                && port.len() <= 5
+                && port.bytes().all(|c| c.is_ascii_digit())
+                && (1..65536).contains(&port.parse::<u32>().unwrap_or(0))
+        }
+        None => false,
+    }
+}
+
+impl ControlParser {
+    pub fn line(&mut self, raw: &str) -> Event {
+        let line = raw.strip_suffix('\r').unwrap_or(raw);
+        if line.is_empty() {
+            return Event::None;
+        }
+        let f: Vec<&str> = line.split('\t').collect();
+        match f[0] {
+            "table" => {
+                let known = self.version_known;
+                let previous = self.cur.take().map(|(t, _)| Some(t.version).filter(|_| known));
+                let version = if f.len() == 2 { f[1].parse::<u64>().ok() } else { None };
+                self.version_known = version.is_some();
+                self.cur = Some((
+                    TableSpec { version: version.unwrap_or(0), models: Vec::new() },
+                    if version.is_none() { Some(format!("bad table line {line:?}")) } else { None },
+                ));
+                match previous {
+                    Some(v) => Event::Reject(v, "no end line before the next table".into()),
+                    None => Event::None,
+                }
+            }
+            "end" => match self.cur.take() {
+                None => Event::Reject(None, "end line outside a table".into()),
+                Some((t, Some(why))) => Event::Reject(Some(t.version).filter(|_| self.version_known), why),
+                Some((t, None)) => match t.models.iter().find(|m| m.stable.is_none()) {
+                    Some(m) => Event::Reject(Some(t.version), format!("model {} has no stable arm", m.name)),
+                    None => Event::Apply(t),
+                },
+            },
+            "model" | "arm" => {
+                let Some((table, err)) = self.cur.as_mut() else {
+                    return Event::Reject(None, format!("{} line outside a table", f[0]));
+                };
+                if err.is_none() {
+                    if let Err(why) = if f[0] == "model" { model_line(table, &f) } else { arm_line(table, &f) } {
+                        *err = Some(why);
+                    }
+                }
+                Event::None
+            }
+            other => {
+                let why = format!("unknown line {other:?}");
+                match self.cur.as_mut() {
+                    Some((_, err)) => {
+                        err.get_or_insert(why);
+                        Event::None
+                    }
+                    None => Event::Reject(None, why),
+                }
+            }
+        }
+    }
+}
+
+fn model_line(t: &mut TableSpec, f: &[&str]) -> Result<(), String> {
+    if f.len() != 3 {
+        return Err(format!("a model line has 3 fields, not {}", f.len()));
+    }
+    let name = f[1];
+    if name.is_empty() || name.contains('/') {
+        return Err(format!("bad model name {name:?}"));
+    }
+    if t.models.iter().any(|m| m.name == name) {
+        return Err(format!("model {name} appears twice"));
+    }
+    let weight = f[2].parse::<u32>().ok().filter(|w| *w <= 100).ok_or_else(|| format!("{name}: weight must be 0..100, not {:?}", f[2]))?;
+    t.models.push(ModelSpec { name: name.to_string(), weight, stable: None, canary: None });
+    Ok(())
+}
+
+fn arm_line(t: &mut TableSpec, f: &[&str]) -> Result<(), String> {
+    let Some(model) = t.models.last_mut() else {
+        return Err("an arm line before any model line".into());
+    };
+    if f.len() != 5 {
+        return Err(format!("{}: an arm line has 5 fields, not {}", model.name, f.len()));
+    }
+    let (role, version, triton_model) = (f[1], f[2], f[3]);
+    if version.is_empty() {
+        return Err(format!("{}.{role}: empty version", model.name));
+    }
+    if triton_model.is_empty() || triton_model.contains('/') || triton_model.contains(' ') {
+        return Err(format!("{}.{role}: bad Triton model name {triton_model:?}", model.name));
+    }
+    let nodes: Vec<String> = f[4].split(',').map(str::to_string).collect();
+    if let Some(bad) = nodes.iter().find(|n| !valid_node(n)) {
+        return Err(format!("{}.{role}: a node is 'host:port', not {bad:?}", model.name));
+    }
+    let arm = Some(ArmSpec { version: version.to_string(), triton_model: triton_model.to_string(), nodes });
+    let slot = match role {
+        "stable" => &mut model.stable,
+        "canary" => &mut model.canary,
+        _ => return Err(format!("{}: arm role must be stable or canary, not {role:?}", model.name)),
+    };
+    if slot.is_some() {
+        return Err(format!("{}: two {role} arms", model.name));
+    }
+    *slot = arm;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feed(p: &mut ControlParser, text: &str) -> Vec<Event> {
+        text.lines().map(|l| p.line(l)).filter(|e| *e != Event::None).collect()
+    }
+
+    #[test]
+    fn a_table_is_applied_at_its_end() {
+        let mut p = ControlParser::default();
+        let ev = feed(&mut p, "table\t7\nmodel\techo\t10\narm\tstable\t1\techo_v1\t127.0.0.1:8000,h:9\narm\tcanary\t2\techo_v2\t127.0.0.1:8000\nmodel\tother\t55\narm\tstable\t3\tother_v3\th:1\nend\n");
+        let want = TableSpec {
+            version: 7,
+            models: vec![
+                ModelSpec {
+                    name: "echo".into(),
+                    weight: 10,
+                    stable: Some(ArmSpec { version: "1".into(), triton_model: "echo_v1".into(), nodes: vec!["127.0.0.1:8000".into(), "h:9".into()] }),
+                    canary: Some(ArmSpec { version: "2".into(), triton_model: "echo_v2".into(), nodes: vec!["127.0.0.1:8000".into()] }),
+                },
+                ModelSpec {
+                    name: "other".into(),
+                    weight: 55,
+                    stable: Some(ArmSpec { version: "3".into(), triton_model: "other_v3".into(), nodes: vec!["h:1".into()] }),
+                    canary: None,
+                },
+            ],
+        };
+        assert_eq!(ev, vec![Event::Apply(want)]);
+        assert_eq!(feed(&mut p, "table\t8\nend\r\n"), vec![Event::Apply(TableSpec { version: 8, models: vec![] })]);
+    }
+
+    #[test]
+    fn malformed_tables_are_rejected_whole() {
+        let cases = [
+            ("table\tx\nend", None),
+            ("table\t3\nmodel\tm\t101\narm\tstable\t1\tm1\th:1\nend", Some(3)),
+            ("table\t3\nmodel\tm\t5\nend", Some(3)),
+            ("table\t3\nmodel\tm\t5\narm\tstable\t1\tm1\th:0\nend", Some(3)),
+            ("table\t3\nmodel\tm\t5\narm\tstable\t1\tm1\th\nend", Some(3)),
+            ("table\t3\nmodel\tm\t5\narm\tstable\t1\tm1\t:80\nend", Some(3)),
+            ("table\t3\nmodel\tm\t5\narm\tstable\t1\tm1\th:1\narm\tstable\t1\tm1\th:1\nend", Some(3)),
+            ("table\t3\nmodel\tm\t5\narm\tblue\t1\tm1\th:1\nend", Some(3)),
+            ("table\t3\nmodel\ta/b\t5\nend", Some(3)),
+            ("table\t3\narm\tstable\t1\tm1\th:1\nend", Some(3)),
+            ("table\t3\nmodel\tm\t5\narm\tstable\t\tm1\th:1\nend", Some(3)),
+            ("table\t3\nmodel\tm\t5\narm\tstable\t1\tm/1\th:1\nend", Some(3)),
+            ("table\t3\nmodel\tm\t5\nmodel\tm\t5\nend", Some(3)),
+            ("table\t3\nbogus\nend", Some(3)),
+        ];
+        for (text, version) in cases {
+            let mut p = ControlParser::default();
+            let ev = feed(&mut p, text);
+            assert!(matches!(ev.as_slice(), [Event::Reject(v, _)] if *v == version), "{text:?}: {ev:?}");
+        }
+        let mut p = ControlParser::default();
+        let ev = feed(&mut p, "table\t1\nmodel\tm\t0\ntable\t2\nmodel\tm\t0\narm\tstable\t1\tm1\th:1\nend");
+        assert!(matches!(&ev[..], [Event::Reject(Some(1), _), Event::Apply(t)] if t.version == 2), "{ev:?}");
+        assert!(matches!(&feed(&mut ControlParser::default(), "end")[..], [Event::Reject(None, _)]));
+    }
+
+    #[test]
+    fn nodes_are_host_port() {
+        for ok in ["127.0.0.1:8000", "triton-0.triton:8001", "[::1]:80", "h:65535"] {
+            assert!(valid_node(ok), "{ok}");
+        }
+        for bad in ["h:65536", "h:", ":1", "h", "h:x", "h:-1", ""] {
+            assert!(!valid_node(bad), "{bad}");
+        }
+    }
+}

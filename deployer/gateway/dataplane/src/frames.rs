@@ -1,0 +1,150 @@
+//! Frames to the control plane on stdout: `<kind: 1 byte><len: u32 LE><payload>`, written by one thread.
+//! 'A': a table was applied (payload: its version in ASCII). 'S': a traffic sample (payload: fields).
+
+use std::io::Write;
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+
+/// A sampled exchange, owned (the connection's buffers are reused by the next request).
+pub struct Sample {
+    pub model: String,
+    pub version: String,
+    pub triton_model: String,
+    pub status: u16,
+    pub latency_ns: u64,
+    /// Unix time, in µs.
+    pub ts_us: u64,
+    pub request: Vec<u8>,
+    pub request_head: Vec<u8>,
+    pub response_head: Vec<u8>,
+    pub response: Vec<u8>,
+}
+
+pub enum Frame {
+    Applied(u64),
+    Sample(Box<Sample>),
+}
+
+fn field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    out.extend_from_slice(&(name.len() as u16).to_le_bytes());
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+    out.extend_from_slice(value);
+}
+
+/// Appends one frame to `out`.
+pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[0; 5]);
+    let kind = match frame {
+        Frame::Applied(v) => {
+            out.extend_from_slice(v.to_string().as_bytes());
+            b'A'
+        }
+        Frame::Sample(s) => {
+            field(out, "model", s.model.as_bytes());
+            field(out, "version", s.version.as_bytes());
+            field(out, "triton_model", s.triton_model.as_bytes());
+            field(out, "status", s.status.to_string().as_bytes());
+            field(out, "latency_ms", format!("{:.3}", s.latency_ns as f64 / 1e6).as_bytes());
+            field(out, "ts", format!("{}.{:06}", s.ts_us / 1_000_000, s.ts_us % 1_000_000).as_bytes());
+            field(out, "request", &s.request);
+            field(out, "request_head", &s.request_head);
+            field(out, "response_head", &s.response_head);
+            field(out, "response", &s.response);
+            b'S'
+        }
+    };
+    let len = (out.len() - start - 5) as u32;
+    out[start] = kind;
+    out[start + 1..start + 5].copy_from_slice(&len.to_le_bytes());
+}
+
+/// Offers a sample without waiting: false when the queue is full (the caller counts the drop).
+pub fn offer(tx: &SyncSender<Frame>, s: Sample) -> bool {
+    !matches!(tx.try_send(Frame::Sample(Box::new(s))), Err(TrySendError::Full(_)))
+}
+
+/// The writer thread's loop: every frame waiting is written, then one flush per batch.
+pub fn write_frames(rx: Receiver<Frame>, mut sink: impl Write) {
+    let mut buf = Vec::with_capacity(64 * 1024);
+    let mut broken = false;
+    while let Ok(first) = rx.recv() {
+        buf.clear();
+        encode(&first, &mut buf);
+        while buf.len() < 4 << 20 {
+            match rx.try_recv() {
+                Ok(f) => encode(&f, &mut buf),
+                Err(_) => break,
+            }
+        }
+        // A control plane that stopped reading is gone: stdin's EOF ends the process; until then frames
+        // are dropped rather than blocking anyone.
+        if !broken && (sink.write_all(&buf).is_err() || sink.flush().is_err()) {
+            broken = true;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_are_kind_length_payload() {
+        let mut out = Vec::new();
+        encode(&Frame::Applied(42), &mut out);
+        assert_eq!(out, b"A\x02\x00\x00\x0042");
+        out.clear();
+        let s = Sample {
+            model: "echo".into(),
+            version: "2".into(),
+            triton_model: "echo_v2".into(),
+            status: 200,
+            latency_ns: 1_234_567,
+            ts_us: 1_700_000_000_000_042,
+            request: b"body".to_vec(),
+            request_head: b"POST / HTTP/1.1\r\n\r\n".to_vec(),
+            response_head: b"HTTP/1.1 200 OK".to_vec(),
+            response: vec![],
+        };
+        encode(&Frame::Sample(Box::new(s)), &mut out);
+        assert_eq!(out[0], b'S');
+        assert_eq!(u32::from_le_bytes(out[1..5].try_into().unwrap()) as usize, out.len() - 5);
+        let mut fields = Vec::new();
+        let mut p = &out[5..];
+        while !p.is_empty() {
+            let n = u16::from_le_bytes([p[0], p[1]]) as usize;
+            let name = String::from_utf8(p[2..2 + n].to_vec()).unwrap();
+            p = &p[2 + n..];
+            let m = u32::from_le_bytes(p[..4].try_into().unwrap()) as usize;
+            fields.push((name, p[4..4 + m].to_vec()));
+            p = &p[4 + m..];
+        }
+        let names: Vec<&str> = fields.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["model", "version", "triton_model", "status", "latency_ms", "ts", "request", "request_head", "response_head", "response"]);
+        assert_eq!(fields[3].1, b"200");
+        assert_eq!(fields[4].1, b"1.235");
+        assert_eq!(fields[5].1, b"1700000000.000042");
+        assert_eq!(fields[7].1, b"POST / HTTP/1.1\r\n\r\n");
+    }
+
+    #[test]
+    fn a_full_queue_drops_samples() {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let mk = || Sample {
+            model: String::new(),
+            version: String::new(),
+            triton_model: String::new(),
+            status: 200,
+            latency_ns: 0,
+            ts_us: 0,
+            request: vec![],
+            request_head: vec![],
+            response_head: vec![],
+            response: vec![],
+        };
+        assert!(offer(&tx, mk()));
+        assert!(!offer(&tx, mk()));
+        drop(rx);
+    }
+}

@@ -1,0 +1,617 @@
+//! HTTP/1.x framing: request heads, response heads, chunked bodies, canned local responses.
+//! Pure functions over byte slices, so the hot path allocates nothing here and the tests need no sockets.
+
+use std::ops::Range;
+
+/// Largest request head accepted (request line + headers + the blank line).
+pub const MAX_HEAD: usize = 64 * 1024;
+
+/// Index just past the first CRLFCRLF of `buf`, searching from `from` (callers pass what they had
+/// already searched, less 3, so a head that arrives in pieces is not scanned again from the start).
+pub fn find_head_end(buf: &[u8], from: usize) -> Option<usize> {
+    let mut i = from;
+    while i + 4 <= buf.len() {
+        // Jump between CRs: most bytes of a head are not one.
+        match buf[i..].iter().position(|&b| b == b'\r') {
+            None => return None,
+            Some(p) => i += p,
+        }
+        if i + 4 > buf.len() {
+            return None;
+        }
+        if buf[i + 1] == b'\n' && buf[i + 2] == b'\r' && buf[i + 3] == b'\n' {
+            return Some(i + 4);
+        }
+        i += 1;
+    }
+    None
+}
+
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub enum HeadError {
+    BadRequestLine,
+    BadHeader,
+    MultipleContentLength,
+    BadContentLength,
+    BadTransferEncoding,
+    LengthAndChunked,
+}
+
+impl HeadError {
+    pub fn message(self) -> &'static str {
+        match self {
+            HeadError::BadRequestLine => "bad request line",
+            HeadError::BadHeader => "bad header line",
+            HeadError::MultipleContentLength => "more than one Content-Length",
+            HeadError::BadContentLength => "bad Content-Length",
+            HeadError::BadTransferEncoding => "unsupported Transfer-Encoding (only chunked)",
+            HeadError::LengthAndChunked => "both Content-Length and Transfer-Encoding",
+        }
+    }
+}
+
+/// A parsed request head; ranges index the head's bytes.
+#[derive(Debug, Default, Clone)]
+pub struct RequestHead {
+    pub method: Range<usize>,
+    pub url: Range<usize>,
+    pub http11: bool,
+    pub keep_alive: bool,
+    pub content_length: Option<u64>,
+    pub chunked: bool,
+    pub expect_continue: bool,
+    /// The x-request-key value, trimmed.
+    pub key: Option<Range<usize>>,
+    /// Where the first header line starts (just after the request line's CRLF).
+    pub headers_start: usize,
+    /// Length of the whole head, its final CRLFCRLF included.
+    pub len: usize,
+}
+
+fn trim(b: &[u8], mut r: Range<usize>) -> Range<usize> {
+    while r.start < r.end && (b[r.start] == b' ' || b[r.start] == b'\t') {
+        r.start += 1;
+    }
+    while r.end > r.start && (b[r.end - 1] == b' ' || b[r.end - 1] == b'\t') {
+        r.end -= 1;
+    }
+    r
+}
+
+fn is_tchar(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c)
+}
+
+/// Comma-separated tokens of a Connection header: (has "close", has "keep-alive").
+fn connection_tokens(v: &[u8]) -> (bool, bool) {
+    let (mut close, mut keep) = (false, false);
+    for tok in v.split(|&c| c == b',') {
+        let t = trim(tok, 0..tok.len());
+        let t = &tok[t];
+        if t.eq_ignore_ascii_case(b"close") {
+            close = true;
+        } else if t.eq_ignore_ascii_case(b"keep-alive") {
+            keep = true;
+        }
+    }
+    (close, keep)
+}
+
+fn parse_length(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 18 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(v.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0')))
+}
+
+/// What a header name means to the gateway, matched case-insensitively (length first: most names
+/// are none of these and are rejected on their length alone).
+#[derive(PartialEq, Eq, Debug)]
+enum Name {
+    Other,
+    Hop,
+    Connection,
+    ContentLength,
+    TransferEncoding,
+    RequestKey,
+    Expect,
+}
+
+fn classify(name: &[u8]) -> Name {
+    let is = |s: &[u8]| name.eq_ignore_ascii_case(s);
+    match name.len() {
+        2 if is(b"te") => Name::Hop,
+        6 if is(b"expect") => Name::Expect,
+        7 if is(b"upgrade") || is(b"trailer") => Name::Hop,
+        10 if is(b"connection") => Name::Connection,
+        10 if is(b"keep-alive") => Name::Hop,
+        13 if is(b"x-request-key") => Name::RequestKey,
+        14 if is(b"content-length") => Name::ContentLength,
+        16 if is(b"proxy-connection") => Name::Hop,
+        17 if is(b"transfer-encoding") => Name::TransferEncoding,
+        _ => Name::Other,
+    }
+}
+
+/// Parses `head` (which ends with CRLFCRLF). Header lines not to forward are pushed on `drop` as
+/// ranges of whole lines (CRLF included), in order; `drop` is cleared first.
+pub fn parse_request_head(head: &[u8], drop: &mut Vec<Range<usize>>) -> Result<RequestHead, HeadError> {
+    drop.clear();
+    let line_end = head.iter().position(|&b| b == b'\r').ok_or(HeadError::BadRequestLine)?;
+    if head.get(line_end + 1) != Some(&b'\n') {
+        return Err(HeadError::BadRequestLine);
+    }
+    let line = &head[..line_end];
+    let sp1 = line.iter().position(|&b| b == b' ').ok_or(HeadError::BadRequestLine)?;
+    let sp2 = sp1 + 1 + line[sp1 + 1..].iter().position(|&b| b == b' ').ok_or(HeadError::BadRequestLine)?;
+    let version = &line[sp2 + 1..];
+    if sp1 == 0 || sp2 == sp1 + 1 || version.len() != 8 || !version.starts_with(b"HTTP/1.") {
+        return Err(HeadError::BadRequestLine);
+    }
+    if !line[..sp1].iter().all(|&c| is_tchar(c)) || line[sp1 + 1..sp2].iter().any(|&c| c <= b' ' || c == 127) {
+        return Err(HeadError::BadRequestLine);
+    }
+    let http11 = version == b"HTTP/1.1";
+    let mut h = RequestHead {
+        method: 0..sp1,
+        url: sp1 + 1..sp2,
+        http11,
+        headers_start: line_end + 2,
+        len: head.len(),
+        ..Default::default()
+    };
+    let (mut close, mut keep) = (false, false);
+    let mut te_seen = false;
+    let mut pos = line_end + 2;
+    let block_end = head.len() - 2; // the final blank line's CRLF
+    while pos < block_end {
+        let eol = pos + head[pos..].iter().position(|&b| b == b'\r').ok_or(HeadError::BadHeader)?;
+        if head.get(eol + 1) != Some(&b'\n') {
+            return Err(HeadError::BadHeader);
+        }
+        let colon = pos + head[pos..eol].iter().position(|&b| b == b':').ok_or(HeadError::BadHeader)?;
+        let name = &head[pos..colon];
+        if name.is_empty() || !name.iter().all(|&c| is_tchar(c)) {
+            return Err(HeadError::BadHeader);
+        }
+        let value = trim(head, colon + 1..eol);
+        let whole = pos..eol + 2;
+        match classify(name) {
+            Name::Other => {}
+            Name::Hop => drop.push(whole),
+            Name::Connection => {
+                let (c, k) = connection_tokens(&head[value]);
+                close |= c;
+                keep |= k;
+                drop.push(whole);
+            }
+            Name::RequestKey => {
+                h.key = Some(value);
+                drop.push(whole);
+            }
+            Name::Expect => {
+                // Answered by the gateway itself (a "100 Continue" when the body is not there yet):
+                // the upstream gets the whole request at once.
+                if head[value].eq_ignore_ascii_case(b"100-continue") {
+                    h.expect_continue = true;
+                    drop.push(whole);
+                }
+            }
+            Name::ContentLength => {
+                if h.content_length.is_some() {
+                    return Err(HeadError::MultipleContentLength);
+                }
+                h.content_length = Some(parse_length(&head[value]).ok_or(HeadError::BadContentLength)?);
+            }
+            Name::TransferEncoding => {
+                if te_seen || !head[value].eq_ignore_ascii_case(b"chunked") {
+                    return Err(HeadError::BadTransferEncoding);
+                }
+                te_seen = true;
+                h.chunked = true;
+                drop.push(whole);
+            }
+        }
+        pos = eol + 2;
+    }
+    if h.chunked && h.content_length.is_some() {
+        // Two framings: a request smuggling shape, refused rather than guessed at.
+        return Err(HeadError::LengthAndChunked);
+    }
+    h.keep_alive = if http11 { !close } else { keep };
+    Ok(h)
+}
+
+/// A parsed upstream response head.
+#[derive(Debug, Default, Clone)]
+pub struct ResponseHead {
+    pub status: u16,
+    pub content_length: Option<u64>,
+    pub chunked: bool,
+    /// The upstream will close after this response (Connection: close, or HTTP/1.0 without keep-alive).
+    pub closes: bool,
+    /// Index of the CRLF that ends the status line.
+    pub status_line_end: usize,
+    /// "\r\n<header line>" ranges of headers not relayed (connection, keep-alive), in order.
+    pub strip: Vec<Range<usize>>,
+}
+
+impl ResponseHead {
+    /// The reason phrase of the status line (may be empty).
+    pub fn reason<'a>(&self, head: &'a [u8]) -> &'a [u8] {
+        head.get(13..self.status_line_end).unwrap_or(b"")
+    }
+}
+
+/// Parses a response head given WITHOUT its final CRLFCRLF.
+pub fn parse_response_head(head: &[u8]) -> Result<ResponseHead, ()> {
+    let line_end = head.windows(2).position(|w| w == b"\r\n").unwrap_or(head.len());
+    let line = &head[..line_end];
+    if line.len() < 12 || !line.starts_with(b"HTTP/1.") || line[8] != b' ' || !line[9..12].iter().all(u8::is_ascii_digit)
+    {
+        return Err(());
+    }
+    if line.len() > 12 && line[12] != b' ' {
+        return Err(());
+    }
+    let status = line[9..12].iter().fold(0u16, |n, &d| n * 10 + u16::from(d - b'0'));
+    let http11 = line[7] == b'1';
+    let mut r = ResponseHead { status, status_line_end: line_end, ..Default::default() };
+    let (mut close, mut keep) = (false, false);
+    let mut pos = line_end;
+    while pos < head.len() {
+        // here head[pos..] starts with "\r\n"
+        let start = pos + 2;
+        let eol = head[start..].windows(2).position(|w| w == b"\r\n").map_or(head.len(), |p| start + p);
+        let l = &head[start..eol];
+        if let Some(colon) = l.iter().position(|&b| b == b':') {
+            let name = &l[..colon];
+            let v = trim(l, colon + 1..l.len());
+            let value = &l[v];
+            if name.eq_ignore_ascii_case(b"content-length") {
+                let n = parse_length(value).ok_or(())?;
+                if r.content_length.is_some_and(|m| m != n) {
+                    return Err(());
+                }
+                r.content_length = Some(n);
+            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                let last = value.rsplit(|&c| c == b',').next().unwrap_or(b"");
+                let t = trim(last, 0..last.len());
+                r.chunked = last[t].eq_ignore_ascii_case(b"chunked");
+                if !r.chunked {
+                    r.content_length = None; // some other coding: delimited by the close
+                }
+            } else if name.eq_ignore_ascii_case(b"connection") {
+                let (c, k) = connection_tokens(value);
+                close |= c;
+                keep |= k;
+                r.strip.push(pos..eol);
+            } else if name.eq_ignore_ascii_case(b"keep-alive") {
+                r.strip.push(pos..eol);
+            }
+        }
+        pos = eol;
+    }
+    if r.chunked {
+        r.content_length = None;
+    }
+    r.closes = close || (!http11 && !keep);
+    Ok(r)
+}
+
+/// Incremental chunked-body parser: finds where a chunked body ends and, when asked, collects the data.
+#[derive(Debug, Default, Clone)]
+pub struct Chunked {
+    state: CState,
+    size: u64,
+    digits: u8,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum CState {
+    #[default]
+    Size,
+    Ext,
+    SizeLf,
+    Data,
+    DataCr,
+    DataLf,
+    TrailerStart,
+    Trailer,
+    TrailerLf,
+    LastLf,
+    Done,
+}
+
+impl Chunked {
+    pub fn done(&self) -> bool {
+        self.state == CState::Done
+    }
+
+    /// Consumes bytes of `input` up to the end of the body; returns how many were part of the body
+    /// (all of `input` unless the body ended inside it). Data bytes are appended to `out` if given.
+    pub fn feed(&mut self, input: &[u8], mut out: Option<&mut Vec<u8>>) -> Result<usize, ()> {
+        let mut i = 0;
+        while i < input.len() {
+            let c = input[i];
+            match self.state {
+                CState::Size => match c {
+                    b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
+                        if self.digits >= 15 {
+                            return Err(());
+                        }
+                        self.size = self.size * 16 + u64::from((c as char).to_digit(16).unwrap_or(0));
+                        self.digits += 1;
+                    }
+                    b';' | b' ' | b'\t' if self.digits > 0 => self.state = CState::Ext,
+                    b'\r' if self.digits > 0 => self.state = CState::SizeLf,
+                    _ => return Err(()),
+                },
+                CState::Ext => {
+                    if c == b'\r' {
+                        self.state = CState::SizeLf;
+                    }
+                }
+                CState::SizeLf => {
+                    if c != b'\n' {
+                        return Err(());
+                    }
+                    self.state = if self.size == 0 { CState::TrailerStart } else { CState::Data };
+                }
+                CState::Data => {
+                    let take = (input.len() - i).min(usize::try_from(self.size).unwrap_or(usize::MAX));
+                    if let Some(o) = out.as_deref_mut() {
+                        o.extend_from_slice(&input[i..i + take]);
+                    }
+                    self.size -= take as u64;
+                    i += take;
+                    if self.size == 0 {
+                        self.state = CState::DataCr;
+                    }
+                    continue;
+                }
+                CState::DataCr => {
+                    if c != b'\r' {
+                        return Err(());
+                    }
+                    self.state = CState::DataLf;
+                }
+                CState::DataLf => {
+                    if c != b'\n' {
+                        return Err(());
+                    }
+                    self.state = CState::Size;
+                    self.digits = 0;
+                }
+                CState::TrailerStart => self.state = if c == b'\r' { CState::LastLf } else { CState::Trailer },
+                CState::Trailer => {
+                    if c == b'\r' {
+                        self.state = CState::TrailerLf;
+                    }
+                }
+                CState::TrailerLf => {
+                    if c != b'\n' {
+                        return Err(());
+                    }
+                    self.state = CState::TrailerStart;
+                }
+                CState::LastLf => {
+                    if c != b'\n' {
+                        return Err(());
+                    }
+                    self.state = CState::Done;
+                    return Ok(i + 1);
+                }
+                CState::Done => return Ok(i),
+            }
+            i += 1;
+        }
+        Ok(i)
+    }
+}
+
+pub fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        431 => "Request Header Fields Too Large",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Error",
+    }
+}
+
+/// A whole local response into `out` (cleared first). `close` adds "connection: close"; `keep_alive10`
+/// answers an HTTP/1.0 client that asked to keep the connection; `head_only` leaves the body out
+/// (a HEAD request) but keeps its length.
+pub fn local_response(out: &mut Vec<u8>, status: u16, content_type: &str, body: &[u8], close: bool, keep_alive10: bool, head_only: bool) {
+    use std::io::Write;
+    out.clear();
+    let _ = write!(
+        out,
+        "HTTP/1.1 {} {}\r\ncontent-type: {}\r\ncontent-length: {}\r\n",
+        status,
+        reason_phrase(status),
+        content_type,
+        body.len()
+    );
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    } else if keep_alive10 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if !head_only {
+        out.extend_from_slice(body);
+    }
+}
+
+/// {"error": "<message>"} as JSON.
+pub fn error_body(message: &str) -> Vec<u8> {
+    let mut b = Vec::with_capacity(message.len() + 16);
+    b.extend_from_slice(b"{\"error\": ");
+    crate::json::push_string(&mut b, message);
+    b.push(b'}');
+    b
+}
+
+/// Seconds as Python's "{:g}" prints them (6 significant digits, no trailing zeros, exponent outside
+/// 1e-4..1e6): the read timeout in the 504 message reads as the Python gateway's did.
+pub fn fmt_g(v: f64) -> String {
+    if v == 0.0 {
+        return "0".into();
+    }
+    let e = format!("{v:.5e}"); // "d.ddddde<exp>"
+    let (mant, exp) = e.split_once('e').unwrap_or((&e, "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    if !(-4..6).contains(&exp) {
+        let m = mant.trim_end_matches('0').trim_end_matches('.');
+        return format!("{m}e{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs());
+    }
+    let s = format!("{:.*}", (5 - exp) as usize, v);
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(s: &str) -> Result<(RequestHead, Vec<Range<usize>>), HeadError> {
+        let mut d = Vec::new();
+        parse_request_head(s.as_bytes(), &mut d).map(|h| (h, d))
+    }
+
+    #[test]
+    fn head_end_is_found_across_the_buffer() {
+        assert_eq!(find_head_end(b"GET / HTTP/1.1\r\n\r\nrest", 0), Some(18));
+        assert_eq!(find_head_end(b"GET / HTTP/1.1\r\nA: b\r\n", 0), None);
+        assert_eq!(find_head_end(b"\r\r\n\r\n", 0), Some(5));
+        assert_eq!(find_head_end(b"abc\r\n\r", 0), None);
+        assert_eq!(find_head_end(b"abc\r\n\r\n", 2), Some(7));
+    }
+
+    #[test]
+    fn request_heads_are_parsed() {
+        let s = "POST /v2/models/m/infer?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\nX-Request-Key:  user-1 \r\nConnection: keep-alive, Close\r\n\r\n";
+        let (h, drop) = req(s).unwrap();
+        assert_eq!(&s[h.method.clone()], "POST");
+        assert_eq!(&s[h.url.clone()], "/v2/models/m/infer?x=1");
+        assert!(h.http11 && !h.keep_alive && !h.chunked);
+        assert_eq!(h.content_length, Some(12));
+        assert_eq!(&s[h.key.clone().unwrap()], "user-1");
+        let dropped: Vec<&str> = drop.iter().map(|r| &s[r.clone()]).collect();
+        assert_eq!(dropped, ["X-Request-Key:  user-1 \r\n", "Connection: keep-alive, Close\r\n"]);
+        assert_eq!(&s[h.headers_start..h.headers_start + 9], "Host: a\r\n");
+    }
+
+    #[test]
+    fn keep_alive_defaults_follow_the_version() {
+        assert!(req("GET / HTTP/1.1\r\n\r\n").unwrap().0.keep_alive);
+        assert!(!req("GET / HTTP/1.0\r\n\r\n").unwrap().0.keep_alive);
+        assert!(req("GET / HTTP/1.0\r\nconnection: Keep-Alive\r\n\r\n").unwrap().0.keep_alive);
+        assert!(!req("GET / HTTP/1.1\r\nconnection: close\r\n\r\n").unwrap().0.keep_alive);
+    }
+
+    #[test]
+    fn bad_heads_are_refused() {
+        assert_eq!(req("GET /\r\n\r\n").unwrap_err(), HeadError::BadRequestLine);
+        assert_eq!(req("GET / HTTP/2.0\r\n\r\n").unwrap_err(), HeadError::BadRequestLine);
+        assert_eq!(req("GET  / HTTP/1.1\r\n\r\n").unwrap_err(), HeadError::BadRequestLine);
+        assert_eq!(req("GET / x HTTP/1.1\r\n\r\n").unwrap_err(), HeadError::BadRequestLine);
+        assert_eq!(
+            req("POST / HTTP/1.1\r\nContent-Length: 1\r\ncontent-length: 1\r\n\r\n").unwrap_err(),
+            HeadError::MultipleContentLength
+        );
+        for v in ["-1", "", "1x", "+3", "99999999999999999999"] {
+            let s = format!("POST / HTTP/1.1\r\nContent-Length: {v}\r\n\r\n");
+            assert_eq!(req(&s).unwrap_err(), HeadError::BadContentLength, "{v}");
+        }
+        assert_eq!(req("POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n").unwrap_err(), HeadError::BadTransferEncoding);
+        assert_eq!(
+            req("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n").unwrap_err(),
+            HeadError::LengthAndChunked
+        );
+        assert_eq!(req("GET / HTTP/1.1\r\nno colon\r\n\r\n").unwrap_err(), HeadError::BadHeader);
+        assert_eq!(req("GET / HTTP/1.1\r\nbad name: x\r\n\r\n").unwrap_err(), HeadError::BadHeader);
+    }
+
+    #[test]
+    fn hop_by_hop_request_headers_are_dropped() {
+        let s = "POST / HTTP/1.1\r\nTE: trailers\r\nTransfer-Encoding: chunked\r\nUpgrade: x\r\nkeep-alive: 5\r\nProxy-Connection: x\r\nTrailer: y\r\nExpect: 100-continue\r\nA: b\r\n\r\n";
+        let (h, drop) = req(s).unwrap();
+        assert!(h.chunked && h.expect_continue);
+        assert_eq!(drop.len(), 7);
+        assert!(drop.iter().all(|r| !s[r.clone()].starts_with("A:")));
+    }
+
+    #[test]
+    fn chunked_bodies_are_decoded_in_pieces() {
+        let raw = b"4;ext=1\r\nWiki\r\n5\r\npedia\r\nE\r\n in\r\n\r\nchunks.\r\n0\r\nX-T: 1\r\n\r\nNEXT";
+        for split in 0..raw.len() {
+            let mut c = Chunked::default();
+            let mut out = Vec::new();
+            let a = c.feed(&raw[..split], Some(&mut out)).unwrap();
+            assert_eq!(a, split.min(raw.len() - 4));
+            let b = c.feed(&raw[split..], Some(&mut out)).unwrap();
+            assert!(c.done());
+            assert_eq!(a + b, raw.len() - 4);
+            assert_eq!(out, b"Wikipedia in\r\n\r\nchunks.");
+        }
+        let mut c = Chunked::default();
+        assert_eq!(c.feed(b"0\r\n\r\n", None), Ok(5));
+        assert!(c.done());
+        for bad in [&b"x\r\n"[..], b"\r\n", b"3\r\nabcX", b"3\n", b"1234567890abcdef0\r\n"] {
+            assert!(Chunked::default().feed(bad, None).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn response_heads_are_parsed() {
+        let h = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 42";
+        let r = parse_response_head(h).unwrap();
+        assert_eq!((r.status, r.content_length, r.chunked, r.closes), (200, Some(42), false, false));
+        assert_eq!(r.status_line_end, 15);
+        assert_eq!(r.reason(h), b"OK");
+        let h = b"HTTP/1.1 500 Internal\r\ntransfer-encoding: chunked\r\nConnection: close";
+        let r = parse_response_head(h).unwrap();
+        assert!(r.chunked && r.closes && r.content_length.is_none());
+        assert_eq!(r.strip.iter().map(|s| &h[s.clone()]).collect::<Vec<_>>(), [&b"\r\nConnection: close"[..]]);
+        let r = parse_response_head(b"HTTP/1.0 200 OK\r\nContent-Length: 1").unwrap();
+        assert!(r.closes);
+        let r = parse_response_head(b"HTTP/1.0 204 No Content\r\nConnection: keep-alive").unwrap();
+        assert!(!r.closes && r.status == 204);
+        assert!(parse_response_head(b"HTTP/1.1 2000 OK").is_err());
+        assert!(parse_response_head(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2").is_err());
+        assert!(parse_response_head(b"garbage").is_err());
+        assert_eq!(parse_response_head(b"HTTP/1.1 404").unwrap().status, 404);
+    }
+
+    #[test]
+    fn seconds_print_like_python_g() {
+        assert_eq!(fmt_g(30.0), "30");
+        assert_eq!(fmt_g(0.5), "0.5");
+        assert_eq!(fmt_g(1.25), "1.25");
+        assert_eq!(fmt_g(0.001), "0.001");
+        assert_eq!(fmt_g(0.00001), "1e-05");
+        assert_eq!(fmt_g(1_000_000.0), "1e+06");
+        assert_eq!(fmt_g(123456.0), "123456");
+        assert_eq!(fmt_g(2.0 / 3.0), "0.666667");
+    }
+
+    #[test]
+    fn local_responses_have_length_and_close() {
+        let mut out = Vec::new();
+        local_response(&mut out, 404, "application/json", &error_body("nope"), true, false, false);
+        assert_eq!(
+            out,
+            b"HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: 17\r\nconnection: close\r\n\r\n{\"error\": \"nope\"}"
+        );
+    }
+}
