@@ -78,8 +78,20 @@ fn trim(b: &[u8], mut r: Range<usize>) -> Range<usize> {
     r
 }
 
+/// RFC 9110 token characters, as a table: checked for every byte of every header name.
+const TCHAR: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        t[c] = b.is_ascii_alphanumeric() || matches!(b, b'!' | b'#' | b'$' | b'%' | b'&' | b'\'' | b'*' | b'+' | b'-' | b'.' | b'^' | b'_' | b'`' | b'|' | b'~');
+        c += 1;
+    }
+    t
+};
+
 fn is_tchar(c: u8) -> bool {
-    c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c)
+    TCHAR[c as usize]
 }
 
 /// Comma-separated tokens of a Connection header: (has "close", has "keep-alive").
@@ -186,7 +198,7 @@ pub fn parse_request_head(head: &[u8], drop: &mut Vec<Range<usize>>) -> Result<R
                 drop.push(whole);
             }
             Name::RequestKey => {
-                h.key = Some(value);
+                h.key.get_or_insert(value); // the first one, as the Python gateway read it
                 drop.push(whole);
             }
             Name::Expect => {

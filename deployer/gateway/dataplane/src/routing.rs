@@ -67,7 +67,7 @@ impl Node {
 
     pub fn put_idle(&self, c: UpConn, max: usize) {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < max && self.down_until.load(Relaxed) == 0 {
+        if idle.len() < max {
             idle.push(c);
         }
     }
