@@ -4,6 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 STATE ?= .state
+# The inference gateway's data plane (Rust, standard library only: builds offline).
+DATAPLANE := $(BIN)/mlops-gateway-dataplane
+DATAPLANE_CRATE := deployer/gateway/dataplane
+CARGO_FLAGS := --offline --manifest-path $(DATAPLANE_CRATE)/Cargo.toml --target-dir $(VENV)/cargo-target
 
 .PHONY: install run test test-fast lint bench bench-quick browser clean
 
@@ -13,7 +17,12 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $(STAMP)
 
-install: $(STAMP)
+$(DATAPLANE): $(STAMP) $(DATAPLANE_CRATE)/Cargo.toml $(wildcard $(DATAPLANE_CRATE)/src/*.rs)
+	@command -v cargo >/dev/null 2>&1 || { echo "Rust's cargo is required to build the gateway's data plane ($(DATAPLANE_CRATE)): https://rustup.rs"; exit 1; }
+	cargo build --quiet --release $(CARGO_FLAGS)
+	install -m 755 $(VENV)/cargo-target/release/mlops-gateway-dataplane $@
+
+install: $(STAMP) $(DATAPLANE)
 
 # Debian's Chromium for the browser tests (Playwright's own browser download does not work offline).
 browser:
@@ -28,6 +37,7 @@ run: install
 	$(BIN)/python -m config.stack --state $(STATE) run
 
 test: install browser
+	cargo test --quiet --release $(CARGO_FLAGS)
 	$(BIN)/python -m config.stack --state $(STATE)/test exec --fresh -- $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install

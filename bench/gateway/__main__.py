@@ -2,15 +2,16 @@
 
 One Triton server (from the nvidia-pytriton wheel) serves a trivial python-backend model (y = 2x, 16 FP32
 values in Triton's binary tensor format, as tritonclient.http sends them). The gateway
-(`python -m deployer.gateway`, routing table published in the stack's Redis, 1% sampling on as in
-production) fronts it. Keep-alive client threads send inference requests back to back at concurrency
-1 and 8, the sides taking turns in rounds so drift of the machine falls on both. With --floor, a third
-side: a byte-relaying proxy with no HTTP (floor_proxy.py), what any uvloop proxy costs here at least.
+(`python -m deployer.gateway`: its control plane and the native data plane it starts; routing table
+published in the stack's Redis, 1% sampling on as in production) fronts it. Keep-alive client threads
+send inference requests back to back at concurrency 1 and 8, the sides taking turns in rounds so drift of
+the machine falls on both.
 
 Reported per concurrency: p50 and p99 latency and throughput of each, the gateway's added p50/p99, its
-throughput as a fraction of direct, and the CPU time per request of the gateway process (all its threads,
-from /proc/<pid>/task/*/schedstat, in ns), of Triton (its process group: server and python-backend stubs)
-and of the client threads (this process), with the cores everything else on the machine used meanwhile.
+throughput as a fraction of direct, and the CPU time per request of the gateway (its process group: the
+control plane and the data plane; user + system time of all their threads, /proc/<pid>/stat), of Triton
+(its process group: server and python-backend stubs) and of the client threads (this process), with the
+cores everything else on the machine used meanwhile.
 
 Targets from the issue: p50 overhead < 0.3 ms (judged at concurrency 1: at 8 the machine is saturated
 and the added latency is queueing, 8 / throughput, which the throughput target covers), gateway CPU
@@ -19,11 +20,11 @@ and the added latency is queueing, 8 / throughput, which the throughput target c
 How to read the throughput ratio: client, Triton and gateway share the machine's cores, so once they are
 saturated each request costs the sum of their CPU times, and the ratio tends to
 (client + Triton) / (client + Triton + gateway), printed as "CPU-bound ratio". With 2 cores, the client
-threads at ~200 us and Triton's python backend at ~250-300 us per request, 0.9x needs the gateway under
-~1/9 of that (~55 us): about what the floor proxy costs (four loopback socket operations, two wake-ups,
-two Python callbacks), before any HTTP.
+threads at ~150 us and Triton's python backend at ~200 us per request, 0.9x needs the gateway under
+~1/9 of that (~40 us): below what a byte relay written in Python on uvloop costs here (65-85 us), hence
+the native data plane.
 
-    python -m config.stack exec -- python -m bench.gateway [--quick] [--floor]
+    python -m config.stack exec -- python -m bench.gateway [--quick]
 
 Prints a table and ends with one line of JSON.
 """
@@ -106,14 +107,13 @@ def group_cpu_ns(pgid: int) -> int:
 
 
 def cpu_ns(pid: int) -> int:
-    """CPU time of every thread of a process, in ns (Linux schedstat: first field is time on a CPU)."""
-    total = 0
-    for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
-        try:
-            total += int(stat.read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            continue
-    return total
+    """CPU time of a process, in ns: user + system time of all its threads, those already ended included
+    (/proc/<pid>/stat fields 14 and 15, in clock ticks; a proxy may run a thread per connection)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def check_answers(triton_port: int, gw_port: int) -> None:
@@ -139,7 +139,8 @@ def _us(cpu_s: float, load: LoadResult) -> float | None:
 
 
 def measure(triton_pid: int, sides: dict[str, tuple[int, str, int | None]], cfg: Settings) -> dict[int, dict[str, Any]]:
-    """sides: name -> (port, model, pid of the proxy in front of Triton or None); "direct" and "gateway" always."""
+    """sides: name -> (port, model, process group of the proxy in front of Triton or None): "direct" and
+    "gateway"."""
     for port, model, _ in sides.values():  # warm-up: connections, the stub, the gateway's pool
         req = infer_request(model)
         run_load(port, lambda _i, r=req: r, concurrency=max(cfg.concurrencies), duration_s=cfg.warmup_s,
@@ -157,7 +158,7 @@ def measure(triton_pid: int, sides: dict[str, tuple[int, str, int | None]], cfg:
 
                 def read(pid: int | None = pid) -> dict[str, float]:
                     return {"client": self_cpu_s(), "triton": group_cpu_ns(triton_pid) / 1e9,
-                            "proxy": cpu_ns(pid) / 1e9 if pid else 0.0, "machine": busy_ticks() / hz}
+                            "proxy": group_cpu_ns(pid) / 1e9 if pid else 0.0, "machine": busy_ticks() / hz}
 
                 before = read()
                 res = run_load(port, lambda _i, r=req: r, concurrency=conc, duration_s=cfg.duration_s, warmup_s=0,
@@ -173,8 +174,6 @@ def measure(triton_pid: int, sides: dict[str, tuple[int, str, int | None]], cfg:
         d, g = loads["direct"], loads["gateway"]
         per_req = {side: {k: _us(cpu[side][k], loads[side]) for k in ("client", "triton")} for side in names}
         per_req["gateway"]["gateway"] = _us(cpu["gateway"]["proxy"], g)
-        if "floor" in names:
-            per_req["floor"]["proxy"] = _us(cpu["floor"]["proxy"], loads["floor"])
         # cores the rest of the machine (other people's processes) kept busy meanwhile
         others = {side: round((c["machine"] - c["client"] - c["triton"] - c["proxy"]) / loads[side].elapsed_s, 2)
                   for side, c in cpu.items()}
@@ -189,11 +188,6 @@ def measure(triton_pid: int, sides: dict[str, tuple[int, str, int | None]], cfg:
                      "throughput_ratio": round(g.rps / d.rps, 3) if d.rps else None,
                      "gateway_cpu_us_per_request": gc["gateway"],
                      "cpu_us_per_request": per_req, "cpu_bound_ratio": bound, "other_cores_busy": others}
-        if "floor" in loads:
-            f = loads["floor"]
-            out[conc]["floor"] = {**f.figures(), "throughput_ratio": round(f.rps / d.rps, 3) if d.rps else None,
-                                  "p50_overhead_ms": round(f.percentile(50) - d.percentile(50), 3),
-                                  "proxy_cpu_us_per_request": per_req["floor"]["proxy"]}
     return out
 
 
@@ -221,14 +215,6 @@ def print_table(results: dict[int, dict[str, Any]]) -> None:
                      fmt(gc["gateway"]), "-" if bound is None else f"{bound:.2f}x",
                      f"{others['direct']:.2f} / {others['gateway']:.2f}"])
     print(table(headers, rows), flush=True)
-    if all("floor" in r for r in results.values()):
-        print("\nThe floor, a byte-relaying uvloop proxy with no HTTP (bench/gateway/floor_proxy.py), same runs:",
-              flush=True)
-        headers = ["concurrency", "floor req/s", "ratio", "+p50 ms", "floor CPU us/req"]
-        rows = [[str(conc), fmt(r["floor"]["rps"]), f"{r['floor']['throughput_ratio']:.2f}x",
-                 fmt(r["floor"]["p50_overhead_ms"], 3), fmt(r["floor"]["proxy_cpu_us_per_request"])]
-                for conc, r in results.items()]
-        print(table(headers, rows), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,8 +225,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--instances", type=int, default=2, help="Triton model instances (default 2)")
     parser.add_argument("--sample-rate", type=float, default=0.01)
-    parser.add_argument("--floor", action="store_true",
-                        help="also measure the floor: a byte-relaying proxy with no HTTP (floor_proxy.py)")
     args = parser.parse_args(argv)
     cfg = Settings(duration_s=args.duration or (1.0 if args.quick else 4.0), warmup_s=0.5 if args.quick else 2.0,
                    rounds=args.rounds or (2 if args.quick else 4), concurrencies=(1, 8), instances=args.instances,
@@ -261,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         base = Path(tmp)
         write_echo_model(base / "repo", TRITON_MODEL, 2, instances=cfg.instances)
         triton = TritonServer(base / "repo", base / "triton")
-        gw = floor = None
+        gw = None
         try:
             triton.start()
             client = triton_http.InferenceServerClient(triton.url)
@@ -279,25 +263,18 @@ def main(argv: list[str] | None = None) -> int:
             check_answers(triton.http_port, gw_port)
             wait_idle([gw])
             print(f"bench/gateway: {os.cpu_count()} CPUs, Python {platform.python_version()}; Triton python backend, "
-                  f"{cfg.instances} instance(s); gateway uvloop + httptools, 1 process, sampling {cfg.sample_rate:g}",
-                  flush=True)
+                  f"{cfg.instances} instance(s); gateway: native data plane + Python control plane, "
+                  f"sampling {cfg.sample_rate:g}", flush=True)
             print(f"  keep-alive client threads; {cfg.rounds} rounds x {cfg.duration_s:g}s per side and "
                   f"concurrency, the sides in turn; latency in ms", flush=True)
             sides: dict[str, tuple[int, str, int | None]] = {"direct": (triton.http_port, TRITON_MODEL, None),
                                                               "gateway": (gw_port, MODEL, gw.pid)}
-            if args.floor:
-                floor_port = free_port()
-                floor = start_server([sys.executable, "-m", "bench.gateway.floor_proxy", str(floor_port),
-                                      str(triton.http_port)], base / "floor.log", cwd=REPO)
-                wait_http(floor_port, "/v2/health/ready", floor, base / "floor.log", timeout_s=30)
-                sides["floor"] = (floor_port, TRITON_MODEL, floor.pid)
             assert triton.proc is not None
             results = measure(triton.proc.pid, sides, cfg)
             redis.Redis.from_url(redis_url).delete(stream)
         finally:
-            for proc in (gw, floor):
-                if proc is not None:
-                    stop_server(proc)
+            if gw is not None:
+                stop_server(gw)
             triton.stop()
     print_table(results)
     c1, c8 = results[1], results[8]

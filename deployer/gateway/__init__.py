@@ -3,7 +3,8 @@ each request to a model's stable or canary version by weight, from a table the d
 
     python -m deployer.gateway --port 8080 --routes-from redis://127.0.0.1:6379/0
 
-The deployer side is `publish_routes(redis_client, table)`.
+A native data plane (dataplane/, Rust) serves the requests; the Python command is its control plane
+(dataplane.py, __main__.py). The deployer side is `publish_routes(redis_client, table)`.
 """
 
 from deployer.gateway.routing import (
@@ -15,8 +16,9 @@ from deployer.gateway.routing import (
     load_routes,
     parse_table,
     publish_routes,
+    sticky_arm,
 )
 from deployer.gateway.sampling import SAMPLES_STREAM
 
 __all__ = ["ROUTES_CHANNEL", "ROUTES_KEY", "ROUTES_VERSION_KEY", "SAMPLES_STREAM", "Arm", "ModelRoute", "load_routes",
-           "parse_table", "publish_routes"]
+           "parse_table", "publish_routes", "sticky_arm"]

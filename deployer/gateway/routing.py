@@ -14,6 +14,7 @@ import json
 import logging
 import threading
 import time
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -45,8 +46,22 @@ class ModelRoute:
 RoutingTable = dict[str, ModelRoute]
 
 
+def sticky_arm(key: str, weight: int) -> str:
+    """Which arm ("stable" / "canary") a request with this x-request-key lands on at a canary weight, on
+    every gateway: the data plane's rule (crc32 of the key, modulo 100, below the weight)."""
+    if weight <= 0:
+        return "stable"
+    if weight >= 100:
+        return "canary"
+    return "canary" if zlib.crc32(key.encode()) % 100 < weight else "stable"
+
+
+def _has_control(text: str) -> bool:
+    return any(ord(c) < 32 or ord(c) == 127 for c in text)
+
+
 def _node(value: Any) -> str:
-    if not isinstance(value, str):
+    if not isinstance(value, str) or _has_control(value):
         raise ValueError(f"a node is 'host:port', not {value!r}")
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -58,9 +73,9 @@ def _arm(model: str, role: str, data: Any) -> Arm:
     if not isinstance(data, Mapping):
         raise ValueError(f"{model}.{role} must be an object")
     version, triton_model, nodes = data.get("version"), data.get("triton_model"), data.get("nodes")
-    if not isinstance(version, str | int) or str(version) == "":
+    if not isinstance(version, str | int) or str(version) == "" or _has_control(str(version)):
         raise ValueError(f"{model}.{role}.version must be a non-empty string")
-    if not isinstance(triton_model, str) or not triton_model or "/" in triton_model:
+    if not isinstance(triton_model, str) or not triton_model or "/" in triton_model or _has_control(triton_model):
         raise ValueError(f"{model}.{role}.triton_model must be a Triton model name")
     if not isinstance(nodes, list | tuple) or not nodes:
         raise ValueError(f"{model}.{role}.nodes must be a non-empty list of 'host:port'")
@@ -73,7 +88,7 @@ def parse_table(data: Any) -> RoutingTable:
         raise ValueError("the routing table must be an object keyed by model name")
     table: RoutingTable = {}
     for name, entry in data.items():
-        if not isinstance(name, str) or not name or "/" in name:
+        if not isinstance(name, str) or not name or "/" in name or _has_control(name):
             raise ValueError(f"bad model name {name!r}")
         if not isinstance(entry, Mapping):
             raise ValueError(f"{name} must be an object")
@@ -122,17 +137,18 @@ def load_routes(client: Any) -> tuple[int, RoutingTable | None]:
 
 
 class RoutesWatcher(threading.Thread):
-    """Follows the table in Redis from a thread (never the event loop): a pub/sub notice wakes it at
-    once; otherwise it polls the version counter every `poll_s`. A table that fails validation is
-    logged and ignored (the last good one stays)."""
+    """Follows the table in Redis from a thread: a pub/sub notice wakes it at once; otherwise it polls the
+    version counter every `poll_s`. A table that fails validation is logged and ignored (the last good
+    one stays). `on_table` returns whether the table is in use; the announced version is the last such."""
 
-    def __init__(self, redis_url: str, on_table: Callable[[int, RoutingTable], None], poll_s: float = 1.0,
+    def __init__(self, redis_url: str, on_table: Callable[[int, RoutingTable], bool], poll_s: float = 1.0,
                  announce_as: str = "", metrics_url: str = "") -> None:
         super().__init__(name="routes-watcher", daemon=True)
         self.redis_url, self.on_table, self.poll_s = redis_url, on_table, poll_s
         self.announce_as, self.metrics_url = announce_as, metrics_url
         self.stopping = threading.Event()
         self.seen: int | None = None
+        self.applied = 0
 
     def run(self) -> None:
         import redis
@@ -155,7 +171,7 @@ class RoutesWatcher(threading.Thread):
     def _announce(self, client: Any) -> None:
         if self.announce_as:
             client.hset(INSTANCES_KEY, self.announce_as, json.dumps(
-                {"metrics": self.metrics_url, "routes_version": self.seen or 0, "seen": time.time()}))
+                {"metrics": self.metrics_url, "routes_version": self.applied, "seen": time.time()}))
 
     def _check(self, client: Any) -> None:
         raw_version = client.get(ROUTES_VERSION_KEY)
@@ -168,6 +184,8 @@ class RoutesWatcher(threading.Thread):
             log.error("routing table version %s rejected: %s", version, exc)
             self.seen = version
             return
-        self.seen = version
-        if table is not None:
-            self.on_table(version, table)
+        if table is None:
+            self.seen = version
+        elif self.on_table(version, table):
+            self.seen = self.applied = version
+        # else: not in use yet (logged by on_table); tried again on the next poll

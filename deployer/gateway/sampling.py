@@ -1,8 +1,9 @@
 """Samples of inference traffic (request and response bodies) into a Redis stream, for monitoring.
 
-The event loop only does a bounded `put_nowait` (dropped and counted when the queue is full); a thread
-batches the entries into pipelined XADDs with an approximate MAXLEN, so neither Redis latency nor an
-outage ever reaches a request.
+The data plane hands samples over through a bounded queue and drops (and counts) what does not fit, so
+neither Redis latency nor an outage ever reaches a request; here a thread batches them into pipelined
+XADDs with an approximate MAXLEN. Fields: model, version, triton_model, status, latency_ms, ts, request,
+request_head, response_head, response.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import logging
 import queue
 import threading
 import time
-from typing import Any
 
 log = logging.getLogger("deployer.gateway")
 
@@ -19,21 +19,17 @@ SAMPLES_STREAM = "gateway:samples"
 
 
 class Sampler(threading.Thread):
-    def __init__(self, redis_url: str, stream: str = SAMPLES_STREAM, maxlen: int = 100_000, queue_size: int = 1000,
-                 on_drop: Any = None) -> None:
+    def __init__(self, redis_url: str, stream: str = SAMPLES_STREAM, maxlen: int = 100_000,
+                 queue_size: int = 1000) -> None:
         super().__init__(name="sampler", daemon=True)
         self.redis_url, self.stream, self.maxlen = redis_url, stream, maxlen
-        self.queue: queue.Queue[dict[str, Any] | None] = queue.Queue(queue_size)
-        self.on_drop = on_drop
+        self.queue: queue.Queue[dict[str, bytes] | None] = queue.Queue(queue_size)
         self.gather_s = 0.1
         self.sent = 0
 
-    def offer(self, fields: dict[str, Any]) -> None:
-        try:
-            self.queue.put_nowait(fields)
-        except queue.Full:
-            if self.on_drop is not None:
-                self.on_drop()
+    def put(self, fields: dict[str, bytes]) -> None:
+        """Blocks while the queue is full: the data plane's own bounded queue then drops and counts."""
+        self.queue.put(fields)
 
     def stop(self) -> None:
         try:
@@ -49,8 +45,7 @@ class Sampler(threading.Thread):
             item = self.queue.get()
             if item is None:
                 return
-            # Let a batch gather: one wake-up of this thread and one round trip for many samples rather
-            # than for each (the thread takes the GIL from the event loop when it wakes; monitoring does
+            # Let a batch gather: one round trip for many samples rather than one each (monitoring does
             # not mind a sample 100 ms late).
             time.sleep(self.gather_s)
             batch = [item]

@@ -9,6 +9,8 @@ import json
 import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -19,8 +21,7 @@ import pytest
 
 from config.stack import free_port
 from deployer.gateway.echo_model import write_echo_model
-from deployer.gateway.routing import INSTANCES_KEY, ROUTES_KEY, ROUTES_VERSION_KEY, publish_routes
-from deployer.gateway.server import sticky_arm
+from deployer.gateway.routing import INSTANCES_KEY, ROUTES_KEY, ROUTES_VERSION_KEY, publish_routes, sticky_arm
 from deployer.testing import gateway_process
 
 pytestmark = pytest.mark.timeout(120)
@@ -309,3 +310,42 @@ def _stuck_upstream_checks(routes, stuck: StuckUpstream, port: int, triton) -> N
         assert _infer(client) == (1.0, "echo_v1")
     finally:
         client.close()
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for task in os.listdir(f"/proc/{pid}/task")
+            for c in open(f"/proc/{pid}/task/{task}/children").read().split()]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] == "Z"  # exited, not yet reaped by its new parent
+    except FileNotFoundError:
+        return True
+
+
+def test_the_data_plane_goes_when_its_control_plane_is_killed(tmp_path):
+    with gateway_process(os.environ["REDIS_URL"], tmp_path / "gateway.log", "--sample-rate", "0") as (port, proc):
+        (dataplane,) = _children(proc.pid)
+        assert os.path.basename(os.readlink(f"/proc/{dataplane}/exe")) == "mlops-gateway-dataplane"
+        proc.kill()
+        proc.wait(5)
+        _wait_until(lambda: _gone(dataplane), "the data plane exits")
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def test_a_missing_data_plane_binary_is_a_clear_error(tmp_path):
+    env = {**os.environ, "GATEWAY_DATAPLANE": str(tmp_path / "nowhere")}
+    result = subprocess.run([sys.executable, "-m", "deployer.gateway", "--port", str(free_port())], env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "data plane binary is not at $GATEWAY_DATAPLANE" in result.stderr and "make install" in result.stderr
+
+
+def test_a_table_whose_names_hold_control_characters_is_refused(redis_client):
+    with pytest.raises(ValueError, match="bad model name"):
+        publish_routes(redis_client, {"a\tb": {"stable": {"version": "1", "triton_model": "m", "nodes": ["h:1"]}}})
+    with pytest.raises(ValueError, match="version"):
+        publish_routes(redis_client, {"m": {"stable": {"version": "1\n", "triton_model": "m", "nodes": ["h:1"]}}})
