@@ -359,26 +359,31 @@ fn relay(st: &State, io: &mut Io, a: &Ask, deadline: Instant) -> End {
     };
 
     // The response head (interim 1xx responses are skipped: the upstream never sees an Expect).
-    let mut scanned: usize = 0;
+    let mut scanned: Option<usize> = None;
     let (rh, head_end) = loop {
         let b = io.ubuf.bytes();
-        if let Some(e) = http::find_head_end(b, scanned.saturating_sub(3)) {
-            let Ok(rh) = http::parse_response_head(&b[..e - 4]) else {
-                return End::Failed(502, Reason::UpstreamLost, BAD_RESPONSE.into());
-            };
-            if (100..200).contains(&rh.status) && rh.status != 101 {
-                io.ubuf.consume(e);
-                scanned = 0;
-                continue;
+        let whole = match scanned {
+            None => !b.is_empty(),
+            Some(from) => http::find_head_end(b, from.saturating_sub(3)).is_some(),
+        };
+        if whole {
+            match http::parse_response_head(b) {
+                Err(()) => return End::Failed(502, Reason::UpstreamLost, BAD_RESPONSE.into()),
+                Ok(Some((rh, e))) if (100..200).contains(&rh.status) && rh.status != 101 => {
+                    io.ubuf.consume(e);
+                    scanned = None;
+                    continue;
+                }
+                Ok(Some((rh, _))) if rh.status == 101 => return End::Failed(502, Reason::UpstreamLost, BAD_RESPONSE.into()),
+                Ok(Some(found)) => break found,
+                Ok(None) => {}
             }
-            if rh.status == 101 {
-                return End::Failed(502, Reason::UpstreamLost, BAD_RESPONSE.into());
-            }
-            break (rh, e);
         }
-        scanned = b.len();
         if b.len() > MAX_HEAD {
             return End::Failed(502, Reason::UpstreamLost, BAD_RESPONSE.into());
+        }
+        if !b.is_empty() {
+            scanned = Some(b.len());
         }
         match read_until(&mut up, &mut io.ubuf, deadline) {
             Ok(0) | Err(Rd::Failed) => return End::Failed(502, Reason::UpstreamLost, LOST.into()),
@@ -712,29 +717,40 @@ impl<'s> Conn<'s> {
 
     /// The next whole request (head and body) in the buffer, reading as needed; None at the end.
     fn read_request(&mut self) -> Result<Option<Request>, Refusal> {
-        let mut scanned: usize = 0;
-        let head_len = loop {
+        // The usual head arrives whole in one read and is parsed in one pass. One that arrives in pieces
+        // is looked for with an incremental search for its end first, so a client dribbling bytes does
+        // not get its head parsed again from the start after every read.
+        let mut scanned: Option<usize> = None;
+        let head = loop {
             // Blank lines between requests are tolerated (some clients send a CRLF after a body).
             while self.buf.bytes().starts_with(b"\r\n") {
                 self.buf.consume(2);
-                scanned = 0;
+                scanned = None;
             }
             let b = self.buf.bytes();
-            if let Some(e) = http::find_head_end(b, scanned.saturating_sub(3)) {
-                if e > MAX_HEAD {
+            if !b.is_empty() {
+                let whole = match scanned {
+                    None => true,
+                    Some(from) => http::find_head_end(b, from.saturating_sub(3)).is_some(),
+                };
+                if whole {
+                    if let Some(h) = http::parse_request_head(b, &mut self.dropped)? {
+                        if h.len > MAX_HEAD {
+                            return Err(Refusal(431, "request head too large"));
+                        }
+                        break h;
+                    }
+                }
+                if b.len() > MAX_HEAD {
                     return Err(Refusal(431, "request head too large"));
                 }
-                break e;
+                scanned = Some(b.len());
             }
-            if b.len() > MAX_HEAD {
-                return Err(Refusal(431, "request head too large"));
-            }
-            scanned = b.len();
             if self.fill().is_none() {
                 return Ok(None);
             }
         };
-        let head = http::parse_request_head(&self.buf.bytes()[..head_len], &mut self.dropped)?;
+        let head_len = head.len;
         let mut sent_continue = false;
         if head.chunked {
             self.decoded.clear();
