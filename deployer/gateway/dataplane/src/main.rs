@@ -141,9 +141,22 @@ fn main() {
     // Frames go to fd 1 unbuffered by std (Stdout would flush at every newline byte of a sample);
     // write_frames batches them itself.
     let stdout = unsafe { std::fs::File::from_raw_fd(1) };
-    std::thread::Builder::new().name("frames".into()).spawn(move || frames::write_frames(rx, stdout)).expect("a thread");
+    // The two service threads are essential: if one panicked, the whole process goes (the control
+    // plane sees it exit) rather than living on deaf or mute.
+    let essential = |what: &'static str, f: Box<dyn FnOnce() + Send>| {
+        std::thread::Builder::new()
+            .name(what.into())
+            .spawn(move || {
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err() {
+                    log(format_args!("the {what} thread failed"));
+                    std::process::exit(70);
+                }
+            })
+            .expect("a thread");
+    };
+    essential("frames", Box::new(move || frames::write_frames(rx, stdout)));
     let st: &'static State = Box::leak(Box::new(State::new(settings, tx)));
-    std::thread::Builder::new().name("control".into()).spawn(move || control_loop(st)).expect("a thread");
+    essential("control", Box::new(move || control_loop(st)));
     let local = listener.local_addr().map(|a| a.to_string()).unwrap_or(args.listen.clone());
     log(format_args!("listening on {local}"));
     accept_loop(st, listener);
@@ -201,8 +214,16 @@ fn accept_loop(st: &'static State, listener: TcpListener) {
         seed = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let s = seed;
         let spawned = std::thread::Builder::new().stack_size(256 * 1024).spawn(move || {
+            // Counted out even if the thread panics: a bug met by one connection ends that
+            // connection only (panics unwind; the other threads go on).
+            struct Counted(&'static State);
+            impl Drop for Counted {
+                fn drop(&mut self) {
+                    self.0.connections.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+            let _counted = Counted(st);
             proxy::Conn::new(st, sock, s).run();
-            st.connections.fetch_sub(1, Ordering::Relaxed);
         });
         if spawned.is_err() {
             st.connections.fetch_sub(1, Ordering::Relaxed);

@@ -496,7 +496,9 @@ fn metadata(st: &State, io: &mut Io, a: &Ask, mut up: UpConn, node: &routing::No
                 Err(()) => return End::Failed(502, Reason::UpstreamLost, BAD_RESPONSE.into()),
             },
             None => {
-                let Ok((t, d)) = framing.take(avail) else { unreachable!() };
+                let Ok((t, d)) = framing.take(avail) else {
+                    return End::Failed(502, Reason::UpstreamLost, BAD_RESPONSE.into());
+                };
                 io.meta.extend_from_slice(&avail[..t]);
                 (t, d)
             }
@@ -662,6 +664,7 @@ impl<'s> Conn<'s> {
                         return;
                     }
                     self.buf.shrink();
+                    self.io.ubuf.shrink();
                     if self.decoded.capacity() > 4 * BUF {
                         self.decoded = Vec::new();
                     }
@@ -685,14 +688,17 @@ impl<'s> Conn<'s> {
     fn close(&mut self) {
         let sock = &self.io.sock;
         let _ = sock.shutdown(Shutdown::Write);
-        if sock.set_read_timeout(Some(Duration::from_millis(500))).is_ok() {
-            let mut sink = [0u8; 16 * 1024];
-            let mut left = 1 << 20;
-            while left > 0 {
-                match (&*sock).read(&mut sink) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => left -= n.min(left),
-                }
+        let until = Instant::now() + Duration::from_secs(2);
+        let mut sink = [0u8; 16 * 1024];
+        let mut left: usize = 1 << 20;
+        while left > 0 {
+            let now = Instant::now();
+            if now >= until || sock.set_read_timeout(Some((until - now).min(Duration::from_millis(500)))).is_err() {
+                break;
+            }
+            match (&*sock).read(&mut sink) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
             }
         }
     }
