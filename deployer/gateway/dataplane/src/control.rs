@@ -122,7 +122,11 @@ fn model_line(t: &mut TableSpec, f: &[&str]) -> Result<(), String> {
     if t.models.iter().any(|m| m.name == name) {
         return Err(format!("model {name} appears twice"));
     }
-    let weight = f[2].parse::<u32>().ok().filter(|w| *w <= 100).ok_or_else(|| format!("{name}: weight must be 0..100, not {:?}", f[2]))?;
+    let weight = f[2]
+        .parse::<u32>()
+        .ok()
+        .filter(|w| *w <= 100)
+        .ok_or_else(|| format!("{name}: weight must be 0..100, not {:?}", f[2]))?;
     t.models.push(ModelSpec { name: name.to_string(), weight, stable: None, canary: None });
     Ok(())
 }
@@ -176,13 +180,25 @@ mod tests {
                 ModelSpec {
                     name: "echo".into(),
                     weight: 10,
-                    stable: Some(ArmSpec { version: "1".into(), triton_model: "echo_v1".into(), nodes: vec!["127.0.0.1:8000".into(), "h:9".into()] }),
-                    canary: Some(ArmSpec { version: "2".into(), triton_model: "echo_v2".into(), nodes: vec!["127.0.0.1:8000".into()] }),
+                    stable: Some(ArmSpec {
+                        version: "1".into(),
+                        triton_model: "echo_v1".into(),
+                        nodes: vec!["127.0.0.1:8000".into(), "h:9".into()],
+                    }),
+                    canary: Some(ArmSpec {
+                        version: "2".into(),
+                        triton_model: "echo_v2".into(),
+                        nodes: vec!["127.0.0.1:8000".into()],
+                    }),
                 },
                 ModelSpec {
                     name: "other".into(),
                     weight: 55,
-                    stable: Some(ArmSpec { version: "3".into(), triton_model: "other_v3".into(), nodes: vec!["h:1".into()] }),
+                    stable: Some(ArmSpec {
+                        version: "3".into(),
+                        triton_model: "other_v3".into(),
+                        nodes: vec!["h:1".into()],
+                    }),
                     canary: None,
                 },
             ],

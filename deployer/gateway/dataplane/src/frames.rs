@@ -121,7 +121,21 @@ mod tests {
             p = &p[4 + m..];
         }
         let names: Vec<&str> = fields.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(names, ["model", "version", "triton_model", "status", "latency_ms", "ts", "request", "request_head", "response_head", "response"]);
+        assert_eq!(
+            names,
+            [
+                "model",
+                "version",
+                "triton_model",
+                "status",
+                "latency_ms",
+                "ts",
+                "request",
+                "request_head",
+                "response_head",
+                "response"
+            ]
+        );
         assert_eq!(fields[3].1, b"200");
         assert_eq!(fields[4].1, b"1.235");
         assert_eq!(fields[5].1, b"1700000000.000042");

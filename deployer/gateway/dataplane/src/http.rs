@@ -8,8 +8,12 @@ pub const MAX_HEAD: usize = 64 * 1024;
 
 extern "C" {
     fn memchr(s: *const std::ffi::c_void, c: i32, n: usize) -> *mut std::ffi::c_void;
-    fn memmem(hay: *const std::ffi::c_void, hay_len: usize, needle: *const std::ffi::c_void, needle_len: usize)
-        -> *mut std::ffi::c_void;
+    fn memmem(
+        hay: *const std::ffi::c_void,
+        hay_len: usize,
+        needle: *const std::ffi::c_void,
+        needle_len: usize,
+    ) -> *mut std::ffi::c_void;
 }
 
 /// Position of the first `c` in `hay`: libc's SIMD memchr, where a byte loop costs a microsecond per
@@ -99,7 +103,11 @@ const TCHAR: [bool; 256] = {
     let mut c = 0;
     while c < 256 {
         let b = c as u8;
-        t[c] = b.is_ascii_alphanumeric() || matches!(b, b'!' | b'#' | b'$' | b'%' | b'&' | b'\'' | b'*' | b'+' | b'-' | b'.' | b'^' | b'_' | b'`' | b'|' | b'~');
+        t[c] = b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'!' | b'#' | b'$' | b'%' | b'&' | b'\'' | b'*' | b'+' | b'-' | b'.' | b'^' | b'_' | b'`' | b'|' | b'~'
+            );
         c += 1;
     }
     t
@@ -182,7 +190,8 @@ pub fn parse_request_head(buf: &[u8], drop: &mut Vec<Range<usize>>) -> Result<Op
         return Err(HeadError::BadRequestLine);
     }
     let http11 = version == b"HTTP/1.1";
-    let mut h = RequestHead { method: 0..sp1, url: sp1 + 1..sp2, http11, headers_start: line_end + 2, ..Default::default() };
+    let mut h =
+        RequestHead { method: 0..sp1, url: sp1 + 1..sp2, http11, headers_start: line_end + 2, ..Default::default() };
     let (mut close, mut keep) = (false, false);
     let mut te_seen = false;
     let mut pos = line_end + 2;
@@ -279,7 +288,10 @@ impl ResponseHead {
 pub fn parse_response_head(buf: &[u8]) -> Result<Option<(ResponseHead, usize)>, ()> {
     let Some(line_end) = find_byte(buf, b'\r') else { return Ok(None) };
     let line = &buf[..line_end];
-    if line.len() < 12 || !line.starts_with(b"HTTP/1.") || line[8] != b' ' || !line[9..12].iter().all(u8::is_ascii_digit)
+    if line.len() < 12
+        || !line.starts_with(b"HTTP/1.")
+        || line[8] != b' '
+        || !line[9..12].iter().all(u8::is_ascii_digit)
     {
         return Err(());
     }
@@ -468,7 +480,15 @@ pub fn reason_phrase(status: u16) -> &'static str {
 /// A whole local response into `out` (cleared first). `close` adds "connection: close"; `keep_alive10`
 /// answers an HTTP/1.0 client that asked to keep the connection; `head_only` leaves the body out
 /// (a HEAD request) but keeps its length.
-pub fn local_response(out: &mut Vec<u8>, status: u16, content_type: &str, body: &[u8], close: bool, keep_alive10: bool, head_only: bool) {
+pub fn local_response(
+    out: &mut Vec<u8>,
+    status: u16,
+    content_type: &str,
+    body: &[u8],
+    close: bool,
+    keep_alive10: bool,
+    head_only: bool,
+) {
     use std::io::Write;
     out.clear();
     let _ = write!(
@@ -584,7 +604,10 @@ mod tests {
             let s = format!("POST / HTTP/1.1\r\nContent-Length: {v}\r\n\r\n");
             assert_eq!(req(&s).unwrap_err(), HeadError::BadContentLength, "{v}");
         }
-        assert_eq!(req("POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n").unwrap_err(), HeadError::BadTransferEncoding);
+        assert_eq!(
+            req("POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n").unwrap_err(),
+            HeadError::BadTransferEncoding
+        );
         assert_eq!(
             req("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n").unwrap_err(),
             HeadError::LengthAndChunked

@@ -265,19 +265,38 @@ mod tests {
     fn missing_members_are_added() {
         assert_eq!(rw("{}").unwrap(), r#"{"name": "echo", "versions": ["1"]}"#);
         assert_eq!(rw(r#" {"a": null} "#).unwrap(), r#" {"a": null, "name": "echo", "versions": ["1"]} "#);
-        assert_eq!(rw(r#"{"versions": [], "x": {"name": 1}}"#).unwrap(), r#"{"versions": ["1"], "x": {"name": 1}, "name": "echo"}"#);
+        assert_eq!(
+            rw(r#"{"versions": [], "x": {"name": 1}}"#).unwrap(),
+            r#"{"versions": ["1"], "x": {"name": 1}, "name": "echo"}"#
+        );
     }
 
     #[test]
     fn strings_with_escapes_and_literals_are_scanned() {
         let doc = r#"{"s":"a\"b\\c\u00e9}","t":true,"f":false,"n":null,"name":"x"}"#;
-        assert_eq!(rw(doc).unwrap(), r#"{"s":"a\"b\\c\u00e9}","t":true,"f":false,"n":null,"name":"echo", "versions": ["1"]}"#);
+        assert_eq!(
+            rw(doc).unwrap(),
+            r#"{"s":"a\"b\\c\u00e9}","t":true,"f":false,"n":null,"name":"echo", "versions": ["1"]}"#
+        );
     }
 
     #[test]
     fn anything_but_a_json_object_is_left_alone() {
-        for bad in ["", "[1]", "\"s\"", "{", "{\"a\":}", "{\"a\":1,}", "{\"a\":01}", "{\"a\":1} x", "{\"a\":tru}",
-            "{\"a\":\"\\x\"}", "{'a':1}", "{\"a\":1.}", "{\"a\":-}"] {
+        for bad in [
+            "",
+            "[1]",
+            "\"s\"",
+            "{",
+            "{\"a\":}",
+            "{\"a\":1,}",
+            "{\"a\":01}",
+            "{\"a\":1} x",
+            "{\"a\":tru}",
+            "{\"a\":\"\\x\"}",
+            "{'a':1}",
+            "{\"a\":1.}",
+            "{\"a\":-}",
+        ] {
             assert!(rw(bad).is_none(), "{bad}");
         }
         let deep = "[".repeat(1000);

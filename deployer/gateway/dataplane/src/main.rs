@@ -19,7 +19,8 @@ use std::time::Duration;
 use control::{ControlParser, Event};
 use proxy::{Settings, State};
 
-const USAGE: &str = "usage: mlops-gateway-dataplane --listen HOST:PORT [--read-timeout-ms 30000] [--connect-timeout-ms 2000]
+const USAGE: &str =
+    "usage: mlops-gateway-dataplane --listen HOST:PORT [--read-timeout-ms 30000] [--connect-timeout-ms 2000]
     [--node-down-ms 5000] [--sample-rate 0.01] [--pool-max-idle 64] [--max-connections 4096]
 Routing tables arrive on stdin; frames (applied tables, samples) leave on stdout; EOF on stdin ends it.";
 
@@ -65,7 +66,12 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
                 argv.get(i).cloned().ok_or_else(|| format!("{flag} needs a value"))?
             }
         };
-        let positive = |v: &str| v.parse::<u64>().ok().filter(|n| *n > 0).ok_or_else(|| format!("{flag} must be a positive integer (ms), not {v:?}"));
+        let positive = |v: &str| {
+            v.parse::<u64>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| format!("{flag} must be a positive integer (ms), not {v:?}"))
+        };
         match flag.as_str() {
             "--listen" => {
                 if value.to_socket_addrs().map(|mut it| it.next().is_none()).unwrap_or(true) {
@@ -76,7 +82,8 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
             "--read-timeout-ms" => a.read_timeout_ms = positive(&value)?,
             "--connect-timeout-ms" => a.connect_timeout_ms = positive(&value)?,
             "--node-down-ms" => {
-                a.node_down_ms = value.parse().map_err(|_| format!("--node-down-ms must be an integer >= 0 (ms), not {value:?}"))?
+                a.node_down_ms =
+                    value.parse().map_err(|_| format!("--node-down-ms must be an integer >= 0 (ms), not {value:?}"))?
             }
             "--sample-rate" => {
                 a.sample_rate = value
@@ -86,7 +93,8 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
                     .ok_or_else(|| format!("--sample-rate must be a fraction 0..1, not {value:?}"))?
             }
             "--pool-max-idle" => {
-                a.pool_max_idle = value.parse().map_err(|_| format!("--pool-max-idle must be an integer >= 0, not {value:?}"))?
+                a.pool_max_idle =
+                    value.parse().map_err(|_| format!("--pool-max-idle must be an integer >= 0, not {value:?}"))?
             }
             "--max-connections" => a.max_connections = positive(&value)? as usize,
             _ => return Err(format!("unknown flag {flag}")),

@@ -95,16 +95,26 @@ impl Metrics {
             let mut total = 0u64;
             for (le, b) in LE.iter().zip(&a.buckets) {
                 total += b.load(Relaxed);
-                let _ = writeln!(s, "gateway_request_duration_seconds_bucket{{le=\"{le}\",model=\"{m}\",version=\"{v}\"}} {}", int(total));
+                let _ = writeln!(
+                    s,
+                    "gateway_request_duration_seconds_bucket{{le=\"{le}\",model=\"{m}\",version=\"{v}\"}} {}",
+                    int(total)
+                );
             }
-            let _ = writeln!(s, "gateway_request_duration_seconds_count{{model=\"{m}\",version=\"{v}\"}} {}", int(total));
+            let _ =
+                writeln!(s, "gateway_request_duration_seconds_count{{model=\"{m}\",version=\"{v}\"}} {}", int(total));
             let sum = a.sum_ns.load(Relaxed) as f64 / 1e9;
             let _ = writeln!(s, "gateway_request_duration_seconds_sum{{model=\"{m}\",version=\"{v}\"}} {sum:?}");
         }
         family(&mut s, "gateway_requests_in_flight", "gauge", "Inference requests being served");
         for ((model, version), a) in &arms {
-            let _ = writeln!(s, "gateway_requests_in_flight{{model=\"{}\",version=\"{}\"}} {}.0", escape(model), escape(version),
-                             a.in_flight.load(Relaxed));
+            let _ = writeln!(
+                s,
+                "gateway_requests_in_flight{{model=\"{}\",version=\"{}\"}} {}.0",
+                escape(model),
+                escape(version),
+                a.in_flight.load(Relaxed)
+            );
         }
         family(&mut s, "gateway_request_errors_total", "counter",
                "Inference requests that failed, by reason: upstream_5xx (upstream status >= 500), unavailable (no node reachable), upstream_lost (the upstream connection ended mid-response), upstream_timeout (no complete response within the read timeout)");
@@ -114,22 +124,43 @@ impl Metrics {
                 REASONS.iter().zip(&a.errors).map(|(r, n)| (*r, n.load(Relaxed))).filter(|(_, n)| *n > 0).collect();
             by_reason.sort();
             for (reason, n) in by_reason {
-                let _ = writeln!(s, "gateway_request_errors_total{{model=\"{}\",reason=\"{reason}\",version=\"{}\"}} {}", escape(model),
-                                 escape(version), int(n));
+                let _ = writeln!(
+                    s,
+                    "gateway_request_errors_total{{model=\"{}\",reason=\"{reason}\",version=\"{}\"}} {}",
+                    escape(model),
+                    escape(version),
+                    int(n)
+                );
             }
         }
-        family(&mut s, "gateway_upstream_retries_total", "counter", "Requests sent again to another node after a connection failure");
+        family(
+            &mut s,
+            "gateway_upstream_retries_total",
+            "counter",
+            "Requests sent again to another node after a connection failure",
+        );
         for ((model, version), a) in &arms {
-            let _ = writeln!(s, "gateway_upstream_retries_total{{model=\"{}\",version=\"{}\"}} {}", escape(model), escape(version),
-                             int(a.retries.load(Relaxed)));
+            let _ = writeln!(
+                s,
+                "gateway_upstream_retries_total{{model=\"{}\",version=\"{}\"}} {}",
+                escape(model),
+                escape(version),
+                int(a.retries.load(Relaxed))
+            );
         }
         family(&mut s, "gateway_node_marked_down_total", "counter", "Times a node was taken out after a failure");
         let mut nodes: Vec<&NodeCount> = nodes.iter().filter(|n| n.marked_down > 0).collect();
         nodes.sort_by(|a, b| a.addr.cmp(&b.addr));
         for n in nodes {
-            let _ = writeln!(s, "gateway_node_marked_down_total{{node=\"{}\"}} {}", escape(&n.addr), int(n.marked_down));
+            let _ =
+                writeln!(s, "gateway_node_marked_down_total{{node=\"{}\"}} {}", escape(&n.addr), int(n.marked_down));
         }
-        family(&mut s, "gateway_samples_dropped_total", "counter", "Sampled requests dropped because the sampling queue was full");
+        family(
+            &mut s,
+            "gateway_samples_dropped_total",
+            "counter",
+            "Sampled requests dropped because the sampling queue was full",
+        );
         let _ = writeln!(s, "gateway_samples_dropped_total {}", int(self.samples_dropped.load(Relaxed)));
         family(&mut s, "gateway_routes_version", "gauge", "Version of the routing table in use");
         let _ = writeln!(s, "gateway_routes_version {}", int(self.routes_version.load(Relaxed)));
@@ -181,7 +212,10 @@ mod tests {
         a.error(Reason::UpstreamTimeout);
         a.error(Reason::Upstream5xx);
         m.routes_version.store(3, Relaxed);
-        let text = m.render(&[NodeCount { addr: "127.0.0.1:1".into(), marked_down: 1 }, NodeCount { addr: "b:2".into(), marked_down: 0 }]);
+        let text = m.render(&[
+            NodeCount { addr: "127.0.0.1:1".into(), marked_down: 1 },
+            NodeCount { addr: "b:2".into(), marked_down: 0 },
+        ]);
         let expected = "\
 # HELP gateway_request_duration_seconds Inference request latency through the gateway, from the request's last byte read to the response's last byte relayed
 # TYPE gateway_request_duration_seconds histogram

@@ -32,10 +32,19 @@ pub struct Settings {
 }
 
 impl Settings {
-    pub fn new(read_timeout: Duration, connect_timeout: Duration, node_down: Duration, sample_rate: f64,
-               pool_max_idle: usize, max_connections: usize) -> Settings {
+    pub fn new(
+        read_timeout: Duration,
+        connect_timeout: Duration,
+        node_down: Duration,
+        sample_rate: f64,
+        pool_max_idle: usize,
+        max_connections: usize,
+    ) -> Settings {
         Settings {
-            timeout_message: format!("no response from the model server within {}s", http::fmt_g(read_timeout.as_secs_f64())),
+            timeout_message: format!(
+                "no response from the model server within {}s",
+                http::fmt_g(read_timeout.as_secs_f64())
+            ),
             read_timeout,
             connect_timeout,
             node_down,
@@ -374,7 +383,9 @@ fn relay(st: &State, io: &mut Io, a: &Ask, deadline: Instant) -> End {
                     scanned = None;
                     continue;
                 }
-                Ok(Some((rh, _))) if rh.status == 101 => return End::Failed(502, Reason::UpstreamLost, BAD_RESPONSE.into()),
+                Ok(Some((rh, _))) if rh.status == 101 => {
+                    return End::Failed(502, Reason::UpstreamLost, BAD_RESPONSE.into())
+                }
                 Ok(Some(found)) => break found,
                 Ok(None) => {}
             }
@@ -479,8 +490,18 @@ fn relay(st: &State, io: &mut Io, a: &Ask, deadline: Instant) -> End {
 /// Model metadata: the body is buffered, its "name" and "versions" rewritten to the logical model and
 /// the routed version, and answered with a Content-Length.
 #[allow(clippy::too_many_arguments)]
-fn metadata(st: &State, io: &mut Io, a: &Ask, mut up: UpConn, node: &routing::Node, rh: &http::ResponseHead,
-            head_end: usize, mut framing: Framing, mut reusable: bool, deadline: Instant) -> End {
+fn metadata(
+    st: &State,
+    io: &mut Io,
+    a: &Ask,
+    mut up: UpConn,
+    node: &routing::Node,
+    rh: &http::ResponseHead,
+    head_end: usize,
+    mut framing: Framing,
+    mut reusable: bool,
+    deadline: Instant,
+) -> End {
     let reason = String::from_utf8_lossy(rh.reason(&io.ubuf.bytes()[..head_end])).into_owned();
     io.meta.clear();
     io.ubuf.consume(head_end);
@@ -513,7 +534,9 @@ fn metadata(st: &State, io: &mut Io, a: &Ask, mut up: UpConn, node: &routing::No
         match read_until(&mut up, &mut io.ubuf, deadline) {
             Ok(0) if matches!(framing, Framing::UntilClose) => break,
             Ok(0) | Err(Rd::Failed) => return End::Failed(502, Reason::UpstreamLost, LOST.into()),
-            Err(Rd::Timeout) => return End::Failed(504, Reason::UpstreamTimeout, st.settings.timeout_message.clone().into()),
+            Err(Rd::Timeout) => {
+                return End::Failed(504, Reason::UpstreamTimeout, st.settings.timeout_message.clone().into())
+            }
             Ok(_) => {}
         }
     }
@@ -522,11 +545,18 @@ fn metadata(st: &State, io: &mut Io, a: &Ask, mut up: UpConn, node: &routing::No
     } else {
         drop(up);
     }
-    let rewritten = if rh.status == 200 { crate::json::rewrite_metadata(&io.meta, a.model, &a.arm.version) } else { None };
+    let rewritten =
+        if rh.status == 200 { crate::json::rewrite_metadata(&io.meta, a.model, &a.arm.version) } else { None };
     let body: &[u8] = rewritten.as_deref().unwrap_or(&io.meta);
     let out = &mut io.out;
     out.clear();
-    let _ = write!(out, "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}", rh.status, reason, body.len());
+    let _ = write!(
+        out,
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}",
+        rh.status,
+        reason,
+        body.len()
+    );
     out.extend_from_slice(&a.arm.version_header);
     if !a.keep_alive {
         out.extend_from_slice(b"\r\nconnection: close");
@@ -569,7 +599,15 @@ fn exchange(st: &State, io: &mut Io, a: &Ask) -> bool {
         }
         End::Failed(status, _, message) => {
             let body = http::error_body(&message);
-            http::local_response(&mut io.out, status, "application/json", &body, !a.keep_alive, !a.http11 && a.keep_alive, false);
+            http::local_response(
+                &mut io.out,
+                status,
+                "application/json",
+                &body,
+                !a.keep_alive,
+                !a.http11 && a.keep_alive,
+                false,
+            );
             (&io.sock).write_all(&io.out).is_ok() && a.keep_alive
         }
         End::Broken(_) => false,
@@ -763,7 +801,9 @@ impl<'s> Conn<'s> {
             let mut decoder = Chunked::default();
             let mut pos = head_len;
             loop {
-                let n = decoder.feed(&self.buf.bytes()[pos..], Some(&mut self.decoded)).map_err(|_| Refusal(400, "bad chunked body"))?;
+                let n = decoder
+                    .feed(&self.buf.bytes()[pos..], Some(&mut self.decoded))
+                    .map_err(|_| Refusal(400, "bad chunked body"))?;
                 pos += n;
                 if decoder.done() {
                     break;
@@ -807,7 +847,9 @@ impl<'s> Conn<'s> {
 
         let Some(rest) = path.strip_prefix(b"/v2/models/") else {
             let (status, ctype, body): (u16, &str, Cow<[u8]>) = match path {
-                b"/v2/health/ready" => (if st.ready.load(Ordering::Relaxed) { 200 } else { 503 }, "application/json", Cow::Borrowed(b"")),
+                b"/v2/health/ready" => {
+                    (if st.ready.load(Ordering::Relaxed) { 200 } else { 503 }, "application/json", Cow::Borrowed(b""))
+                }
                 b"/v2/health/live" => (200, "application/json", Cow::Borrowed(b"")),
                 b"/metrics" => (200, PROMETHEUS_TYPE, Cow::Owned(st.metrics.render(&st.nodes.counts()).into_bytes())),
                 b"/v2" => (200, "application/json", Cow::Borrowed(SERVER_METADATA)),
@@ -823,7 +865,15 @@ impl<'s> Conn<'s> {
         st.refresh(table);
         let Some(model) = table.1.models.get(name) else {
             let msg = format!("unknown model '{}'", String::from_utf8_lossy(name));
-            http::local_response(&mut io.out, 404, "application/json", &http::error_body(&msg), !h.keep_alive, keep10, head_request);
+            http::local_response(
+                &mut io.out,
+                404,
+                "application/json",
+                &http::error_body(&msg),
+                !h.keep_alive,
+                keep10,
+                head_request,
+            );
             return (&io.sock).write_all(&io.out).is_ok() && h.keep_alive;
         };
         let kind = if tail == b"infer" || tail.ends_with(b"/infer") {
@@ -834,15 +884,18 @@ impl<'s> Conn<'s> {
             Kind::Other
         };
         if kind == Kind::Infer && method != b"POST" {
-            http::local_response(&mut io.out, 405, "application/json", &http::error_body("infer takes POST"), !h.keep_alive, keep10,
-                                 head_request);
+            http::local_response(
+                &mut io.out,
+                405,
+                "application/json",
+                &http::error_body("infer takes POST"),
+                !h.keep_alive,
+                keep10,
+                head_request,
+            );
             return (&io.sock).write_all(&io.out).is_ok() && h.keep_alive;
         }
-        let arm = if kind == Kind::Infer {
-            model.pick(h.key.clone().map(|k| &bytes[k]))
-        } else {
-            &model.stable
-        };
+        let arm = if kind == Kind::Infer { model.pick(h.key.clone().map(|k| &bytes[k])) } else { &model.stable };
         let body: &[u8] = match &req.body {
             Body::InBuf(r) => &bytes[r.clone()],
             Body::Decoded => decoded,
@@ -876,7 +929,8 @@ impl<'s> Conn<'s> {
         fwd.extend_from_slice(b"\r\n");
 
         let sampled = kind == Kind::Infer
-            && (st.settings.sample_all || (st.settings.sample_below > 0 && io.next_random() < st.settings.sample_below));
+            && (st.settings.sample_all
+                || (st.settings.sample_below > 0 && io.next_random() < st.settings.sample_below));
         let ask = Ask {
             arm,
             model: &model.name,

@@ -148,7 +148,8 @@ impl Arm {
                     }
                     continue;
                 }
-                let _ = node.down_until.compare_exchange(until, 0, Relaxed, Relaxed); // its time out is over
+                let _ = node.down_until.compare_exchange(until, 0, Relaxed, Relaxed);
+                // its time out is over
             }
             return Some(i);
         }
@@ -296,12 +297,22 @@ mod tests {
             }
         }
         // evenly spaced: at 50% they alternate
-        assert_eq!((0..6).map(|n| spread_to_canary(n, 50)).collect::<Vec<_>>(), [false, true, false, true, false, true]);
+        assert_eq!(
+            (0..6).map(|n| spread_to_canary(n, 50)).collect::<Vec<_>>(),
+            [false, true, false, true, false, true]
+        );
     }
 
     fn spec(weight: u32, nodes: &[&str]) -> TableSpec {
-        let arm = |v: &str| ArmSpec { version: v.into(), triton_model: format!("m_v{v}"), nodes: nodes.iter().map(|s| s.to_string()).collect() };
-        TableSpec { version: 1, models: vec![ModelSpec { name: "m".into(), weight, stable: Some(arm("1")), canary: Some(arm("2")) }] }
+        let arm = |v: &str| ArmSpec {
+            version: v.into(),
+            triton_model: format!("m_v{v}"),
+            nodes: nodes.iter().map(|s| s.to_string()).collect(),
+        };
+        TableSpec {
+            version: 1,
+            models: vec![ModelSpec { name: "m".into(), weight, stable: Some(arm("1")), canary: Some(arm("2")) }],
+        }
     }
 
     #[test]
