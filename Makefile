@@ -42,6 +42,7 @@ test: install browser
 
 lint: install
 	$(BIN)/ruff check .
+	cargo clippy --quiet --release $(CARGO_FLAGS) --all-targets -- -D warnings
 	$(BIN)/python -m config.stack --state $(STATE)/lint exec -- $(BIN)/mypy
 
 # Benchmarks print a table and one JSON line each; bench.engines needs no servers.

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                                "--read-timeout-ms", str(round(args.read_timeout_s * 1000)),
                                "--node-down-ms", str(round(args.node_down_s * 1000)),
                                "--sample-rate", repr(args.sample_rate)],
-                              on_sample=sampler.put if sampler is not None else None)
+                              on_sample=sampler.offer if sampler is not None else None)
     except DataPlaneMissing as exc:
         log.error("%s", exc)
         return 2

@@ -12,6 +12,7 @@ Protocol. The data plane reads routing tables on its stdin, TAB-separated lines 
     arm     stable  <version>  <triton model>  <host:port>[,<host:port>...]
     arm     canary  ...
     end
+    dropped <n>     (between tables: samples the control plane could not take, for the metrics)
 
 and writes frames on its stdout, `<kind byte><u32 LE length><payload>`: b"A" a table applied (payload:
 its version), b"S" a traffic sample (payload: fields, each `<u16 LE name length><name><u32 LE value
@@ -96,10 +97,11 @@ def decode_sample(payload: bytes) -> dict[str, bytes]:
 
 class DataPlane:
     """The running binary: `apply` sends a table and waits until the data plane has it in use; samples
-    are handed to `on_sample` from a reader thread, which blocks while the consumer is behind (the data
-    plane then drops samples and counts them in gateway_samples_dropped_total)."""
+    are handed to `on_sample` from a reader thread. `on_sample` must not block (the applied notices
+    come down the same pipe): it returns False for a sample it dropped, which the data plane then counts
+    in gateway_samples_dropped_total with its own."""
 
-    def __init__(self, args: list[str], on_sample: Callable[[dict[str, bytes]], None] | None = None) -> None:
+    def __init__(self, args: list[str], on_sample: Callable[[dict[str, bytes]], bool] | None = None) -> None:
         self.proc = subprocess.Popen([str(binary_path()), *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self.on_sample = on_sample
         self.applied = 0
@@ -115,16 +117,21 @@ class DataPlane:
                 with self._changed:
                     self.applied = int(payload)
                     self._changed.notify_all()
-            elif kind == b"S" and self.on_sample is not None:
-                self.on_sample(decode_sample(payload))
+            elif kind == b"S" and self.on_sample is not None and not self.on_sample(decode_sample(payload)):
+                try:
+                    self._send(b"dropped\t1\n")
+                except OSError:  # the data plane is gone: the main thread sees it exit
+                    return
 
-    def apply(self, version: int, table: RoutingTable) -> bool:
-        """Send a table; True once the data plane reports it in use (False: not within ACK_TIMEOUT_S)."""
-        data = encode_table(version, table)
+    def _send(self, data: bytes) -> None:
         assert self.proc.stdin is not None
         with self._write:
             self.proc.stdin.write(data)
             self.proc.stdin.flush()
+
+    def apply(self, version: int, table: RoutingTable) -> bool:
+        """Send a table; True once the data plane reports it in use (False: not within ACK_TIMEOUT_S)."""
+        self._send(encode_table(version, table))
         with self._changed:
             return self._changed.wait_for(lambda: self.applied >= version, ACK_TIMEOUT_S)
 

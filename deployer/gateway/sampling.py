@@ -1,9 +1,9 @@
 """Samples of inference traffic (request and response bodies) into a Redis stream, for monitoring.
 
-The data plane hands samples over through a bounded queue and drops (and counts) what does not fit, so
-neither Redis latency nor an outage ever reaches a request; here a thread batches them into pipelined
-XADDs with an approximate MAXLEN. Fields: model, version, triton_model, status, latency_ms, ts, request,
-request_head, response_head, response.
+The data plane hands samples over through bounded queues, its own and this one, and what does not fit is
+dropped (and counted), so neither Redis latency nor an outage ever reaches a request; here a thread
+batches them into pipelined XADDs with an approximate MAXLEN. Fields: model, version, triton_model,
+status, latency_ms, ts, request, request_head, response_head, response.
 """
 
 from __future__ import annotations
@@ -27,9 +27,13 @@ class Sampler(threading.Thread):
         self.gather_s = 0.1
         self.sent = 0
 
-    def put(self, fields: dict[str, bytes]) -> None:
-        """Blocks while the queue is full: the data plane's own bounded queue then drops and counts."""
-        self.queue.put(fields)
+    def offer(self, fields: dict[str, bytes]) -> bool:
+        """Queue a sample; False (dropped) when the queue is full."""
+        try:
+            self.queue.put_nowait(fields)
+        except queue.Full:
+            return False
+        return True
 
     def stop(self) -> None:
         try:

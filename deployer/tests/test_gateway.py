@@ -349,3 +349,26 @@ def test_a_table_whose_names_hold_control_characters_is_refused(redis_client):
         publish_routes(redis_client, {"a\tb": {"stable": {"version": "1", "triton_model": "m", "nodes": ["h:1"]}}})
     with pytest.raises(ValueError, match="version"):
         publish_routes(redis_client, {"m": {"stable": {"version": "1\n", "triton_model": "m", "nodes": ["h:1"]}}})
+
+
+def test_samples_the_control_plane_drops_are_counted_by_the_data_plane(triton):
+    from deployer.gateway.dataplane import DataPlane
+    from deployer.gateway.routing import parse_table
+    from deployer.gateway.sampling import Sampler
+
+    sampler = Sampler("redis://127.0.0.1:1/0", queue_size=1)  # never started: its queue stays full
+    port = free_port()
+    dataplane = DataPlane(["--listen", f"127.0.0.1:{port}", "--sample-rate", "1"], on_sample=sampler.offer)
+    try:
+        assert dataplane.apply(1, parse_table({"echo": {"stable": {
+            "version": "1", "triton_model": "echo_v1", "nodes": [triton.url]}}}))
+        body = b'{"inputs":[{"name":"x","shape":[2],"datatype":"FP32","data":[1,2]}]}'
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        for _ in range(3):
+            conn.request("POST", "/v2/models/echo/infer", body=body)
+            assert conn.getresponse().read()
+        conn.close()
+        assert sampler.queue.qsize() == 1
+        _wait_until(lambda: "gateway_samples_dropped_total 2.0" in _metrics(port), "two samples counted as dropped")
+    finally:
+        assert dataplane.stop() == 0

@@ -4,6 +4,9 @@
 //!     model   <name>  <canary weight 0..100>
 //!     arm     stable|canary   <version>   <triton model>  <host:port>[,<host:port>...]
 //!     end
+//!
+//! and, outside a table, `dropped <n>`: samples the control plane could not take (Redis behind), counted
+//! with the data plane's own in gateway_samples_dropped_total.
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ArmSpec {
@@ -32,6 +35,7 @@ pub enum Event {
     Apply(TableSpec),
     /// A table that will not be applied (version when known, why).
     Reject(Option<u64>, String),
+    SamplesDropped(u64),
 }
 
 #[derive(Default)]
@@ -85,6 +89,10 @@ impl ControlParser {
                     Some(m) => Event::Reject(Some(t.version), format!("model {} has no stable arm", m.name)),
                     None => Event::Apply(t),
                 },
+            },
+            "dropped" if self.cur.is_none() => match f.get(1).and_then(|n| n.parse::<u64>().ok()) {
+                Some(n) if f.len() == 2 => Event::SamplesDropped(n),
+                _ => Event::Reject(None, format!("bad dropped line {line:?}")),
             },
             "model" | "arm" => {
                 let Some((table, err)) = self.cur.as_mut() else {
@@ -234,6 +242,14 @@ mod tests {
         let ev = feed(&mut p, "table\t1\nmodel\tm\t0\ntable\t2\nmodel\tm\t0\narm\tstable\t1\tm1\th:1\nend");
         assert!(matches!(&ev[..], [Event::Reject(Some(1), _), Event::Apply(t)] if t.version == 2), "{ev:?}");
         assert!(matches!(&feed(&mut ControlParser::default(), "end")[..], [Event::Reject(None, _)]));
+    }
+
+    #[test]
+    fn dropped_samples_are_reported_between_tables_only() {
+        assert_eq!(feed(&mut ControlParser::default(), "dropped\t3"), vec![Event::SamplesDropped(3)]);
+        assert!(matches!(&feed(&mut ControlParser::default(), "dropped\tx")[..], [Event::Reject(None, _)]));
+        let ev = feed(&mut ControlParser::default(), "table\t1\nmodel\tm\t0\ndropped\t1\narm\tstable\t1\tm1\th:1\nend");
+        assert!(matches!(&ev[..], [Event::Reject(Some(1), _)]), "{ev:?}");
     }
 
     #[test]

@@ -184,6 +184,9 @@ fn control_loop(st: &'static State) {
         let text = String::from_utf8_lossy(&line);
         match parser.line(text.trim_end_matches('\n')) {
             Event::None => {}
+            Event::SamplesDropped(n) => {
+                st.metrics.samples_dropped.fetch_add(n, Ordering::Relaxed);
+            }
             Event::Apply(spec) => {
                 st.apply(&spec);
                 log(format_args!("routing table version {} applied: {}", spec.version, routing::describe(&spec)));
