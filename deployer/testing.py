@@ -51,12 +51,18 @@ def gateway_process(redis_url: str, log_path: Path, *args: str) -> Iterator[tupl
             wait_for_port(port, 30, proc)
             yield port, proc
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+            stop_process(proc, 10)
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout_s`."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
 
 
 def echo_version(model: str, archive: Path, factor: float, workdir: Path, fault_file: Path | None = None) -> Any:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from deployer.testing import echo_version, gateway_process, wait_until
+from deployer.testing import echo_version, gateway_process, stop_process, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 KEYS = ["fleet:local:nodes", "gateway:instances", "gateway:routes", "gateway:routes:version", "deployer:retiring"]
@@ -32,16 +32,6 @@ def redis_client() -> Iterator[Any]:
     client.close()
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(40)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
 @pytest.fixture(scope="module")
 def local_fleet(redis_client: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """Two supervised Triton nodes, as `make run` starts them."""
@@ -56,7 +46,7 @@ def local_fleet(redis_client: Any, tmp_path_factory: pytest.TempPathFactory) -> 
                    "two ready Triton nodes", proc)
         yield {"proc": proc, "state": state}
     finally:
-        _stop(proc)
+        stop_process(proc, 40)
         log.close()
 
 

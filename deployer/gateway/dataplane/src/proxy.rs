@@ -320,34 +320,30 @@ fn relay(st: &State, io: &mut Io, a: &Ask, deadline: Instant) -> End {
     io.tried.clear();
     let mut same: Option<usize> = None;
     let (mut up, node_i) = loop {
-        let (i, conn, pooled) = if let Some(i) = same.take() {
-            match arm.nodes[i].connect(s.connect_timeout, s.read_timeout) {
-                Ok(c) => (i, c, false),
+        // After a pooled connection failed: the same node, a fresh connection. Otherwise the next node.
+        let (i, fresh_only) = match same.take() {
+            Some(i) => (i, true),
+            None => match arm.choose(&io.tried) {
+                Some(i) => (i, false),
+                None => {
+                    return End::Failed(503, Reason::Unavailable, "no node of the routed version is reachable".into())
+                }
+            },
+        };
+        let idle = if fresh_only { None } else { arm.nodes[i].pop_idle() };
+        let pooled = idle.is_some();
+        let mut conn = match idle {
+            Some(c) => c,
+            None => match arm.nodes[i].connect(s.connect_timeout, s.read_timeout) {
+                Ok(c) => c,
                 Err(_) => {
                     st.take_out(&arm.nodes[i]);
                     io.tried.push(i);
                     arm.stats.retries.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
-            }
-        } else {
-            let Some(i) = arm.choose(&io.tried) else {
-                return End::Failed(503, Reason::Unavailable, "no node of the routed version is reachable".into());
-            };
-            match arm.nodes[i].pop_idle() {
-                Some(c) => (i, c, true),
-                None => match arm.nodes[i].connect(s.connect_timeout, s.read_timeout) {
-                    Ok(c) => (i, c, false),
-                    Err(_) => {
-                        st.take_out(&arm.nodes[i]);
-                        io.tried.push(i);
-                        arm.stats.retries.fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    }
-                },
-            }
+            },
         };
-        let mut conn = conn;
         if write_all_v(&conn.sock, &io.fwd, a.body).is_ok() {
             io.ubuf.clear();
             match read_until(&mut conn, &mut io.ubuf, deadline) {
