@@ -91,6 +91,13 @@ except ConfigError:
 # Persistent connections without a per-request health check (a SELECT 1 round trip on every request):
 # a connection that died fails one request, and Django replaces it for the next.
 DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=60, conn_health_checks=False)}
+# Server-side prepared statements, used only by the registry's hot reads (registry/prepared.py; Django's
+# own cursors bind on the client and never prepare). psycopg prepares nothing when this is None: set
+# DATABASE_PREPARED_STATEMENTS=false behind a pooler that cannot keep them (PgBouncer before 1.21 in
+# transaction mode).
+DATABASES["default"].setdefault("OPTIONS", {})["prepare_threshold"] = (
+    5 if env_bool("DATABASE_PREPARED_STATEMENTS", True) else None
+)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")

@@ -49,3 +49,41 @@ def test_a_build_whose_parameters_are_not_the_values_is_refused() -> None:
     instances = Prepared(lambda name: RegisteredModel.objects.filter(name=name))  # type: ignore[arg-type, return-value]
     with pytest.raises(ImproperlyConfigured, match="values"):
         instances.rows("a")
+
+
+def _prepared_statements() -> list[tuple[str, int, int]]:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("select statement, generic_plans, custom_plans from pg_prepared_statements")
+        return list(cursor.fetchall())
+
+
+def test_reads_are_planned_once_per_connection() -> None:
+    RegisteredModel.objects.create(name="planned", latest_version=3)
+    # Columns no other read selects, so that its statement is told apart on this test connection.
+    read = Prepared(lambda name: RegisteredModel.objects.filter(name=name).values("latest_version", "name"))
+    for _ in range(8):
+        assert read.first("planned") == {"latest_version": 3, "name": "planned"}
+    # Prepared on the server; after PostgreSQL's five trial plans it keeps one generic plan, because
+    # first()'s LIMIT 1 is written out rather than bound.
+    [(statement, generic, custom)] = [row for row in _prepared_statements()
+                                      if row[0].startswith('SELECT "registry_registeredmodel"."latest_version"')]
+    assert '"registry_registeredmodel"."name" = $1' in statement and statement.endswith(" LIMIT 1")
+    assert (generic, custom) == (3, 5)
+
+
+def test_without_prepared_statements_reads_give_the_same_rows() -> None:
+    from django.db import connection
+
+    RegisteredModel.objects.create(name="unprepared", latest_version=1)
+    read = Prepared(lambda name: RegisteredModel.objects.filter(name=name).values("name", "latest_version"))
+    connection.ensure_connection()
+    kept = connection.connection.prepare_threshold
+    connection.connection.prepare_threshold = None  # what DATABASE_PREPARED_STATEMENTS=false sets
+    try:
+        assert read.rows("unprepared") == read.rows("unprepared") == [{"name": "unprepared", "latest_version": 1}]
+        assert not [row for row in _prepared_statements()
+                    if row[0].startswith('SELECT "registry_registeredmodel"."name"') and "latest_version" in row[0]]
+    finally:
+        connection.connection.prepare_threshold = kept
