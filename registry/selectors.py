@@ -7,7 +7,7 @@ from typing import Any
 
 from django.db.models import Q, QuerySet
 
-from registry.models import AuditEvent, ModelVersion, RegisteredModel
+from registry.models import AuditEvent, ModelVersion, RegisteredModel, VersionStatus
 from registry.prepared import Prepared
 
 MODEL_ORDERINGS = {"name", "-name", "updated_at", "-updated_at", "created_at", "-created_at"}
@@ -65,10 +65,16 @@ def _version_detail(model_name: str, number: int) -> QuerySet[ModelVersion, dict
     return ModelVersion.objects.filter(model__name=model_name, version=number).values(*VERSION_DETAIL_FIELDS)
 
 
+def _version_lineage(model_name: str, number: int, archived: str) -> QuerySet[ModelVersion, dict[str, Any]]:
+    return ModelVersion.objects.filter(model__name=model_name, version=number).exclude(status=archived) \
+        .values(*LINEAGE_FIELDS)
+
+
 # The API's hot reads, compiled once per process (see registry/prepared.py).
 _MODEL_SUMMARY = Prepared(_model_summary)
 _VERSION_ROWS = Prepared(_version_rows)
 _VERSION_DETAIL = Prepared(_version_detail)
+_VERSION_LINEAGE = Prepared(_version_lineage)
 
 
 def model_summary(name: str) -> dict[str, Any] | None:
@@ -90,6 +96,12 @@ def version_detail_row(model_name: str, number: int) -> dict[str, Any] | None:
     """A version with its model's name and its author's username, as one row: one query by the unique
     (model, version) index, whatever the number of versions."""
     return _VERSION_DETAIL.first(model_name, number)
+
+
+def version_lineage(model_name: str, number: int) -> dict[str, Any] | None:
+    """The lineage columns of a version that is not archived: what registering `models:/name/number`
+    again copies from it (one indexed query, compiled and planned once)."""
+    return _VERSION_LINEAGE.first(model_name, number, VersionStatus.ARCHIVED.value)
 
 
 def version_get(model: RegisteredModel, number: int) -> ModelVersion | None:

@@ -18,7 +18,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.db.models.functions import Greatest
 
-from registry import archives, samples
+from registry import archives, samples, selectors
 from registry import mlflow_store as mlflow
 from registry.audit import SYSTEM, Actor, audit_record
 from registry.models import VERSION_TRANSITIONS, ModelVersion, RegisteredModel, VersionOrigin, VersionStatus
@@ -246,13 +246,13 @@ def version_register_from_uri(actor: Actor, model_name: str, uri: str, descripti
     known = _known_version(parsed)
     if known is not None:
         # The source version is the platform's own: its lineage is already recorded.
-        lineage = mlflow.Lineage(source=known.source, storage_location=known.storage_location, run_id=known.run_id,
-                                 experiment_id=known.experiment_id, params=known.params, metrics=known.metrics,
-                                 run_tags=known.run_tags)
-        files = archives.ModelFiles(root=Path("."), mlmodel={"flavors": known.flavors},
-                                    flavors=archives.check_flavors({"flavors": known.flavors}),
-                                    signature=known.signature, input_example=known.input_example)
-        return _create_version(actor, model_name, known.source, known.run_id, VersionOrigin.MODEL_URI, lineage,
+        lineage = mlflow.Lineage(source=known["source"], storage_location=known["storage_location"],
+                                 run_id=known["run_id"], experiment_id=known["experiment_id"], params=known["params"],
+                                 metrics=known["metrics"], run_tags=known["run_tags"])
+        mlmodel = {"flavors": known["flavors"]}
+        files = archives.ModelFiles(root=Path("."), mlmodel=mlmodel, flavors=archives.check_flavors(mlmodel),
+                                    signature=known["signature"], input_example=known["input_example"])
+        return _create_version(actor, model_name, known["source"], known["run_id"], VersionOrigin.MODEL_URI, lineage,
                                files, description, clean_tags, sample)
     try:
         if parsed.kind == "run":
@@ -270,11 +270,10 @@ def version_register_from_uri(actor: Actor, model_name: str, uri: str, descripti
                            description, clean_tags, sample)
 
 
-def _known_version(parsed: archives.SourceUri) -> ModelVersion | None:
+def _known_version(parsed: archives.SourceUri) -> dict[str, Any] | None:
     if parsed.kind != "model" or not parsed.version_or_alias.isdigit():
         return None
-    return ModelVersion.objects.filter(model__name=parsed.model_name, version=int(parsed.version_or_alias)) \
-        .exclude(status=VersionStatus.ARCHIVED).first()
+    return selectors.version_lineage(parsed.model_name, int(parsed.version_or_alias))
 
 
 def _files_at(location: str) -> archives.ModelFiles:

@@ -59,8 +59,10 @@ def test_registering_from_a_models_uri_copies_the_source_version(scientist, mode
     first = ModelVersion.objects.get(model__name=unique_name, version=1)
     copy = ModelVersion.objects.get(model__name=other, version=1)
     assert copy.origin == VersionOrigin.MODEL_URI
-    assert copy.storage_location == first.storage_location
-    assert copy.flavors == first.flavors
+    lineage = ("source", "storage_location", "run_id", "experiment_id", "params", "metrics", "run_tags", "flavors",
+               "signature", "input_example")
+    assert {f: getattr(copy, f) for f in lineage} == {f: getattr(first, f) for f in lineage}
+    assert copy.signature and copy.input_example  # the archive has both: copied, not lost
 
 
 def test_registering_from_a_runs_uri_uses_the_runs_artifacts(scientist, model_archive, unique_name):
