@@ -126,16 +126,15 @@ def _child_process(args: list[str], log_path: Path, env: dict[str, str] | None =
 
 @pytest.fixture(scope="session")
 def _platform_process(django_db_setup: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The platform as production runs it (gunicorn, config.wsgi) on a free port, on the test database.
+    """The platform as production runs it (uWSGI, config.wsgi) on a free port, on the test database.
     A separate process, so the mlflow client under test and MLflow's server share no globals."""
     from config.stack import free_port, wait_for_port
     from registry import mlflow_store
 
     mlflow_store.init_store()  # MLflow's tables first: two workers must not both run its migrations
     port = free_port()
-    args = ["gunicorn", "config.wsgi:application", "--bind", f"127.0.0.1:{port}", "--workers", "2",
-            "--threads", "16", "--timeout", "300"]
-    with _child_process(args, tmp_path_factory.mktemp("server") / "gunicorn.log") as proc:
+    args = ["config.web", "--http11-socket", f"127.0.0.1:{port}", "--processes", "2", "--threads", "16"]
+    with _child_process(args, tmp_path_factory.mktemp("server") / "web.log") as proc:
         wait_for_port(port, 60, proc)
         yield f"http://127.0.0.1:{port}"
 

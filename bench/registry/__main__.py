@@ -2,7 +2,7 @@
 
 Both serve the same data: the platform on its database and MLflow's, `mlflow server` on a copy of
 MLflow's database (CREATE DATABASE ... TEMPLATE) and the same artifact folder. The platform runs exactly
-as production starts it (the `web` line of platform/processes.conf: gunicorn, 2 workers) and MLflow's
+as production starts it (the `web` line of platform/processes.conf: uWSGI, 2 processes) and MLflow's
 server with the same number of workers.
 For each model size (100 and 10,000 versions of one model; --quick: 100 and 1,000) every endpoint is
 driven by 4 keep-alive client threads for a fixed time after a warm-up.
@@ -146,7 +146,7 @@ def platform_web_command(port: int, state: Path) -> tuple[list[str], int]:
     # Only the web line is used; the other lines' placeholders get values that are never run.
     command = read_processes({"python": sys.executable, "web_port": str(port), "state": str(state),
                               "gateway_port": "0", "fleet_nodes": "0"})["web"]
-    workers = int(command[command.index("--workers") + 1]) if "--workers" in command else 1
+    workers = int(command[command.index("--processes") + 1])
     return command, workers
 
 
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         wait_http(mlflow_port, "/health", mlflow, mlflow_log)
         # MLflow's server starts helpers (a job runner and Huey consumers) that import for seconds.
         settled = wait_idle(servers)
-        print(f"  platform: gunicorn as in platform/processes.conf, {workers} workers, 127.0.0.1:{platform_port}   "
+        print(f"  platform: uWSGI as in platform/processes.conf, {workers} processes, 127.0.0.1:{platform_port}   "
               f"MLflow: mlflow server --workers {workers}, 127.0.0.1:{mlflow_port} (database {COPY_DB}); "
               f"idle after {settled:.0f}s", flush=True)
         print(f"  {cfg.concurrency} client threads, keep-alive; per endpoint and server {cfg.warmup_s:g}s warm-up, "
