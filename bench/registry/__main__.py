@@ -167,6 +167,17 @@ def start_mlflow(env: dict[str, str], store_uri: str, artifacts: str, workers: i
     return start_server(command, log, env=clean, cwd=state), port, log
 
 
+def mlflow_http_stack() -> str:
+    """What MLflow's uvicorn will run on. Without httptools and uvloop (requirements-dev.txt) it parses HTTP
+    in pure Python and answers about three times slower here: a baseline that would flatter the platform."""
+    from importlib.util import find_spec
+
+    missing = [name for name in ("httptools", "uvloop") if find_spec(name) is None]
+    if missing:
+        return f"uvicorn WITHOUT {' and '.join(missing)}: MLflow is slower than at its best, ratios are inflated"
+    return "uvicorn with httptools and uvloop"
+
+
 def check_answers(platform: Target, mlflow: Target, eps: list[Endpoint], name: str, versions: int) -> None:
     """Before timing anything: both servers answer each read with the same data, so that the
     comparison is like for like."""
@@ -304,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         # MLflow's server starts helpers (a job runner and Huey consumers) that import for seconds.
         settled = wait_idle(servers)
         print(f"  platform: uWSGI as in platform/processes.conf, {workers} processes, 127.0.0.1:{platform_port}   "
-              f"MLflow: mlflow server --workers {workers}, 127.0.0.1:{mlflow_port} (database {COPY_DB}); "
+              f"MLflow: mlflow server --workers {workers} ({mlflow_http_stack()}), 127.0.0.1:{mlflow_port} "
+              f"(database {COPY_DB}); "
               f"idle after {settled:.0f}s", flush=True)
         print(f"  {cfg.concurrency} client threads, keep-alive; per endpoint and server {cfg.warmup_s:g}s warm-up, "
               f"then {cfg.duration_s:g}s measured in {cfg.rounds} rounds alternating with the other server",
