@@ -7,12 +7,14 @@ import signal
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 import requests
 
 from config.stack import free_port, wait_for_port
+from deployer.testing import wait_until
 
 
 def _connection(base_url: str) -> http.client.HTTPConnection:
@@ -46,11 +48,14 @@ def test_keep_alive_and_long_headers(platform_server: str) -> None:
         conn.close()
 
 
-def test_sigterm_stops_the_server_and_its_workers(platform_process) -> None:
+def test_sigterm_stops_the_server_and_its_workers(platform_process, tmp_path: Path) -> None:
     port = free_port()
     with platform_process(["config.web", "--http11-socket", f"127.0.0.1:{port}", "--processes", "2"], "web") as proc:
         wait_for_port(port, 60, proc)
         assert requests.get(f"http://127.0.0.1:{port}/api/v1/me/", timeout=30).status_code == 401
+        # Both workers import the app after the fork; a signal in the middle of that is a failed start.
+        wait_until(lambda: (tmp_path / "web.log").read_text(errors="replace").count(" ready in ") == 2, 60,
+                   "both uWSGI workers to load the app", proc)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0  # uWSGI's default on SIGTERM is to reload; die-on-term makes it exit
     deadline = time.monotonic() + 10
