@@ -35,8 +35,7 @@ class DeploymentIn(serializers.Serializer):
 class PointOut(serializers.ModelSerializer):
     class Meta:
         model = AnalysisPoint
-        fields = ["at", "weight", "outcome", "canary_requests", "canary_error_rate", "canary_p99_ms",
-                  "stable_requests", "stable_error_rate", "stable_p99_ms"]
+        fields = list(selectors.POINT_FIELDS)
 
 
 class DeploymentOut(serializers.ModelSerializer):

@@ -23,6 +23,11 @@ def deployment_history(d: Deployment) -> Any:
     return AuditEvent.objects.filter(target_type="deployment", target_id=str(d.pk)).order_by("at", "id")
 
 
+# What an analysis window shows, in the API (PointOut) and in the deployment page's charts.
+POINT_FIELDS = ("at", "weight", "outcome", "canary_requests", "canary_error_rate", "canary_p99_ms", "stable_requests",
+                "stable_error_rate", "stable_p99_ms")
+
+
 def recent_points(d: Deployment, limit: int = 300) -> list[AnalysisPoint]:
     """The last `limit` analysis windows (10 minutes at the default tick), oldest first."""
     return list(d.points.order_by("-at")[:limit])[::-1]

@@ -457,9 +457,8 @@ def deployment_live(request: HttpRequest, deployment_id: int) -> HttpResponse:
 def deployment_points(request: HttpRequest, deployment_id: int) -> JsonResponse:
     """The charts' data: one row per analysis window, oldest first, and the thresholds to draw."""
     d = _deployment(deployment_id)
-    fields = ["at", "weight", "outcome", "canary_requests", "canary_error_rate", "canary_p99_ms", "stable_requests",
-              "stable_error_rate", "stable_p99_ms"]
-    points = [{f: getattr(p, f) for f in fields} for p in deployer_selectors.recent_points(d, CHART_POINTS)]
+    points = [{f: getattr(p, f) for f in deployer_selectors.POINT_FIELDS}
+              for p in deployer_selectors.recent_points(d, CHART_POINTS)]
     for point in points:
         point["at"] = point["at"].timestamp()
     return JsonResponse({
