@@ -196,6 +196,7 @@ class LocalFleet:
         return read_nodes(self.redis)
 
     def _client(self, node: LocalNode, timeout: float | None = None) -> Any:
+        """A client for one node; use it as a context manager, which closes its connections."""
         import tritonclient.http as triton_http
 
         t = timeout or self.timeout_s
@@ -252,11 +253,11 @@ class LocalFleet:
         from tritonclient.utils import InferenceServerException
 
         try:
-            client = self._client(node)
-            if client.is_model_ready(name):
-                return True
-            client.load_model(name)
-            return bool(client.is_model_ready(name))
+            with self._client(node) as client:
+                if client.is_model_ready(name):
+                    return True
+                client.load_model(name)
+                return bool(client.is_model_ready(name))
         except InferenceServerException as exc:
             if "failed to load" in str(exc) or "load failed" in str(exc):
                 raise FleetError(f"Triton on {node.name} refused {name}: {exc}") from exc
@@ -272,7 +273,8 @@ class LocalFleet:
         for node in self.nodes():
             if node.ready:
                 try:
-                    self._client(node).unload_model(triton_model)
+                    with self._client(node) as client:
+                        client.unload_model(triton_model)
                 except (InferenceServerException, OSError, ConnectionError) as exc:
                     log.warning("node %s: unload of %s: %s", node.name, triton_model, exc)
             shutil.rmtree(Path(node.repo) / triton_model, ignore_errors=True)
@@ -289,7 +291,8 @@ class LocalFleet:
             if not node.ready:
                 continue
             try:
-                index = self._client(node, timeout=10).get_model_repository_index()
+                with self._client(node, timeout=10) as client:
+                    index = client.get_model_repository_index()
             except (InferenceServerException, OSError, ConnectionError):
                 continue
             for item in index:
