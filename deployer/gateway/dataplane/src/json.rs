@@ -106,62 +106,49 @@ impl Parser<'_> {
         Ok(())
     }
 
+    /// The comma-separated items of an object or array, from its opening bracket to `close`; `item`
+    /// parses one item (starting after any whitespace).
+    fn items(&mut self, close: u8, mut item: impl FnMut(&mut Self) -> Result<(), ()>) -> Result<(), ()> {
+        self.i += 1;
+        self.ws();
+        if self.peek() == Some(close) {
+            self.i += 1;
+            return Ok(());
+        }
+        loop {
+            self.ws();
+            item(self)?;
+            self.ws();
+            match self.peek() {
+                Some(b',') => self.i += 1,
+                Some(c) if c == close => {
+                    self.i += 1;
+                    return Ok(());
+                }
+                _ => return Err(()),
+            }
+        }
+    }
+
     /// One value; at depth 0 an object's members are recorded in `members`.
     fn value(&mut self, depth: usize, members: &mut Vec<(Range<usize>, Range<usize>)>) -> Result<(), ()> {
         if depth > MAX_DEPTH {
             return Err(());
         }
         match self.peek().ok_or(())? {
-            b'{' => {
-                self.i += 1;
-                self.ws();
-                if self.peek() == Some(b'}') {
-                    self.i += 1;
-                    return Ok(());
+            b'{' => self.items(b'}', |p| {
+                let key = p.string()?;
+                p.ws();
+                p.eat(b':')?;
+                p.ws();
+                let start = p.i;
+                p.value(depth + 1, &mut Vec::new())?;
+                if depth == 0 {
+                    members.push((key, start..p.i));
                 }
-                loop {
-                    self.ws();
-                    let key = self.string()?;
-                    self.ws();
-                    self.eat(b':')?;
-                    self.ws();
-                    let start = self.i;
-                    self.value(depth + 1, &mut Vec::new())?;
-                    if depth == 0 {
-                        members.push((key, start..self.i));
-                    }
-                    self.ws();
-                    match self.peek() {
-                        Some(b',') => self.i += 1,
-                        Some(b'}') => {
-                            self.i += 1;
-                            return Ok(());
-                        }
-                        _ => return Err(()),
-                    }
-                }
-            }
-            b'[' => {
-                self.i += 1;
-                self.ws();
-                if self.peek() == Some(b']') {
-                    self.i += 1;
-                    return Ok(());
-                }
-                loop {
-                    self.ws();
-                    self.value(depth + 1, &mut Vec::new())?;
-                    self.ws();
-                    match self.peek() {
-                        Some(b',') => self.i += 1,
-                        Some(b']') => {
-                            self.i += 1;
-                            return Ok(());
-                        }
-                        _ => return Err(()),
-                    }
-                }
-            }
+                Ok(())
+            }),
+            b'[' => self.items(b']', |p| p.value(depth + 1, &mut Vec::new())),
             b'"' => self.string().map(|_| ()),
             b't' => self.literal(b"true"),
             b'f' => self.literal(b"false"),
