@@ -16,9 +16,8 @@ from deployer.gateway.routing import (
     load_routes,
     parse_table,
     publish_routes,
-    sticky_arm,
 )
 from deployer.gateway.sampling import SAMPLES_STREAM
 
 __all__ = ["ROUTES_CHANNEL", "ROUTES_KEY", "ROUTES_VERSION_KEY", "SAMPLES_STREAM", "Arm", "ModelRoute", "load_routes",
-           "parse_table", "publish_routes", "sticky_arm"]
+           "parse_table", "publish_routes"]

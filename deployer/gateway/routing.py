@@ -14,7 +14,6 @@ import json
 import logging
 import threading
 import time
-import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -44,16 +43,6 @@ class ModelRoute:
 
 
 RoutingTable = dict[str, ModelRoute]
-
-
-def sticky_arm(key: str, weight: int) -> str:
-    """Which arm ("stable" / "canary") a request with this x-request-key lands on at a canary weight, on
-    every gateway: the data plane's rule (crc32 of the key, modulo 100, below the weight)."""
-    if weight <= 0:
-        return "stable"
-    if weight >= 100:
-        return "canary"
-    return "canary" if zlib.crc32(key.encode()) % 100 < weight else "stable"
 
 
 def _has_control(text: str) -> bool:

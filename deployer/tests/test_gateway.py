@@ -15,14 +15,15 @@ import threading
 import time
 import urllib.request
 import uuid
+import zlib
 
 import numpy as np
 import pytest
 
 from config.stack import free_port
 from deployer.gateway.echo_model import write_echo_model
-from deployer.gateway.routing import INSTANCES_KEY, ROUTES_KEY, ROUTES_VERSION_KEY, publish_routes, sticky_arm
-from deployer.testing import gateway_process
+from deployer.gateway.routing import INSTANCES_KEY, ROUTES_KEY, ROUTES_VERSION_KEY, publish_routes
+from deployer.testing import gateway_process, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -73,13 +74,12 @@ def _route(redis_client, gateway, triton, weight: int | None, stable_nodes: list
     table = {"echo": {"stable": {"version": "1", "triton_model": "echo_v1", "nodes": stable_nodes or [triton.url]},
                       "canary": None if weight is None else
                       {"version": "2", "triton_model": "echo_v2", "nodes": [triton.url], "weight": weight}}}
-    version = publish_routes(redis_client, table)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if re.search(rf"^gateway_routes_version {version}(\.0)?$", _metrics(gateway["port"]), re.M):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"the gateway did not apply routing table version {version}")
+    _wait_applied(gateway["port"], publish_routes(redis_client, table))
+
+
+def _wait_applied(port: int, version: int) -> None:
+    wait_until(lambda: re.search(rf"^gateway_routes_version {version}(\.0)?$", _metrics(port), re.M), 10,
+               f"the gateway to apply routing table version {version}", interval=0.02)
 
 
 def _infer(client, key: str | None = None, values=(1.0, 2.0, 3.0)) -> tuple[float, str]:
@@ -136,6 +136,12 @@ def test_weights_route_as_configured_and_change_without_restart(redis_client, ga
     factors = [_infer(client)[0] for _ in range(100)]
     assert factors.count(2.0) == 10
     assert gateway["proc"].poll() is None and gateway["proc"].pid == pid
+
+
+def sticky_arm(key: str, weight: int) -> str:
+    """The data plane's rule, written again as the test's oracle: crc32 of the key (zlib's), modulo 100,
+    below the canary weight lands on the canary, on every gateway."""
+    return "canary" if zlib.crc32(key.encode()) % 100 < weight else "stable"
 
 
 def test_request_keys_are_sticky_to_an_arm(redis_client, gateway, triton, client):
@@ -245,14 +251,6 @@ class StuckUpstream:
         self.thread.join(10)
 
 
-def _wait_until(check, what: str, timeout_s: float = 10) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout_s}s: {what}")
-        time.sleep(0.02)
-
-
 def test_a_stuck_upstream_gets_a_504_and_its_connection_is_dropped(redis_client, triton, tmp_path):
     """A gateway of its own (--read-timeout-s 0.5), following a routing table in another Redis database,
     so the module's gateway is left alone."""
@@ -278,8 +276,7 @@ def _stuck_upstream_checks(routes, stuck: StuckUpstream, port: int, triton) -> N
         "slow": {"stable": {"version": "7", "triton_model": "slow_v7", "nodes": [stuck.addr]}},
         "half": {"stable": {"version": "3", "triton_model": "stall_v3", "nodes": [stuck.addr]}},
         "echo": {"stable": {"version": "1", "triton_model": "echo_v1", "nodes": [triton.url]}}})
-    _wait_until(lambda: re.search(rf"^gateway_routes_version {version}(\.0)?$", _metrics(port), re.M),
-                "the gateway applies the table")
+    _wait_applied(port, version)
     body = b'{"inputs":[{"name":"x","shape":[2],"datatype":"FP32","data":[1,2]}]}'
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
     for n in (1, 2):
@@ -288,7 +285,7 @@ def _stuck_upstream_checks(routes, stuck: StuckUpstream, port: int, triton) -> N
         assert resp.status == 504
         assert "error" in json.loads(resp.read())
         # the connection to the stuck server was closed, not pooled: the next request opens another
-        _wait_until(lambda n=n: stuck.closed_by_peer == n, "the gateway closes the stuck connection")
+        wait_until(lambda n=n: stuck.closed_by_peer == n, 10, "the gateway closes the stuck connection", interval=0.02)
         assert stuck.accepted == n
     conn.close()
     # a response that started and then stalled: the client has the head, then the connection ends
@@ -299,7 +296,7 @@ def _stuck_upstream_checks(routes, stuck: StuckUpstream, port: int, triton) -> N
         while chunk := sock.recv(65536):
             received += chunk
     assert received.startswith(b"HTTP/1.1 200 OK\r\nx-model-version: 3\r\n") and received.endswith(b'{"mod')
-    _wait_until(lambda: stuck.closed_by_peer == 3, "the gateway closes the stalled connection")
+    wait_until(lambda: stuck.closed_by_peer == 3, 10, "the gateway closes the stalled connection", interval=0.02)
     text = _metrics(port)
     assert 'gateway_request_errors_total{model="slow",reason="upstream_timeout",version="7"} 2.0' in text
     assert 'gateway_request_errors_total{model="half",reason="upstream_timeout",version="3"} 1.0' in text
@@ -331,7 +328,7 @@ def test_the_data_plane_goes_when_its_control_plane_is_killed(tmp_path):
         assert os.path.basename(os.readlink(f"/proc/{dataplane}/exe")) == "mlops-gateway-dataplane"
         proc.kill()
         proc.wait(5)
-        _wait_until(lambda: _gone(dataplane), "the data plane exits")
+        wait_until(lambda: _gone(dataplane), 10, "the data plane exits", interval=0.02)
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
@@ -369,6 +366,7 @@ def test_samples_the_control_plane_drops_are_counted_by_the_data_plane(triton):
             assert conn.getresponse().read()
         conn.close()
         assert sampler.queue.qsize() == 1
-        _wait_until(lambda: "gateway_samples_dropped_total 2.0" in _metrics(port), "two samples counted as dropped")
+        wait_until(lambda: "gateway_samples_dropped_total 2.0" in _metrics(port), 10, "two samples counted as dropped",
+                   interval=0.02)
     finally:
         assert dataplane.stop() == 0
