@@ -10,9 +10,9 @@ gunicorn cost about 150 us (both measured on a trivial WSGI app; README, "Benchm
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from config.stack import REPO
+
 INI = REPO / "platform" / "uwsgi.ini"
 
 
