@@ -370,3 +370,37 @@ def test_samples_the_control_plane_drops_are_counted_by_the_data_plane(triton):
                    interval=0.02)
     finally:
         assert dataplane.stop() == 0
+
+
+def test_a_failed_head_request_gets_no_body_and_the_connection_goes_on(redis_client, gateway):
+    dead = f"127.0.0.1:{free_port()}"
+    _wait_applied(gateway["port"], publish_routes(redis_client, {
+        "gone": {"stable": {"version": "1", "triton_model": "gone_v1", "nodes": [dead]}}}))
+    with socket.create_connection(("127.0.0.1", gateway["port"]), timeout=10) as sock:
+        # Pipelined: a stray body after the HEAD answer would sit where the second answer should start.
+        sock.sendall(b"HEAD /v2/models/gone HTTP/1.1\r\nHost: gw\r\n\r\n"
+                     b"GET /v2/health/ready HTTP/1.1\r\nHost: gw\r\n\r\n")
+        data = b""
+        while data.count(b"\r\n\r\n") < 2:
+            chunk = sock.recv(65536)
+            assert chunk, data
+            data += chunk
+    head, rest = data.split(b"\r\n\r\n", 1)
+    assert head.split(b" ")[1] in (b"502", b"503") and b"content-length:" in head.lower()
+    assert rest.startswith(b"HTTP/1.1 200 "), rest
+
+
+def test_a_silent_client_is_disconnected():
+    from config.stack import wait_for_port
+    from deployer.gateway.dataplane import DataPlane
+
+    port = free_port()
+    dataplane = DataPlane(["--listen", f"127.0.0.1:{port}", "--client-idle-ms", "300"])
+    try:
+        wait_for_port(port, 10, dataplane.proc)
+        for first in (b"", b"GET /v2/health/ready HTTP/1.1\r\n"):  # an idle connection, half a request head
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(first)
+                assert sock.recv(1) == b""  # closed by the gateway (a timeout here fails the test)
+    finally:
+        assert dataplane.stop() == 0

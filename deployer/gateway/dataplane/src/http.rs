@@ -208,6 +208,11 @@ pub fn parse_request_head(buf: &[u8], drop: &mut Vec<Range<usize>>) -> Result<Op
             Some(b'\n') => {}
             Some(_) => return Err(HeadError::BadHeader),
         }
+        // A bare LF or a NUL inside a line would let a client hide a header from the gateway that the
+        // upstream might still read as one (request smuggling): refused.
+        if buf[pos..eol].iter().any(|&c| c == b'\n' || c == 0) {
+            return Err(HeadError::BadHeader);
+        }
         let colon = pos + find_byte(&buf[pos..eol], b':').ok_or(HeadError::BadHeader)?;
         let name = &buf[pos..colon];
         if name.is_empty() || !name.iter().all(|&c| is_tchar(c)) {
@@ -480,32 +485,47 @@ pub fn reason_phrase(status: u16) -> &'static str {
 /// A whole local response into `out` (cleared first). `close` adds "connection: close"; `keep_alive10`
 /// answers an HTTP/1.0 client that asked to keep the connection; `head_only` leaves the body out
 /// (a HEAD request) but keeps its length.
-pub fn local_response(
-    out: &mut Vec<u8>,
-    status: u16,
-    content_type: &str,
-    body: &[u8],
-    close: bool,
-    keep_alive10: bool,
-    head_only: bool,
-) {
+/// How a client asked to be answered: what any response to it must honour.
+#[derive(Clone, Copy)]
+pub struct Reply {
+    pub keep_alive: bool,
+    pub http11: bool,
+    /// A HEAD request: the response has no body.
+    pub head: bool,
+}
+
+impl Reply {
+    /// Answer, then close: a refusal, or a connection whose request was never read.
+    pub const CLOSE: Reply = Reply { keep_alive: false, http11: true, head: false };
+
+    /// The Connection header (with its leading CRLF) of a response after which the connection stays
+    /// open if `keep`: "close" if not, "keep-alive" for an HTTP/1.0 client, none for HTTP/1.1.
+    pub fn connection(self, keep: bool) -> &'static [u8] {
+        if !keep {
+            b"\r\nconnection: close"
+        } else if !self.http11 {
+            b"\r\nconnection: keep-alive"
+        } else {
+            b""
+        }
+    }
+}
+
+/// A response the gateway makes itself, into `out`.
+pub fn local_response(out: &mut Vec<u8>, to: Reply, status: u16, content_type: &str, body: &[u8]) {
     use std::io::Write;
     out.clear();
     let _ = write!(
         out,
-        "HTTP/1.1 {} {}\r\ncontent-type: {}\r\ncontent-length: {}\r\n",
+        "HTTP/1.1 {} {}\r\ncontent-type: {}\r\ncontent-length: {}",
         status,
         reason_phrase(status),
         content_type,
         body.len()
     );
-    if close {
-        out.extend_from_slice(b"connection: close\r\n");
-    } else if keep_alive10 {
-        out.extend_from_slice(b"connection: keep-alive\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-    if !head_only {
+    out.extend_from_slice(to.connection(to.keep_alive));
+    out.extend_from_slice(b"\r\n\r\n");
+    if !to.head {
         out.extend_from_slice(body);
     }
 }
@@ -614,6 +634,8 @@ mod tests {
         );
         assert_eq!(req("GET / HTTP/1.1\r\nno colon\r\n\r\n").unwrap_err(), HeadError::BadHeader);
         assert_eq!(req("GET / HTTP/1.1\r\nbad name: x\r\n\r\n").unwrap_err(), HeadError::BadHeader);
+        assert_eq!(req("GET / HTTP/1.1\r\nA: b\nContent-Length: 5\r\n\r\n").unwrap_err(), HeadError::BadHeader);
+        assert_eq!(req("GET / HTTP/1.1\r\nA: b\0c\r\n\r\n").unwrap_err(), HeadError::BadHeader);
     }
 
     #[test]
@@ -699,7 +721,7 @@ mod tests {
     #[test]
     fn local_responses_have_length_and_close() {
         let mut out = Vec::new();
-        local_response(&mut out, 404, "application/json", &error_body("nope"), true, false, false);
+        local_response(&mut out, Reply::CLOSE, 404, "application/json", &error_body("nope"));
         assert_eq!(
             out,
             b"HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: 17\r\nconnection: close\r\n\r\n{\"error\": \"nope\"}"

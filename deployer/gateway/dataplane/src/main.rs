@@ -22,6 +22,7 @@ use proxy::{Settings, State};
 const USAGE: &str =
     "usage: mlops-gateway-dataplane --listen HOST:PORT [--read-timeout-ms 30000] [--connect-timeout-ms 2000]
     [--node-down-ms 5000] [--sample-rate 0.01] [--pool-max-idle 64] [--max-connections 4096]
+    [--client-idle-ms 120000]
 Routing tables arrive on stdin; frames (applied tables, samples) leave on stdout; EOF on stdin ends it.";
 
 /// One line on stderr, written whole (the control plane interleaves it with its own log).
@@ -38,6 +39,7 @@ struct Args {
     sample_rate: f64,
     pool_max_idle: usize,
     max_connections: usize,
+    client_idle_ms: u64,
 }
 
 fn parse_args(argv: &[String]) -> Result<Args, String> {
@@ -49,6 +51,7 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
         sample_rate: 0.01,
         pool_max_idle: 64,
         max_connections: 4096,
+        client_idle_ms: 120_000,
     };
     let mut i = 0;
     while i < argv.len() {
@@ -97,6 +100,7 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
                     value.parse().map_err(|_| format!("--pool-max-idle must be an integer >= 0, not {value:?}"))?
             }
             "--max-connections" => a.max_connections = positive(&value)? as usize,
+            "--client-idle-ms" => a.client_idle_ms = positive(&value)?,
             _ => return Err(format!("unknown flag {flag}")),
         }
         i += 1;
@@ -144,6 +148,7 @@ fn main() {
         args.sample_rate,
         args.pool_max_idle,
         args.max_connections,
+        Duration::from_millis(args.client_idle_ms),
     );
     let (tx, rx) = std::sync::mpsc::sync_channel(1000);
     // Frames go to fd 1 unbuffered by std (Stdout would flush at every newline byte of a sample);
@@ -214,13 +219,15 @@ fn accept_loop(st: &'static State, listener: TcpListener) {
         if st.connections.load(Ordering::Relaxed) >= st.settings.max_connections {
             let body = http::error_body("too many connections");
             let mut out = Vec::new();
-            http::local_response(&mut out, 503, "application/json", &body, true, false, false);
+            http::local_response(&mut out, http::Reply::CLOSE, 503, "application/json", &body);
             let _ = (&sock).write_all(&out);
             continue;
         }
         let _ = sock.set_nodelay(true);
-        // A client that stops reading its response does not hold its thread forever.
+        // A client that stops reading its response, or sends nothing (an idle keep-alive connection, half a
+        // request), does not hold its thread and connection slot forever.
         let _ = sock.set_write_timeout(Some(st.settings.read_timeout.max(Duration::from_secs(1))));
+        let _ = sock.set_read_timeout(Some(st.settings.client_idle));
         st.connections.fetch_add(1, Ordering::Relaxed);
         seed = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let s = seed;

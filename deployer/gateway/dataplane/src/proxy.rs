@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::control::TableSpec;
 use crate::frames::{self, Frame, Sample};
-use crate::http::{self, Chunked, HeadError, RequestHead, MAX_HEAD};
+use crate::http::{self, Chunked, HeadError, Reply, RequestHead, MAX_HEAD};
 use crate::metrics::{Metrics, Reason};
 use crate::routing::{self, now_ns, Arm, Nodes, Table, UpConn};
 
@@ -27,6 +27,8 @@ pub struct Settings {
     pub sample_all: bool,
     pub pool_max_idle: usize,
     pub max_connections: usize,
+    /// A client connection silent this long is closed.
+    pub client_idle: Duration,
     /// The 504 message, made once ("no response from the model server within 30s").
     pub timeout_message: String,
 }
@@ -39,6 +41,7 @@ impl Settings {
         sample_rate: f64,
         pool_max_idle: usize,
         max_connections: usize,
+        client_idle: Duration,
     ) -> Settings {
         Settings {
             timeout_message: format!(
@@ -52,6 +55,7 @@ impl Settings {
             sample_all: sample_rate >= 1.0,
             pool_max_idle,
             max_connections,
+            client_idle,
         }
     }
 }
@@ -238,9 +242,7 @@ struct Ask<'a> {
     arm: &'a Arm,
     model: &'a str,
     kind: Kind,
-    head_request: bool,
-    keep_alive: bool,
-    http11: bool,
+    to: Reply,
     body: &'a [u8],
     sampled: bool,
 }
@@ -276,6 +278,12 @@ struct Io {
 }
 
 impl Io {
+    /// Writes a response the gateway makes itself; returns whether the connection stays open.
+    fn reply(&mut self, to: Reply, status: u16, content_type: &str, body: &[u8]) -> bool {
+        http::local_response(&mut self.out, to, status, content_type, body);
+        (&self.sock).write_all(&self.out).is_ok() && to.keep_alive
+    }
+
     fn next_random(&mut self) -> u64 {
         // xorshift64*: cheap and good enough to decide 1 request in 100
         let mut x = self.rng;
@@ -399,7 +407,7 @@ fn relay(st: &State, io: &mut Io, a: &Ask, deadline: Instant) -> End {
         }
     };
     let status = rh.status;
-    let mut framing = if a.head_request || status < 200 || status == 204 || status == 304 {
+    let mut framing = if a.to.head || status < 200 || status == 204 || status == 304 {
         Framing::Empty
     } else if rh.chunked {
         Framing::Chunked(Chunked::default())
@@ -412,22 +420,18 @@ fn relay(st: &State, io: &mut Io, a: &Ask, deadline: Instant) -> End {
     let mut reusable = !rh.closes && !until_close;
     let node = &arm.nodes[node_i];
 
-    if a.kind == Kind::Meta && !a.head_request {
+    if a.kind == Kind::Meta && !a.to.head {
         return metadata(st, io, a, up, node, &rh, head_end, framing, reusable, deadline);
     }
 
-    let client_keep = a.keep_alive && !until_close;
+    let client_keep = a.to.keep_alive && !until_close;
     {
         let head = &io.ubuf.bytes()[..head_end - 4];
         let out = &mut io.out;
         out.clear();
         out.extend_from_slice(&head[..rh.status_line_end]);
         out.extend_from_slice(&arm.version_header);
-        if !client_keep {
-            out.extend_from_slice(b"\r\nconnection: close");
-        } else if !a.http11 {
-            out.extend_from_slice(b"\r\nconnection: keep-alive");
-        }
+        out.extend_from_slice(a.to.connection(client_keep));
         let mut at = rh.status_line_end;
         for r in &rh.strip {
             out.extend_from_slice(&head[at..r.start]);
@@ -554,16 +558,12 @@ fn metadata(
         body.len()
     );
     out.extend_from_slice(&a.arm.version_header);
-    if !a.keep_alive {
-        out.extend_from_slice(b"\r\nconnection: close");
-    } else if !a.http11 {
-        out.extend_from_slice(b"\r\nconnection: keep-alive");
-    }
+    out.extend_from_slice(a.to.connection(a.to.keep_alive));
     out.extend_from_slice(b"\r\n\r\n");
     if write_all_v(&io.sock, &io.out, body).is_err() {
         return End::Broken(None);
     }
-    End::Complete { status: rh.status, keep: a.keep_alive }
+    End::Complete { status: rh.status, keep: a.to.keep_alive }
 }
 
 /// Runs one exchange with its metrics, sample and error answer; returns whether the client
@@ -593,19 +593,7 @@ fn exchange(st: &State, io: &mut Io, a: &Ask) -> bool {
             }
             keep
         }
-        End::Failed(status, _, message) => {
-            let body = http::error_body(&message);
-            http::local_response(
-                &mut io.out,
-                status,
-                "application/json",
-                &body,
-                !a.keep_alive,
-                !a.http11 && a.keep_alive,
-                false,
-            );
-            (&io.sock).write_all(&io.out).is_ok() && a.keep_alive
-        }
+        End::Failed(status, _, message) => io.reply(a.to, status, "application/json", &http::error_body(&message)),
         End::Broken(_) => false,
     }
 }
@@ -706,9 +694,7 @@ impl<'s> Conn<'s> {
                 Ok(None) => return,
                 Err(Refusal(status, message)) => {
                     // What follows cannot be trusted to be a request: answer, then close.
-                    let body = http::error_body(message);
-                    http::local_response(&mut self.io.out, status, "application/json", &body, true, false, false);
-                    let _ = (&self.io.sock).write_all(&self.io.out);
+                    self.io.reply(Reply::CLOSE, status, "application/json", &http::error_body(message));
                     self.buf.clear();
                     self.close();
                     return;
@@ -838,8 +824,7 @@ impl<'s> Conn<'s> {
             Some(q) => (&url[..q], Some(&url[q..])),
             None => (url, None),
         };
-        let head_request = method == b"HEAD";
-        let keep10 = !h.http11 && h.keep_alive;
+        let to = Reply { keep_alive: h.keep_alive, http11: h.http11, head: method == b"HEAD" };
 
         let Some(rest) = path.strip_prefix(b"/v2/models/") else {
             let (status, ctype, body): (u16, &str, Cow<[u8]>) = match path {
@@ -851,8 +836,7 @@ impl<'s> Conn<'s> {
                 b"/v2" => (200, "application/json", Cow::Borrowed(SERVER_METADATA)),
                 _ => (404, "application/json", Cow::Owned(http::error_body("not served by the gateway"))),
             };
-            http::local_response(&mut io.out, status, ctype, &body, !h.keep_alive, keep10, head_request);
-            return (&io.sock).write_all(&io.out).is_ok() && h.keep_alive;
+            return io.reply(to, status, ctype, &body);
         };
         let (name, tail) = match rest.iter().position(|&c| c == b'/') {
             Some(p) => (&rest[..p], &rest[p + 1..]),
@@ -861,16 +845,7 @@ impl<'s> Conn<'s> {
         st.refresh(table);
         let Some(model) = table.1.models.get(name) else {
             let msg = format!("unknown model '{}'", String::from_utf8_lossy(name));
-            http::local_response(
-                &mut io.out,
-                404,
-                "application/json",
-                &http::error_body(&msg),
-                !h.keep_alive,
-                keep10,
-                head_request,
-            );
-            return (&io.sock).write_all(&io.out).is_ok() && h.keep_alive;
+            return io.reply(to, 404, "application/json", &http::error_body(&msg));
         };
         let kind = if tail == b"infer" || tail.ends_with(b"/infer") {
             Kind::Infer
@@ -880,16 +855,7 @@ impl<'s> Conn<'s> {
             Kind::Other
         };
         if kind == Kind::Infer && method != b"POST" {
-            http::local_response(
-                &mut io.out,
-                405,
-                "application/json",
-                &http::error_body("infer takes POST"),
-                !h.keep_alive,
-                keep10,
-                head_request,
-            );
-            return (&io.sock).write_all(&io.out).is_ok() && h.keep_alive;
+            return io.reply(to, 405, "application/json", &http::error_body("infer takes POST"));
         }
         let arm = if kind == Kind::Infer { model.pick(h.key.clone().map(|k| &bytes[k])) } else { &model.stable };
         let body: &[u8] = match &req.body {
@@ -927,16 +893,7 @@ impl<'s> Conn<'s> {
         let sampled = kind == Kind::Infer
             && (st.settings.sample_all
                 || (st.settings.sample_below > 0 && io.next_random() < st.settings.sample_below));
-        let ask = Ask {
-            arm,
-            model: &model.name,
-            kind,
-            head_request,
-            keep_alive: h.keep_alive,
-            http11: h.http11,
-            body,
-            sampled,
-        };
+        let ask = Ask { arm, model: &model.name, kind, to, body, sampled };
         exchange(st, io, &ask)
     }
 }
