@@ -25,6 +25,12 @@ const USAGE: &str =
     [--client-idle-ms 120000]
 Routing tables arrive on stdin; frames (applied tables, samples) leave on stdout; EOF on stdin ends it.";
 
+/// A mutex's guard even if a thread panicked while holding it: a bug met by one connection's thread
+/// ends that connection, never the gateway's shared state (pools, node table, metrics).
+pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// One line on stderr, written whole (the control plane interleaves it with its own log).
 pub fn log(args: std::fmt::Arguments) {
     let line = format!("dataplane: {args}\n");

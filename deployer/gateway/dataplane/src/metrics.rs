@@ -77,14 +77,14 @@ pub struct NodeCount {
 impl Metrics {
     /// The stats of (model, version), made on first use.
     pub fn arm(&self, model: &str, version: &str) -> Arc<ArmStats> {
-        let mut arms = self.arms.lock().unwrap_or_else(|e| e.into_inner());
+        let mut arms = crate::lock(&self.arms);
         arms.entry((model.to_string(), version.to_string())).or_default().clone()
     }
 
     /// The whole exposition text (format 0.0.4).
     pub fn render(&self, nodes: &[NodeCount]) -> String {
         let arms: Vec<((String, String), Arc<ArmStats>)> = {
-            let arms = self.arms.lock().unwrap_or_else(|e| e.into_inner());
+            let arms = crate::lock(&self.arms);
             arms.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
         };
         let mut s = String::with_capacity(4096 + arms.len() * 2048);

@@ -62,11 +62,11 @@ impl Node {
 
     /// The most recently pooled idle connection (LIFO: the warmest).
     pub fn pop_idle(&self) -> Option<UpConn> {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()
+        crate::lock(&self.idle).pop()
     }
 
     pub fn put_idle(&self, c: UpConn, max: usize) {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let mut idle = crate::lock(&self.idle);
         if idle.len() < max {
             idle.push(c);
         }
@@ -75,7 +75,7 @@ impl Node {
     /// Takes the node out until `until` (now_ns scale); its idle connections are dropped.
     pub fn mark_down(&self, until: u64) {
         self.down_until.store(until, Relaxed);
-        let idle = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|e| e.into_inner()));
+        let idle = std::mem::take(&mut *crate::lock(&self.idle));
         drop(idle);
         self.marked_down.fetch_add(1, Relaxed);
     }
@@ -214,12 +214,12 @@ pub struct Nodes {
 
 impl Nodes {
     pub fn get(&self, addr: &str) -> Arc<Node> {
-        let mut m = self.by_addr.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = crate::lock(&self.by_addr);
         m.entry(addr.to_string()).or_insert_with(|| Arc::new(Node::new(addr))).clone()
     }
 
     pub fn counts(&self) -> Vec<NodeCount> {
-        let m = self.by_addr.lock().unwrap_or_else(|e| e.into_inner());
+        let m = crate::lock(&self.by_addr);
         m.values().map(|n| NodeCount { addr: n.addr.clone(), marked_down: n.marked_down.load(Relaxed) }).collect()
     }
 }
