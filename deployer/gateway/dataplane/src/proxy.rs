@@ -257,8 +257,22 @@ enum End {
     Broken(Option<Reason>),
 }
 
-const LOST: &str = "the upstream connection ended mid-response";
-const BAD_RESPONSE: &str = "bad response from the model server";
+impl End {
+    /// The model server sent something that is not an HTTP response.
+    fn bad_response() -> End {
+        End::Failed(502, Reason::UpstreamLost, "bad response from the model server".into())
+    }
+
+    /// The upstream connection ended before the client was sent anything of the response.
+    fn lost() -> End {
+        End::Failed(502, Reason::UpstreamLost, "the upstream connection ended mid-response".into())
+    }
+
+    /// No response within the read timeout.
+    fn timeout(s: &Settings) -> End {
+        End::Failed(504, Reason::UpstreamTimeout, s.timeout_message.clone().into())
+    }
+}
 
 /// Per-connection buffers, reused by every request.
 struct Io {
@@ -356,7 +370,7 @@ fn relay(st: &State, io: &mut Io, a: &Ask, deadline: Instant) -> End {
             io.ubuf.clear();
             match read_until(&mut conn, &mut io.ubuf, deadline) {
                 Ok(n) if n > 0 => break (conn, i),
-                Err(Rd::Timeout) => return End::Failed(504, Reason::UpstreamTimeout, s.timeout_message.clone().into()),
+                Err(Rd::Timeout) => return End::timeout(s),
                 _ => {}
             }
         }
@@ -381,28 +395,26 @@ fn relay(st: &State, io: &mut Io, a: &Ask, deadline: Instant) -> End {
         };
         if whole {
             match http::parse_response_head(b) {
-                Err(()) => return End::Failed(502, Reason::UpstreamLost, BAD_RESPONSE.into()),
+                Err(()) => return End::bad_response(),
                 Ok(Some((rh, e))) if (100..200).contains(&rh.status) && rh.status != 101 => {
                     io.ubuf.consume(e);
                     scanned = None;
                     continue;
                 }
-                Ok(Some((rh, _))) if rh.status == 101 => {
-                    return End::Failed(502, Reason::UpstreamLost, BAD_RESPONSE.into())
-                }
+                Ok(Some((rh, _))) if rh.status == 101 => return End::bad_response(),
                 Ok(Some(found)) => break found,
                 Ok(None) => {}
             }
         }
         if b.len() > MAX_HEAD {
-            return End::Failed(502, Reason::UpstreamLost, BAD_RESPONSE.into());
+            return End::bad_response();
         }
         if !b.is_empty() {
             scanned = Some(b.len());
         }
         match read_until(&mut up, &mut io.ubuf, deadline) {
-            Ok(0) | Err(Rd::Failed) => return End::Failed(502, Reason::UpstreamLost, LOST.into()),
-            Err(Rd::Timeout) => return End::Failed(504, Reason::UpstreamTimeout, s.timeout_message.clone().into()),
+            Ok(0) | Err(Rd::Failed) => return End::lost(),
+            Err(Rd::Timeout) => return End::timeout(s),
             Ok(_) => {}
         }
     };
@@ -447,7 +459,7 @@ fn relay(st: &State, io: &mut Io, a: &Ask, deadline: Instant) -> End {
     }
     let avail = &io.ubuf.bytes()[head_end..];
     let Ok((take, mut done)) = framing.take(avail) else {
-        return End::Failed(502, Reason::UpstreamLost, BAD_RESPONSE.into());
+        return End::bad_response();
     };
     if take < avail.len() {
         reusable = false; // bytes past the response: that connection is out of step
@@ -514,11 +526,11 @@ fn metadata(
         let (take, done) = match decoder.as_mut() {
             Some(c) => match c.feed(avail, Some(&mut io.meta)) {
                 Ok(t) => (t, c.done()),
-                Err(()) => return End::Failed(502, Reason::UpstreamLost, BAD_RESPONSE.into()),
+                Err(()) => return End::bad_response(),
             },
             None => {
                 let Ok((t, d)) = framing.take(avail) else {
-                    return End::Failed(502, Reason::UpstreamLost, BAD_RESPONSE.into());
+                    return End::bad_response();
                 };
                 io.meta.extend_from_slice(&avail[..t]);
                 (t, d)
@@ -533,10 +545,8 @@ fn metadata(
         io.ubuf.clear();
         match read_until(&mut up, &mut io.ubuf, deadline) {
             Ok(0) if matches!(framing, Framing::UntilClose) => break,
-            Ok(0) | Err(Rd::Failed) => return End::Failed(502, Reason::UpstreamLost, LOST.into()),
-            Err(Rd::Timeout) => {
-                return End::Failed(504, Reason::UpstreamTimeout, st.settings.timeout_message.clone().into())
-            }
+            Ok(0) | Err(Rd::Failed) => return End::lost(),
+            Err(Rd::Timeout) => return End::timeout(&st.settings),
             Ok(_) => {}
         }
     }
