@@ -52,6 +52,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "registry.api.guard.ApiGuard",  # first: under /api/, refuses unstorable input and makes every error JSON
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -144,6 +145,17 @@ PLATFORM: dict[str, Any] = {
     "REFUSE_PICKLE_FLAVORS": env_bool("PLATFORM_REFUSE_PICKLE_FLAVORS", False),
     # Seconds an isolated model inspection may take before it is stopped.
     "INSPECT_TIMEOUT_S": env_int("PLATFORM_INSPECT_TIMEOUT_S", 120),
+    # The model sandbox (registry/confinement.py): the unprivileged identity model code runs as (a uid of its
+    # own: not nobody, which the embedded PostgreSQL runs as), and its limits (CPU seconds, address space, largest file written, processes and threads of that uid).
+    "SANDBOX_UID": env_int("PLATFORM_SANDBOX_UID", 61000),
+    "SANDBOX_GID": env_int("PLATFORM_SANDBOX_GID", 61000),
+    "SANDBOX_CPU_S": env_int("PLATFORM_SANDBOX_CPU_S", 1800),
+    "SANDBOX_MEMORY_BYTES": env_int("PLATFORM_SANDBOX_MEMORY_BYTES", 8 * 1024 * 1024 * 1024),
+    "SANDBOX_FILE_BYTES": env_int("PLATFORM_SANDBOX_FILE_BYTES", 4 * 1024 * 1024 * 1024),
+    "SANDBOX_PROCESSES": env_int("PLATFORM_SANDBOX_PROCESSES", 512),
+    # Where the sandbox cannot be set up (no root, no namespaces), pickle-based flavors are refused;
+    # true loads them anyway in a plain child process with a scrubbed environment, which is not isolation.
+    "ALLOW_UNCONFINED_MODEL_CODE": env_bool("PLATFORM_ALLOW_UNCONFINED_MODEL_CODE", False),
     "TOKEN_DEFAULT_DAYS": env_int("PLATFORM_TOKEN_DEFAULT_DAYS", 90),
     # Hardware targets with workers: engine variants are planned for these (cpu, gpu).
     "BUILD_TARGETS": env_list("PLATFORM_BUILD_TARGETS", ["cpu"]),

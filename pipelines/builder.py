@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 import tempfile
-import time
 from datetime import timedelta
 from importlib import metadata
 from pathlib import Path
@@ -27,8 +24,8 @@ from django.utils import timezone
 from pipelines import packaging
 from pipelines.models import BuildStatus, EngineBuild
 from pipelines.services import build_append_log, build_transition, thresholds_for
-from registry import mlflow_store
-from registry.inspection import sandbox_env
+from registry import confinement, mlflow_store
+from registry.archives import uses_pickle
 from registry.models import ModelVersion
 from registry.samples import load_sample
 from registry.services import TransitionError, model_download
@@ -139,7 +136,7 @@ def _run(build: EngineBuild) -> str:
         (tmp / "spec.json").write_text(json.dumps(spec))
         build_append_log(build.pk, [f"building {build.variant} in an isolated process (key {key[:12]})"],
                          step="build")
-        result = _sandbox(build.pk, tmp)
+        result = _sandbox(build, tmp)
         build_append_log(build.pk, result.get("log", []))
         if not result.get("ok"):
             build_transition(build.pk, BuildStatus.FAILED, step="build", error=result.get("error", "unknown error"))
@@ -147,28 +144,21 @@ def _run(build: EngineBuild) -> str:
         return _package_and_store(build, key, tmp / "out", result)
 
 
-def _sandbox(build_id: int, tmp: Path) -> dict[str, Any]:
-    home = tmp / "home"
-    home.mkdir()
-    out = open(tmp / "sandbox.out", "w+")
-    proc = subprocess.Popen([sys.executable, "-I", str(SANDBOX), str(tmp / "spec.json")], env=sandbox_env(home),
-                            cwd=home, stdout=out, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + settings.PLATFORM["BUILD_TIMEOUT_S"]
-    while proc.poll() is None:
-        if time.monotonic() > deadline:
-            proc.kill()
-            proc.wait()
-            return {"ok": False, "error": f"the build took longer than {settings.PLATFORM['BUILD_TIMEOUT_S']}s "
-                                          "(PLATFORM_BUILD_TIMEOUT_S) and was stopped"}
-        build_append_log(build_id, [])  # heartbeat
-        time.sleep(2)
-    out.seek(0)
-    text = out.read()
-    out.close()
-    for line in reversed(text.splitlines()):
-        if line.startswith("BUILD-RESULT "):
-            return dict(json.loads(line[len("BUILD-RESULT "):]))
-    return {"ok": False, "error": f"the build process exited with code {proc.returncode}: {text[-2000:]}"}
+def _sandbox(build: EngineBuild, tmp: Path) -> dict[str, Any]:
+    """Build in the model sandbox: the model's folder and the spec read-only, out/ and a scratch home
+    writable; a heartbeat every couple of seconds so a live build is never taken for a stale one."""
+    timeout = settings.PLATFORM["BUILD_TIMEOUT_S"]
+    outcome = confinement.run(confinement.Job(
+        script=SANDBOX, args=[str(tmp / "spec.json")], read_only=[tmp / "model", tmp / "spec.json"],
+        writable=[tmp / "home", tmp / "out"], timeout_s=timeout, timeout_setting="PLATFORM_BUILD_TIMEOUT_S",
+        what="the build", devices=confinement.gpu_devices() if build.target == "gpu" else [],
+        unpickles=uses_pickle(build.version.flavors), on_wait=lambda: build_append_log(build.pk, [])))
+    result = outcome.report("BUILD-RESULT ")
+    if result is None:
+        return {"ok": False, "error": outcome.failure()}
+    if not result.get("ok"):
+        result["error"] = outcome.explain(str(result.get("error", "")))
+    return result
 
 
 def _package_and_store(build: EngineBuild, key: str, out: Path, result: dict[str, Any]) -> str:

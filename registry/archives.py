@@ -23,6 +23,8 @@ from urllib.parse import unquote
 import yaml
 from django.conf import settings
 
+from registry import confinement
+
 
 class ArchiveError(ValueError):
     """The upload is not an acceptable model archive; the message says why."""
@@ -322,6 +324,10 @@ def check_flavors(mlmodel: dict[str, Any]) -> dict[str, Any]:
             "this platform refuses pickle-based model flavors (PLATFORM_REFUSE_PICKLE_FLAVORS is on); "
             "register an ONNX model (mlflow.onnx) or a scikit-learn model saved with serialization_format='skops'"
         )
+    if uses_pickle(flavors):
+        refusal = confinement.refusal()
+        if refusal:
+            raise PolicyError(refusal)
     return flavors
 
 

@@ -18,6 +18,7 @@ from registry.models import ModelVersion, VersionStatus
 def version_validate(self, version_id: int) -> str:  # type: ignore[no-untyped-def]
     """Open the version's model in the isolated sandbox (registry.inspection); it becomes ready or
     invalid. The model is never loaded in this process: pickles run code."""
+    from registry.archives import uses_pickle
     from registry.inspection import inspect_model
 
     version = ModelVersion.objects.filter(pk=version_id).first()
@@ -26,7 +27,7 @@ def version_validate(self, version_id: int) -> str:  # type: ignore[no-untyped-d
     try:
         with tempfile.TemporaryDirectory(prefix="inspect-") as tmp:
             model_dir = services.model_download(version, Path(tmp) / "model")
-            report = inspect_model(model_dir)
+            report = inspect_model(model_dir, unpickles=uses_pickle(version.flavors))
     except OSError as exc:  # artifact store unreachable: try again later, then give up visibly
         if self.request.retries < self.max_retries:
             raise self.retry(exc=exc, countdown=10) from exc
