@@ -146,7 +146,8 @@ PLATFORM: dict[str, Any] = {
     # Seconds an isolated model inspection may take before it is stopped.
     "INSPECT_TIMEOUT_S": env_int("PLATFORM_INSPECT_TIMEOUT_S", 120),
     # The model sandbox (registry/confinement.py): the unprivileged identity model code runs as (a uid of its
-    # own: not nobody, which the embedded PostgreSQL runs as), and its limits (CPU seconds, address space, largest file written, processes and threads of that uid).
+    # own: not nobody, which the embedded PostgreSQL runs as), and its limits (CPU seconds, address space,
+    # largest file written, processes and threads of that uid).
     "SANDBOX_UID": env_int("PLATFORM_SANDBOX_UID", 61000),
     "SANDBOX_GID": env_int("PLATFORM_SANDBOX_GID", 61000),
     "SANDBOX_CPU_S": env_int("PLATFORM_SANDBOX_CPU_S", 1800),
