@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import re
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from django.conf import settings
+from django.core.handlers.wsgi import get_bytes_from_wsgi
 from django.db import close_old_connections
 from django.http.request import split_domain_port, validate_host
+from django.utils.encoding import repercent_broken_unicode
 
 from registry import archives, services
+from registry.api.guard import url_problem
 from registry.audit import Actor
 from registry.auth import authenticate_header
 from registry.models import ModelVersion, VersionStatus
@@ -34,6 +39,7 @@ _ADMIN_ONLY = {"registered-models/delete", "model-versions/delete", "registered-
                "experiments/delete", "runs/delete"}
 
 StartResponse = Callable[..., Any]
+log = logging.getLogger(__name__)
 
 
 def is_mlflow_path(path: str) -> bool:
@@ -41,10 +47,10 @@ def is_mlflow_path(path: str) -> bool:
 
 
 def _json_error(start_response: StartResponse, status: str, code: str, message: str,
-                extra: list[tuple[str, str]] | None = None) -> list[bytes]:
+                extra: list[tuple[str, str]] | None = None, exc_info: Any = None) -> list[bytes]:
     body = json.dumps({"error_code": code, "message": message}).encode()
     start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
-                            *(extra or [])])
+                            *(extra or [])], *([exc_info] if exc_info else []))
     return [body]
 
 
@@ -82,10 +88,21 @@ class MlflowGate:
         close_old_connections()
         try:
             return self._handle(environ, start_response)
+        except Exception:
+            # MLflow's wire format, not the web server's HTML page; the traceback stays in the log.
+            log.exception("MLflow gate failed on %s %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"))
+            return _json_error(start_response, "500 Internal Server Error", "INTERNAL_ERROR",
+                               "internal error: the request failed on the server, which logged it",
+                               exc_info=sys.exc_info())
         finally:
             close_old_connections()
 
     def _handle(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        # The API's own check: a NUL would fail in MLflow's queries.
+        path = repercent_broken_unicode(get_bytes_from_wsgi(environ, "PATH_INFO", "")).decode()  # as Django reads it
+        refused = url_problem(path, get_bytes_from_wsgi(environ, "QUERY_STRING", ""))
+        if refused:
+            return _json_error(start_response, "400 Bad Request", "INVALID_PARAMETER_VALUE", refused[0])
         host = environ.get("HTTP_HOST", "")
         domain, _port = split_domain_port(host)
         if not domain or not validate_host(domain, settings.ALLOWED_HOSTS):

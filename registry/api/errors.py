@@ -16,12 +16,16 @@ from registry.services import RegistryError
 from registry.tokens import TokenError
 
 
-def error_response(status_code: int, code: str, message: str, details: Any = None,
-                   headers: dict[str, str] | None = None) -> Response:
+def error_body(status_code: int, code: str, message: str, details: Any = None) -> dict[str, Any]:
     body: dict[str, Any] = {"error": {"status": status_code, "code": code, "message": message}}
     if details:
         body["error"]["details"] = details
-    return Response(body, status=status_code, headers=headers)
+    return body
+
+
+def error_response(status_code: int, code: str, message: str, details: Any = None,
+                   headers: dict[str, str] | None = None) -> Response:
+    return Response(error_body(status_code, code, message, details), status=status_code, headers=headers)
 
 
 def _first_message(detail: Any) -> str:

@@ -5,12 +5,14 @@ hand-written output equals what DRF would produce from those fields."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any
 
 from django.contrib.auth import get_user_model
 from rest_framework import serializers
 
+from registry.api.guard import refuse_unstorable
 from registry.models import ApiToken, AuditEvent, ModelVersion, RegisteredModel, VersionOrigin, VersionStatus
 from registry.roles import Role
 from registry.selectors import LINEAGE_FIELDS
@@ -124,7 +126,17 @@ class VersionRegisterIn(serializers.Serializer):
     description = serializers.CharField(required=False, allow_blank=True, default="")
     tags = serializers.JSONField(required=False, default=dict)
 
+    def validate_tags(self, value: Any) -> Any:
+        if isinstance(value, str):  # JSON text inside the JSON body: decoded here, as a form field's is
+            try:
+                value = json.loads(value or "{}")
+            except json.JSONDecodeError:
+                raise serializers.ValidationError('must be a JSON object, e.g. {"team": "vision"}') from None
+        return value
+
     def validate(self, attrs: dict[str, object]) -> dict[str, object]:
+        # Tags in a form field are JSON decoded after the body's check: a \u0000 in them is a NUL only now.
+        refuse_unstorable(attrs.get("tags"), "tags")
         if bool(attrs.get("archive")) == bool(attrs.get("source")):
             raise serializers.ValidationError("give exactly one of 'archive' (file upload) or 'source' (URI)")
         return attrs

@@ -13,7 +13,7 @@ from django.http import Http404
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import status
-from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
+from rest_framework.parsers import BaseParser, FormParser, JSONParser, MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -21,6 +21,7 @@ from rest_framework.views import APIView
 from registry import people, selectors, services
 from registry.api import serializers as s
 from registry.api.errors import error_response
+from registry.api.guard import checked_parser
 from registry.api.pagination import PagedRows, Pagination
 from registry.api.permissions import HasCapability, request_roles
 from registry.audit import Actor
@@ -37,6 +38,10 @@ def actor_of(request: Request) -> Actor:
 class BaseView(APIView):
     permission_classes = [HasCapability]
     capabilities: dict[str, str] = {}
+
+    def get_parsers(self) -> list[BaseParser]:
+        # Every body, whatever parsers a view names, is refused (400) if it holds what PostgreSQL cannot store.
+        return [checked_parser(parser)() for parser in self.parser_classes]
 
     def paginate(self, queryset: Any, serializer: type, **extra: Any) -> Response:
         paginator = Pagination()
@@ -137,13 +142,6 @@ class VersionListView(BaseView):
         data.is_valid(raise_exception=True)
         v = data.validated_data
         tags = v.get("tags") or {}
-        if isinstance(tags, str):
-            import json
-
-            try:
-                tags = json.loads(tags or "{}")
-            except json.JSONDecodeError:
-                return error_response(400, "invalid_input", "tags must be a JSON object, e.g. {\"team\": \"vision\"}")
         sample = None
         if v.get("reference_sample"):
             with _spooled(v["reference_sample"]) as path:
