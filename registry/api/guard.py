@@ -2,9 +2,10 @@
 
 Input the database cannot store is refused with a 400 that names where it was, before it reaches a
 query: a NUL character (PostgreSQL text and jsonb cannot hold one), a lone UTF-16 surrogate (psycopg
-cannot encode it), bytes that are not UTF-8 in the path or query string (Django would quietly turn
-them into U+FFFD). The URL is checked by `ApiGuard` (middleware, before routing); request bodies by the
-parsers of every API view (`checked_parser`, wired in BaseView), JSON keys included, at any depth.
+cannot encode it), bytes that are not UTF-8 in the query string (Django would quietly turn them into
+U+FFFD; in the path it keeps them percent-encoded, which is storable). The URL is checked by `ApiGuard`
+(middleware, before routing); request bodies by the parsers of every API view (`checked_parser`, wired
+in BaseView), JSON keys included, at any depth.
 
 Every error answered under /api/ is JSON in the shared shape: `ApiGuard` rewrites what Django answers
 by itself (an unknown path's 404, the 500 of an unhandled exception, in DEBUG too) after Django has
@@ -89,12 +90,13 @@ def data_problem(data: Any) -> tuple[str, str] | None:
             if problem:
                 return where, problem
         elif isinstance(value, (dict, MultiValueDict)):
-            items = value.lists() if isinstance(value, MultiValueDict) else value.items()
-            for key, item in reversed(list(items)):
+            # A form's field may come more than once: each of its values goes by the field's name.
+            fields = value.lists() if isinstance(value, MultiValueDict) else ((k, [v]) for k, v in value.items())
+            for key, items in reversed(list(fields)):
                 key_problem = text_problem(key) if isinstance(key, str) else None
                 if key_problem:
                     return where, f"key {key!r} {key_problem}"
-                stack.append((f"{where}.{key}" if where else str(key), item))
+                stack.extend((f"{where}.{key}" if where else str(key), item) for item in reversed(items))
         elif isinstance(value, (list, tuple)):
             stack.extend((f"{where}[{i}]", item) for i, item in reversed(list(enumerate(value))))
         elif isinstance(value, UploadedFile) and value.name:
