@@ -1,9 +1,74 @@
+import logging
 import os
+import threading
+import time
+import uuid
+from typing import Any
 
 from celery import Celery
+from celery.signals import beat_init
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
 
 app = Celery("platform")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+
+log = logging.getLogger("config.celery")
+
+# One beat at a time, however many are started: two would send every periodic task twice. A beat
+# ticks only while it holds this key in the broker's Redis, refreshed every few seconds; when its
+# holder dies the key expires and a waiting beat takes over.
+BEAT_LOCK_KEY = "platform:beat-lock"
+BEAT_LOCK_TTL_S = 10
+# Extend the key if it is ours, take it again if it vanished (a Redis restarted without it), else 0.
+_BEAT_LOCK_KEEP = """
+local holder = redis.call('get', KEYS[1])
+if holder == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
+if not holder then redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
+return 0
+"""
+
+
+def beat_lock_hold(url: str, token: str, on_lost: Any) -> None:
+    """Wait until this beat holds the lock, then keep it in a background thread; `on_lost` runs if
+    another beat ever holds it instead."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
+    waiting_said = False
+    while True:
+        try:
+            if client.set(BEAT_LOCK_KEY, token, nx=True, px=BEAT_LOCK_TTL_S * 1000):
+                break
+            if not waiting_said:
+                log.warning("another beat is running; this one waits until it stops")
+                waiting_said = True
+        except redis.RedisError as exc:
+            log.warning("beat lock: broker unavailable (%s); waiting", exc)
+        time.sleep(1)
+    log.info("beat lock held: this beat sends the periodic tasks")
+
+    def keep() -> None:
+        while True:
+            time.sleep(BEAT_LOCK_TTL_S / 4)
+            try:
+                kept = client.eval(_BEAT_LOCK_KEEP, 1, BEAT_LOCK_KEY, token, BEAT_LOCK_TTL_S * 1000)
+            except redis.RedisError:
+                continue  # the broker is away: no beat can send anything meanwhile
+            if not kept:
+                on_lost()
+                return
+
+    threading.Thread(target=keep, name="beat-lock", daemon=True).start()
+
+
+def _lost_beat_lock() -> None:
+    log.error("another beat holds the beat lock now; exiting so that one beat runs (the supervisor restarts "
+              "this one, which then waits)")
+    os._exit(3)
+
+
+@beat_init.connect
+def _one_beat_only(sender: Any = None, **kwargs: Any) -> None:
+    beat_lock_hold(app.conf.broker_url, uuid.uuid4().hex, _lost_beat_lock)

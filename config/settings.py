@@ -163,6 +163,9 @@ PLATFORM: dict[str, Any] = {
     # Seconds an engine build may take, and after which a silent build is handed to another worker.
     "BUILD_TIMEOUT_S": env_int("PLATFORM_BUILD_TIMEOUT_S", 900),
     "BUILD_STALE_S": env_int("PLATFORM_BUILD_STALE_S", 120),
+    # Work waiting for a worker (a validation, a queued build) that no live worker holds is sent again
+    # after this many seconds: its message was lost with a broker or a worker.
+    "REDISPATCH_S": env_int("PLATFORM_REDISPATCH_S", 15),
     # Serving fleet: "local" (Triton processes on this machine) or "kubernetes" (see deployer/kube.py).
     "FLEET": env_str("PLATFORM_FLEET", "local"),
     # Rollout defaults; each deployment may set its own. Steps are canary traffic percents.
@@ -172,13 +175,12 @@ PLATFORM: dict[str, Any] = {
     "ROLLOUT_MAX_P99_MS": env_float("PLATFORM_ROLLOUT_MAX_P99_MS", 500.0),
     "ROLLOUT_MAX_ERROR_RATE": env_float("PLATFORM_ROLLOUT_MAX_ERROR_RATE", 0.01),
     "ROLLOUT_MIN_REQUESTS": env_int("PLATFORM_ROLLOUT_MIN_REQUESTS", 20),
-    # The reconciler's tick, the analysis window, how long a canary may take to load, how long an
-    # unrouted model keeps serving requests already sent to it, and how long one pass may hold its lock.
+    # The reconciler's tick, the analysis window, how long a canary may take to load, and how long an
+    # unrouted model keeps serving requests already sent to it.
     "ROLLOUT_TICK_S": env_float("PLATFORM_ROLLOUT_TICK_S", 2.0),
     "ROLLOUT_WINDOW_S": env_float("PLATFORM_ROLLOUT_WINDOW_S", 10.0),
     "ROLLOUT_LOAD_TIMEOUT_S": env_int("PLATFORM_ROLLOUT_LOAD_TIMEOUT_S", 300),
     "ROLLOUT_DRAIN_S": env_float("PLATFORM_ROLLOUT_DRAIN_S", 3.0),
-    "ROLLOUT_LOCK_S": env_int("PLATFORM_ROLLOUT_LOCK_S", 30),
 }
 
 REST_FRAMEWORK = {
@@ -220,10 +222,17 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# Workers and beat reconnect forever; a publish from a request fails fast (the outbox keeps the work).
+CELERY_BROKER_CONNECTION_MAX_RETRIES = None
+CELERY_BROKER_CONNECTION_TIMEOUT = 2
+CELERY_BROKER_TRANSPORT_OPTIONS = {"socket_connect_timeout": 2, "socket_timeout": 10}
 CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_BEAT_SCHEDULE = {
     "registry-reconcile": {"task": "registry.tasks.registry_reconcile", "schedule": 60.0},
-    "engine-builds-reconcile": {"task": "pipelines.tasks.engine_builds_reconcile", "schedule": 30.0},
+    "validations-reconcile": {"task": "registry.tasks.validations_reconcile", "schedule": 5.0,
+                              "options": {"expires": 5.0}},
+    "engine-builds-reconcile": {"task": "pipelines.tasks.engine_builds_reconcile", "schedule": 5.0,
+                                "options": {"expires": 5.0}},
     "rollouts-reconcile": {"task": "deployer.tasks.rollouts_reconcile", "schedule": PLATFORM["ROLLOUT_TICK_S"],
                            "options": {"queue": "deployer", "expires": PLATFORM["ROLLOUT_TICK_S"] * 2}},
 }

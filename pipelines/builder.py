@@ -12,19 +12,18 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-from datetime import timedelta
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from django.conf import settings
-from django.db.models import F, Q
+from django.db.models import F
 from django.utils import timezone
 
 from pipelines import packaging
 from pipelines.models import BuildStatus, EngineBuild
 from pipelines.services import build_append_log, build_transition, thresholds_for
-from registry import confinement, mlflow_store
+from registry import confinement, locks, mlflow_store
 from registry.archives import uses_pickle
 from registry.models import ModelVersion
 from registry.samples import load_sample
@@ -93,17 +92,24 @@ def _claim(build_id: int, worker: str) -> bool:
         return True
     except TransitionError:
         pass
-    # The same task delivered again (its worker died), or a build whose worker stopped heart-beating.
-    stale = timezone.now() - timedelta(seconds=settings.PLATFORM["BUILD_STALE_S"])
-    taken = EngineBuild.objects.filter(pk=build_id, status=BuildStatus.RUNNING).filter(
-        Q(claimed_by=worker) | Q(heartbeat_at__lt=stale)
-    ).update(claimed_by=worker, heartbeat_at=timezone.now(), attempts=F("attempts") + 1)
+    # Running, yet no live worker holds it (we hold the build's claim): its worker died. Take it over.
+    taken = EngineBuild.objects.filter(pk=build_id, status=BuildStatus.RUNNING).update(
+        claimed_by=worker, heartbeat_at=timezone.now(), attempts=F("attempts") + 1)
     if taken:
         build_append_log(build_id, ["resuming: the previous attempt was interrupted; starting the build again"])
     return bool(taken)
 
 
 def engine_build_execute(build_id: int, worker: str) -> str:
+    """Build once, whoever asks: the build's claim (held while it runs, dropped by the database when
+    the worker dies) lets one worker at a time work on it."""
+    with locks.claim("build.run", build_id) as mine:
+        if not mine:
+            return "claimed by another worker"
+        return _execute(build_id, worker)
+
+
+def _execute(build_id: int, worker: str) -> str:
     build = EngineBuild.objects.select_related("version__model").get(pk=build_id)
     if build.status in (BuildStatus.SUCCEEDED, BuildStatus.REJECTED, BuildStatus.FAILED):
         return build.status

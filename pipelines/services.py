@@ -3,7 +3,6 @@ audit row in the same transaction, follow-up enqueued on commit)."""
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 from django.conf import settings
@@ -13,6 +12,7 @@ from django.utils import timezone
 from pipelines.models import BUILD_TRANSITIONS, BuildStatus, EngineBuild, Precision, Runtime, Target
 from registry.audit import SYSTEM, Actor, audit_record
 from registry.models import ModelVersion, VersionStatus
+from registry.outbox import outbox_enqueue
 from registry.services import RegistryError, TransitionError
 
 # Parity thresholds per precision. Classification: share of identical labels (at least) and largest
@@ -61,9 +61,10 @@ def thresholds_for(version: ModelVersion, precision: str) -> dict[str, dict[str,
 
 
 def build_enqueue(build_id: int, target: str) -> None:
-    from pipelines.tasks import engine_build_run
-
-    engine_build_run.apply_async((build_id,), queue="pipelines" if target == Target.CPU else f"pipelines-{target}")
+    """Queue the build on a worker of its target: through the outbox, so in the transaction that
+    created or re-queued it."""
+    outbox_enqueue("pipelines.tasks.engine_build_run", [build_id],
+                   queue="pipelines" if target == Target.CPU else f"pipelines-{target}")
 
 
 def _view(build: EngineBuild) -> dict[str, Any]:
@@ -83,10 +84,10 @@ def engine_builds_request(actor: Actor, version: ModelVersion,
             version=version, target=target, precision=precision, runtime=runtime)
         if created:
             audit_record(actor, "build.request", "engine_build", build.pk, after=_view(build))
-            transaction.on_commit(functools.partial(build_enqueue, build.pk, build.target))
+            build_enqueue(build.pk, build.target)
         elif build.status == BuildStatus.FAILED:
             build_transition(build.pk, BuildStatus.QUEUED, actor, step="", error="")
-            transaction.on_commit(functools.partial(build_enqueue, build.pk, build.target))
+            build_enqueue(build.pk, build.target)
         builds.append(build)
     return builds
 

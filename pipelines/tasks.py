@@ -10,7 +10,10 @@ from django.utils import timezone
 
 from pipelines.builder import engine_build_execute
 from pipelines.models import BuildStatus, EngineBuild
-from pipelines.services import build_enqueue, build_transition
+from pipelines.services import build_enqueue, build_transition, engine_builds_request
+from registry import locks
+from registry.audit import SYSTEM
+from registry.models import ModelVersion, VersionStatus
 from registry.services import TransitionError
 
 
@@ -22,10 +25,17 @@ def engine_build_run(self, build_id: int) -> str:  # type: ignore[no-untyped-def
 
 @shared_task
 def engine_builds_reconcile() -> int:
-    """Requeue builds whose worker died (no heartbeat) and queued builds whose message was lost."""
-    stale = timezone.now() - timedelta(seconds=settings.PLATFORM["BUILD_STALE_S"])
+    """Requeue running builds that no live worker holds (their worker died; or one silent for
+    PLATFORM_BUILD_STALE_S), queued builds whose message was lost, and plan the builds of ready versions
+    that have none (the worker died between the version's commit and planning them)."""
+    now = timezone.now()
+    stale = now - timedelta(seconds=settings.PLATFORM["BUILD_STALE_S"])
+    redispatch = now - timedelta(seconds=settings.PLATFORM["REDISPATCH_S"])
     healed = 0
-    for build in EngineBuild.objects.filter(status=BuildStatus.RUNNING, heartbeat_at__lt=stale):
+    running = EngineBuild.objects.filter(status=BuildStatus.RUNNING, heartbeat_at__lt=redispatch)
+    for build in running:
+        if build.heartbeat_at >= stale and locks.claimed_elsewhere("build.run", build.pk):
+            continue  # a live worker has it
         try:
             build_transition(build.pk, BuildStatus.QUEUED, only_from={BuildStatus.RUNNING}, step="requeued",
                              claimed_by="")
@@ -33,8 +43,15 @@ def engine_builds_reconcile() -> int:
             continue
         build_enqueue(build.pk, build.target)
         healed += 1
-    for build in EngineBuild.objects.filter(status=BuildStatus.QUEUED, updated_at__lt=stale):
-        EngineBuild.objects.filter(pk=build.pk).update(updated_at=timezone.now())
+    for build in EngineBuild.objects.filter(status=BuildStatus.QUEUED, updated_at__lt=redispatch):
+        if locks.claimed_elsewhere("build.run", build.pk):
+            continue
+        EngineBuild.objects.filter(pk=build.pk).update(updated_at=now)
         build_enqueue(build.pk, build.target)
+        healed += 1
+    unplanned = ModelVersion.objects.filter(status=VersionStatus.READY, engine_builds__isnull=True,
+                                           updated_at__lt=redispatch)
+    for version in unplanned.select_related("model"):
+        engine_builds_request(SYSTEM, version)
         healed += 1
     return healed

@@ -135,3 +135,22 @@ class AuditEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.at:%Y-%m-%d %H:%M:%S} {self.actor_name} {self.action} {self.target_type}:{self.target_id}"
+
+
+class OutboxMessage(models.Model):
+    """Follow-up work (a Celery task by name), written in the transaction of the change that needs it,
+    so a commit and its follow-up are never separated by a broker outage or a crash. Sent after commit,
+    or by the dispatcher (registry.outbox) once the broker is back; deleted once the broker has it."""
+
+    task = models.CharField(max_length=200)
+    args = models.JSONField(default=list)
+    queue = models.CharField(max_length=100, blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+    attempts = models.PositiveIntegerField(default=0)
+    last_error = models.TextField(blank=True, default="")
+
+    class Meta:
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return f"{self.task}{tuple(self.args)}"

@@ -22,6 +22,7 @@ from registry import archives, samples, selectors
 from registry import mlflow_store as mlflow
 from registry.audit import SYSTEM, Actor, audit_record
 from registry.models import VERSION_TRANSITIONS, ModelVersion, RegisteredModel, VersionOrigin, VersionStatus
+from registry.outbox import outbox_enqueue
 from registry.signals import version_ready
 
 log = logging.getLogger(__name__)
@@ -124,12 +125,6 @@ def _model_row(actor: Actor, name: str) -> Iterator[RegisteredModel]:
         yield model if model is not None else _get_or_create_model_row(actor, name)[0]
 
 
-def _enqueue_validation(version_id: int) -> None:
-    from registry.tasks import version_validate
-
-    version_validate.delay(version_id)
-
-
 def _record_version(actor: Actor, model: RegisteredModel, number: int, origin: str, lineage: mlflow.Lineage,
                     files: archives.ModelFiles | None, description: str, tags: dict[str, str],
                     sample: samples.ReferenceSample | None = None) -> ModelVersion:
@@ -148,7 +143,7 @@ def _record_version(actor: Actor, model: RegisteredModel, number: int, origin: s
         version_count=F("version_count") + 1, latest_version=Greatest(F("latest_version"), number)
     )
     audit_record(actor, "version.register", "model_version", f"{model.name}/{number}", after=_version_view(version))
-    transaction.on_commit(lambda: _enqueue_validation(version.pk))
+    outbox_enqueue("registry.tasks.version_validate", [version.pk])
     return version
 
 

@@ -7,9 +7,10 @@ from datetime import timedelta
 from pathlib import Path
 
 from celery import shared_task
+from django.conf import settings
 from django.utils import timezone
 
-from registry import services
+from registry import locks, services
 from registry.mlflow_store import MlflowError
 from registry.models import ModelVersion, VersionStatus
 
@@ -18,8 +19,15 @@ from registry.models import ModelVersion, VersionStatus
 def version_validate(self, version_id: int) -> str:  # type: ignore[no-untyped-def]
     """Open the version's model in the isolated sandbox (registry.inspection); it becomes ready or
     invalid. The model is never loaded in this process: pickles run code."""
+    with locks.claim("version.validate", version_id) as mine:
+        if not mine:
+            return "being validated by another worker"
+        return _validate(self, version_id)
+
+
+def _validate(self, version_id: int) -> str:  # type: ignore[no-untyped-def]
     from registry.archives import uses_pickle
-    from registry.inspection import inspect_model
+    from registry.inspection import inspect_model  # looked up per call: tests stand in for it
 
     version = ModelVersion.objects.filter(pk=version_id).first()
     if version is None or version.status != VersionStatus.VALIDATING:
@@ -51,12 +59,24 @@ def version_validate(self, version_id: int) -> str:  # type: ignore[no-untyped-d
 
 @shared_task
 def registry_reconcile() -> int:
-    """Record MLflow versions the platform missed, and validate again any version whose validation
-    message was lost (enqueued after commit, so a broker outage at that moment would strand it)."""
-    recorded = services.registry_reconcile()
-    stale = timezone.now() - timedelta(minutes=10)
+    """Record MLflow versions the platform missed (the web process died between MLflow's write and ours)."""
+    return services.registry_reconcile()
+
+
+@shared_task
+def validations_reconcile() -> int:
+    """Send again the validation of every `validating` version that no live worker holds and that was
+    last sent more than PLATFORM_REDISPATCH_S ago: its message was lost (a broker that died with it,
+    a worker killed mid-task). A duplicate is harmless: the claim and the conditional transition let
+    one run do the work."""
+    now = timezone.now()
+    stale = now - timedelta(seconds=settings.PLATFORM["REDISPATCH_S"])
+    sent = 0
     for version_id in ModelVersion.objects.filter(status=VersionStatus.VALIDATING, updated_at__lt=stale) \
             .values_list("pk", flat=True):
-        ModelVersion.objects.filter(pk=version_id).update(updated_at=timezone.now())
+        if locks.claimed_elsewhere("version.validate", version_id):
+            continue
+        ModelVersion.objects.filter(pk=version_id).update(updated_at=now)
         version_validate.delay(version_id)
-    return recorded
+        sent += 1
+    return sent

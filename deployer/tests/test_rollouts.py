@@ -195,7 +195,7 @@ def test_a_deployer_worker_killed_mid_rollout_leaves_nothing_the_next_worker_doe
     v2 = serving_version(unique_name, model_archive, 2.0)
     worker = ["celery", "-A", "config", "worker", "--pool", "solo", "--queues", "deployer", "--loglevel", "INFO"]
     beat = ["celery", "-A", "config", "beat", "--schedule", str(tmp_path / "beat-schedule")]
-    env = {"PLATFORM_ROLLOUT_LOCK_S": "4", "PLATFORM_ROLLOUT_WINDOW_S": "5", "PLATFORM_ROLLOUT_DRAIN_S": "0.5"}
+    env = {"PLATFORM_ROLLOUT_WINDOW_S": "5", "PLATFORM_ROLLOUT_DRAIN_S": "0.5"}
     with Load(served["gateway"]["port"], unique_name) as load, platform_process(beat, "beat", env):
         d = services.deployment_create(SYSTEM, v2.model, v2.version, steps=[30, 60],
                                        **{**FAST, "step_interval_s": 3})

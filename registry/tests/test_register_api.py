@@ -93,21 +93,28 @@ def test_an_unknown_model_is_a_404_with_a_json_message(scientist):
     assert resp.json()["error"]["code"] == "not_found"
 
 
-def test_the_reconciler_validates_again_a_version_whose_message_was_lost(scientist, model_archive, unique_name,
-                                                                        monkeypatch):
+def test_the_reconciler_validates_again_a_version_whose_message_was_lost_unless_a_live_worker_holds_it(
+        scientist, model_archive, unique_name, monkeypatch, settings):
     from datetime import timedelta
 
+    import psycopg
+    from django.db import connection
     from django.utils import timezone
 
-    from registry import tasks
+    from registry import locks, tasks
 
     upload(scientist, unique_name, model_archive)
     version = ModelVersion.objects.get(model__name=unique_name, version=1)
-    ModelVersion.objects.filter(pk=version.pk).update(updated_at=timezone.now() - timedelta(minutes=11))
+    quiet_for = timedelta(seconds=settings.PLATFORM["REDISPATCH_S"] + 1)
+    ModelVersion.objects.filter(pk=version.pk).update(updated_at=timezone.now() - quiet_for)
     sent = []
     monkeypatch.setattr(tasks.version_validate, "delay", sent.append)
-    tasks.registry_reconcile()
-    assert version.pk in sent
-    sent.clear()
-    tasks.registry_reconcile()  # just re-sent: not again for another ten minutes
-    assert version.pk not in sent
+    # A worker on another connection is validating it: left alone however quiet it has been.
+    params = connection.get_connection_params()
+    with psycopg.connect(**{k: v for k, v in params.items() if k in {"host", "port", "user", "password", "dbname"}},
+                         autocommit=True) as other:
+        other.execute("SELECT pg_advisory_lock(%s, %s)", (locks.KINDS["version.validate"], version.pk))
+        assert tasks.validations_reconcile() == 0 and sent == []
+    # That worker died (its connection ended): sent again, once per quiet period.
+    assert tasks.validations_reconcile() == 1 and sent == [version.pk]
+    assert tasks.validations_reconcile() == 0 and sent == [version.pk]
