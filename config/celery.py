@@ -53,7 +53,7 @@ def beat_lock_hold(url: str, token: str, on_lost: Any) -> None:
         while True:
             time.sleep(BEAT_LOCK_TTL_S / 4)
             try:
-                kept = client.eval(_BEAT_LOCK_KEEP, 1, BEAT_LOCK_KEY, token, BEAT_LOCK_TTL_S * 1000)
+                kept = client.eval(_BEAT_LOCK_KEEP, 1, BEAT_LOCK_KEY, token, str(BEAT_LOCK_TTL_S * 1000))
             except redis.RedisError:
                 continue  # the broker is away: no beat can send anything meanwhile
             if not kept:

@@ -32,10 +32,11 @@ def engine_builds_reconcile() -> int:
     stale = now - timedelta(seconds=settings.PLATFORM["BUILD_STALE_S"])
     redispatch = now - timedelta(seconds=settings.PLATFORM["REDISPATCH_S"])
     healed = 0
-    running = EngineBuild.objects.filter(status=BuildStatus.RUNNING, heartbeat_at__lt=redispatch)
-    for build in running:
-        if build.heartbeat_at >= stale and locks.claimed_elsewhere("build.run", build.pk):
-            continue  # a live worker has it
+    for build in EngineBuild.objects.filter(status=BuildStatus.RUNNING):
+        # A running build's worker holds its claim from before it became running until it ends.
+        silent = build.heartbeat_at is None or build.heartbeat_at < stale
+        if not silent and locks.claimed_elsewhere("build.run", build.pk):
+            continue  # a live worker has it, and it is not silent
         try:
             build_transition(build.pk, BuildStatus.QUEUED, only_from={BuildStatus.RUNNING}, step="requeued",
                              claimed_by="")

@@ -59,7 +59,11 @@ def _validate(self, version_id: int) -> str:  # type: ignore[no-untyped-def]
 
 @shared_task
 def registry_reconcile() -> int:
-    """Record MLflow versions the platform missed (the web process died between MLflow's write and ours)."""
+    """Record MLflow versions the platform missed (the web process died between MLflow's write and ours),
+    and forget Idempotency-Keys past their 24 hours."""
+    from registry.api.idempotency import forget_old
+
+    forget_old()
     return services.registry_reconcile()
 
 

@@ -3,17 +3,22 @@ person can act on."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
-from django.http import Http404
+from django.db import InterfaceError, OperationalError
+from django.http import Http404, JsonResponse
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_handler
 
+from registry.api import idempotency
 from registry.archives import ArchiveError, PolicyError
 from registry.services import RegistryError
 from registry.tokens import TokenError
+
+log = logging.getLogger(__name__)
 
 
 def error_body(status_code: int, code: str, message: str, details: Any = None) -> dict[str, Any]:
@@ -28,6 +33,24 @@ def error_response(status_code: int, code: str, message: str, details: Any = Non
     return Response(error_body(status_code, code, message, details), status=status_code, headers=headers)
 
 
+# The database went away (restarting, unreachable, a connection cut): nothing was committed, or the
+# caller cannot know; a retry is the answer, with the same Idempotency-Key for a POST.
+DATABASE_UNAVAILABLE = (OperationalError, InterfaceError)
+RETRY_AFTER_S = 2
+
+
+def unavailable_body() -> dict[str, Any]:
+    return error_body(503, "unavailable", "the database is unavailable for a moment; the request was not "
+                                          f"completed: retry in {RETRY_AFTER_S} s (a POST with the same "
+                                          "Idempotency-Key, so that it cannot be done twice)")
+
+
+def unavailable_response() -> JsonResponse:
+    response = JsonResponse(unavailable_body(), status=503)
+    response["Retry-After"] = str(RETRY_AFTER_S)
+    return response
+
+
 def _first_message(detail: Any) -> str:
     if isinstance(detail, list) and detail:
         return _first_message(detail[0])
@@ -39,6 +62,13 @@ def _first_message(detail: Any) -> str:
 
 
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    if isinstance(exc, idempotency.Replay):
+        return exc.response()
+    if isinstance(exc, idempotency.IdempotencyError):
+        return error_response(exc.status_code, exc.code, str(exc))
+    if isinstance(exc, DATABASE_UNAVAILABLE):
+        log.warning("database unavailable: %s", exc)
+        return Response(unavailable_body(), status=503, headers={"Retry-After": str(RETRY_AFTER_S)})
     if isinstance(exc, PolicyError):
         return error_response(status.HTTP_422_UNPROCESSABLE_ENTITY, "refused_by_policy", str(exc))
     if isinstance(exc, (ArchiveError, TokenError)):

@@ -9,6 +9,7 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.db import transaction
 from django.http import Http404
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import OpenApiParameter, extend_schema
@@ -19,8 +20,9 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from registry import people, selectors, services
+from registry.api import idempotency
 from registry.api import serializers as s
-from registry.api.errors import error_response
+from registry.api.errors import DATABASE_UNAVAILABLE, error_response, unavailable_response
 from registry.api.guard import checked_parser
 from registry.api.pagination import PagedRows, Pagination
 from registry.api.permissions import HasCapability, request_roles
@@ -38,10 +40,29 @@ def actor_of(request: Request) -> Actor:
 class BaseView(APIView):
     permission_classes = [HasCapability]
     capabilities: dict[str, str] = {}
+    idempotency_secret_fields: tuple[str, ...] = ()  # answer fields shown once, never kept for a replay
 
     def get_parsers(self) -> list[BaseParser]:
         # Every body, whatever parsers a view names, is refused (400) if it holds what PostgreSQL cannot store.
         return [checked_parser(parser)() for parser in self.parser_classes]
+
+    def dispatch(self, request: Any, *args: Any, **kwargs: Any) -> Any:
+        """A POST with an Idempotency-Key runs in one transaction with the record of its answer
+        (registry/api/idempotency.py); a database that fails even to commit is a 503, never a 500."""
+        if not idempotency.wanted(request):
+            return super().dispatch(request, *args, **kwargs)
+        try:
+            with transaction.atomic():
+                response = super().dispatch(request, *args, **kwargs)
+                idempotency.finish(self.request, response, self.idempotency_secret_fields)
+        except DATABASE_UNAVAILABLE:
+            return unavailable_response()
+        return response
+
+    def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
+        super().initial(request, *args, **kwargs)  # authentication and permissions first: keys are per user
+        if idempotency.wanted(request):
+            idempotency.begin(request)
 
     def paginate(self, queryset: Any, serializer: type, **extra: Any) -> Response:
         paginator = Pagination()
@@ -213,6 +234,7 @@ class TokenListView(BaseView):
     """Everyone manages their own tokens; admins (user.manage) see and create everyone's."""
 
     capabilities = {"GET": Cap.MODEL_READ, "POST": Cap.MODEL_READ}
+    idempotency_secret_fields = ("token",)
 
     @extend_schema(responses=s.TokenOut(many=True))
     def get(self, request: Request) -> Response:
