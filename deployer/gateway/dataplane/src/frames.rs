@@ -2,7 +2,15 @@
 //! 'A': a table was applied (payload: its version in ASCII). 'S': a traffic sample (payload: fields).
 
 use std::io::Write;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+
+/// Samples waiting for the control plane hold at most this many bytes together (and a larger one is
+/// never taken): past it, samples are dropped, so a burst of large requests cannot pile up in memory.
+pub const MAX_SAMPLE_BYTES: usize = 64 << 20;
+
+/// Bytes of the samples queued now.
+static QUEUED: AtomicUsize = AtomicUsize::new(0);
 
 /// A sampled exchange, owned (the connection's buffers are reused by the next request).
 pub struct Sample {
@@ -17,6 +25,12 @@ pub struct Sample {
     pub request_head: Vec<u8>,
     pub response_head: Vec<u8>,
     pub response: Vec<u8>,
+}
+
+impl Sample {
+    fn bytes(&self) -> usize {
+        self.request.len() + self.request_head.len() + self.response_head.len() + self.response.len()
+    }
 }
 
 pub enum Frame {
@@ -59,9 +73,28 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
     out[start + 1..start + 5].copy_from_slice(&len.to_le_bytes());
 }
 
-/// Offers a sample without waiting: false when the queue is full (the caller counts the drop).
+/// Offers a sample without waiting: false when the queue is full, in frames or in bytes (the caller
+/// counts the drop).
 pub fn offer(tx: &SyncSender<Frame>, s: Sample) -> bool {
-    !matches!(tx.try_send(Frame::Sample(Box::new(s))), Err(TrySendError::Full(_)))
+    let n = s.bytes();
+    if QUEUED.fetch_add(n, Ordering::Relaxed) + n > MAX_SAMPLE_BYTES {
+        QUEUED.fetch_sub(n, Ordering::Relaxed);
+        return false;
+    }
+    match tx.try_send(Frame::Sample(Box::new(s))) {
+        Err(TrySendError::Full(_)) => {
+            QUEUED.fetch_sub(n, Ordering::Relaxed);
+            false
+        }
+        _ => true,
+    }
+}
+
+/// A frame taken off the queue: its bytes no longer count.
+fn dequeued(f: &Frame) {
+    if let Frame::Sample(s) = f {
+        QUEUED.fetch_sub(s.bytes(), Ordering::Relaxed);
+    }
 }
 
 /// The writer thread's loop: every frame waiting is written, then one flush per batch.
@@ -71,9 +104,14 @@ pub fn write_frames(rx: Receiver<Frame>, mut sink: impl Write) {
     while let Ok(first) = rx.recv() {
         buf.clear();
         encode(&first, &mut buf);
+        dequeued(&first);
+        drop(first);
         while buf.len() < 4 << 20 {
             match rx.try_recv() {
-                Ok(f) => encode(&f, &mut buf),
+                Ok(f) => {
+                    encode(&f, &mut buf);
+                    dequeued(&f);
+                }
                 Err(_) => break,
             }
         }
@@ -81,6 +119,9 @@ pub fn write_frames(rx: Receiver<Frame>, mut sink: impl Write) {
         // are dropped rather than blocking anyone.
         if !broken && (sink.write_all(&buf).is_err() || sink.flush().is_err()) {
             broken = true;
+        }
+        if buf.capacity() > 8 << 20 {
+            buf = Vec::with_capacity(64 * 1024); // a large sample's memory goes back
         }
     }
 }

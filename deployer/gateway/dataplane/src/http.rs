@@ -54,6 +54,7 @@ pub enum HeadError {
     BadContentLength,
     BadTransferEncoding,
     LengthAndChunked,
+    ChunkedHttp10,
 }
 
 impl HeadError {
@@ -65,6 +66,7 @@ impl HeadError {
             HeadError::BadContentLength => "bad Content-Length",
             HeadError::BadTransferEncoding => "unsupported Transfer-Encoding (only chunked)",
             HeadError::LengthAndChunked => "both Content-Length and Transfer-Encoding",
+            HeadError::ChunkedHttp10 => "Transfer-Encoding in an HTTP/1.0 request",
         }
     }
 }
@@ -97,6 +99,16 @@ fn trim(b: &[u8], mut r: Range<usize>) -> Range<usize> {
     r
 }
 
+/// A framing header's value (Content-Length, Transfer-Encoding) from its raw range: white space trimmed
+/// before it, but only spaces after it, so that a trailing HTAB, which llhttp refuses there, makes the
+/// value invalid here too.
+fn framing_value(buf: &[u8], raw: Range<usize>) -> &[u8] {
+    let v = &buf[raw];
+    let start = v.iter().position(|&c| c != b' ' && c != b'\t').unwrap_or(v.len());
+    let end = v.iter().rposition(|&c| c != b' ').map_or(start, |p| p + 1).max(start);
+    &v[start..end]
+}
+
 /// RFC 9110 token characters, as a table: checked for every byte of every header name.
 const TCHAR: [bool; 256] = {
     let mut t = [false; 256];
@@ -115,6 +127,25 @@ const TCHAR: [bool; 256] = {
 
 fn is_tchar(c: u8) -> bool {
     TCHAR[c as usize]
+}
+
+/// Bytes a header value (or a trailer's) may hold: anything but control characters, HTAB excepted
+/// (obs-text, 0x80-0xFF, is allowed as llhttp allows it). A CR ends the line before it is looked at.
+const FIELD_VALUE: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut c = 0;
+    while c < 256 {
+        t[c] = c == 9 || (c >= 0x20 && c != 0x7f);
+        c += 1;
+    }
+    t
+};
+
+/// A request target the gateway reads: origin-form ("/path?query") in visible ASCII (non-ASCII must come
+/// percent-encoded). The gateway is no proxy: the absolute, authority and asterisk forms are refused
+/// (llhttp refuses the authority form outside CONNECT: reading on after one would frame what it does not).
+fn valid_target(t: &[u8]) -> bool {
+    t.first() == Some(&b'/') && t.iter().all(|c| (0x21..0x7f).contains(c))
 }
 
 /// Comma-separated tokens of a Connection header: (has "close", has "keep-alive").
@@ -150,6 +181,7 @@ enum Name {
     TransferEncoding,
     RequestKey,
     Expect,
+    Upgrade,
 }
 
 fn classify(name: &[u8]) -> Name {
@@ -157,7 +189,8 @@ fn classify(name: &[u8]) -> Name {
     match name.len() {
         2 if is(b"te") => Name::Hop,
         6 if is(b"expect") => Name::Expect,
-        7 if is(b"upgrade") || is(b"trailer") => Name::Hop,
+        7 if is(b"upgrade") => Name::Upgrade,
+        7 if is(b"trailer") => Name::Hop,
         10 if is(b"connection") => Name::Connection,
         10 if is(b"keep-alive") => Name::Hop,
         13 if is(b"x-request-key") => Name::RequestKey,
@@ -183,16 +216,16 @@ pub fn parse_request_head(buf: &[u8], drop: &mut Vec<Range<usize>>) -> Result<Op
     let sp1 = line.iter().position(|&b| b == b' ').ok_or(HeadError::BadRequestLine)?;
     let sp2 = sp1 + 1 + line[sp1 + 1..].iter().position(|&b| b == b' ').ok_or(HeadError::BadRequestLine)?;
     let version = &line[sp2 + 1..];
-    if sp1 == 0 || sp2 == sp1 + 1 || version.len() != 8 || !version.starts_with(b"HTTP/1.") {
-        return Err(HeadError::BadRequestLine);
-    }
-    if !line[..sp1].iter().all(|&c| is_tchar(c)) || line[sp1 + 1..sp2].iter().any(|&c| c <= b' ' || c == 127) {
-        return Err(HeadError::BadRequestLine);
-    }
     let http11 = version == b"HTTP/1.1";
+    if sp1 == 0 || sp2 == sp1 + 1 || !(http11 || version == b"HTTP/1.0") {
+        return Err(HeadError::BadRequestLine);
+    }
+    if !line[..sp1].iter().all(|&c| is_tchar(c)) || !valid_target(&line[sp1 + 1..sp2]) {
+        return Err(HeadError::BadRequestLine);
+    }
     let mut h =
         RequestHead { method: 0..sp1, url: sp1 + 1..sp2, http11, headers_start: line_end + 2, ..Default::default() };
-    let (mut close, mut keep) = (false, false);
+    let (mut close, mut keep, mut upgrade) = (false, false, false);
     let mut te_seen = false;
     let mut pos = line_end + 2;
     loop {
@@ -208,14 +241,15 @@ pub fn parse_request_head(buf: &[u8], drop: &mut Vec<Range<usize>>) -> Result<Op
             Some(b'\n') => {}
             Some(_) => return Err(HeadError::BadHeader),
         }
-        // A bare LF or a NUL inside a line would let a client hide a header from the gateway that the
-        // upstream might still read as one (request smuggling): refused.
-        if buf[pos..eol].iter().any(|&c| c == b'\n' || c == 0) {
-            return Err(HeadError::BadHeader);
-        }
         let colon = pos + find_byte(&buf[pos..eol], b':').ok_or(HeadError::BadHeader)?;
         let name = &buf[pos..colon];
-        if name.is_empty() || !name.iter().all(|&c| is_tchar(c)) {
+        // A bare LF, a NUL or another control character inside a line would let a client hide a header
+        // from the gateway that the upstream might still read as one (request smuggling): refused. So is
+        // a line folded onto the one before (it starts with a space: not a token).
+        if name.is_empty()
+            || !name.iter().all(|&c| is_tchar(c))
+            || !buf[colon + 1..eol].iter().all(|&c| FIELD_VALUE[c as usize])
+        {
             return Err(HeadError::BadHeader);
         }
         let value = trim(buf, colon + 1..eol);
@@ -223,6 +257,12 @@ pub fn parse_request_head(buf: &[u8], drop: &mut Vec<Range<usize>>) -> Result<Op
         match classify(name) {
             Name::Other => {}
             Name::Hop => drop.push(whole),
+            Name::Upgrade => {
+                // Not served; and a parser that honours it (llhttp) reads what follows as another
+                // protocol, so this connection takes no further request.
+                upgrade = true;
+                drop.push(whole);
+            }
             Name::Connection => {
                 let (c, k) = connection_tokens(&buf[value]);
                 close |= c;
@@ -245,10 +285,11 @@ pub fn parse_request_head(buf: &[u8], drop: &mut Vec<Range<usize>>) -> Result<Op
                 if h.content_length.is_some() {
                     return Err(HeadError::MultipleContentLength);
                 }
-                h.content_length = Some(parse_length(&buf[value]).ok_or(HeadError::BadContentLength)?);
+                let v = framing_value(buf, colon + 1..eol);
+                h.content_length = Some(parse_length(v).ok_or(HeadError::BadContentLength)?);
             }
             Name::TransferEncoding => {
-                if te_seen || !buf[value].eq_ignore_ascii_case(b"chunked") {
+                if te_seen || !framing_value(buf, colon + 1..eol).eq_ignore_ascii_case(b"chunked") {
                     return Err(HeadError::BadTransferEncoding);
                 }
                 te_seen = true;
@@ -262,8 +303,12 @@ pub fn parse_request_head(buf: &[u8], drop: &mut Vec<Range<usize>>) -> Result<Op
         // Two framings: a request smuggling shape, refused rather than guessed at.
         return Err(HeadError::LengthAndChunked);
     }
+    if h.chunked && !http11 {
+        // RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing.
+        return Err(HeadError::ChunkedHttp10);
+    }
     h.len = pos + 2;
-    h.keep_alive = if http11 { !close } else { keep };
+    h.keep_alive = !upgrade && if http11 { !close } else { keep };
     Ok(Some(h))
 }
 
@@ -279,6 +324,8 @@ pub struct ResponseHead {
     pub status_line_end: usize,
     /// "\r\n<header line>" ranges of headers not relayed (connection, keep-alive), in order.
     pub strip: Vec<Range<usize>>,
+    /// The same for the transfer-encoding lines: dropped where the gateway decodes the body.
+    pub coding: Vec<Range<usize>>,
 }
 
 impl ResponseHead {
@@ -339,6 +386,7 @@ pub fn parse_response_head(buf: &[u8]) -> Result<Option<(ResponseHead, usize)>, 
                 let t = trim(last, 0..last.len());
                 r.chunked = last[t].eq_ignore_ascii_case(b"chunked");
                 other_coding = !r.chunked; // some other coding: delimited by the close
+                r.coding.push(pos..eol);
             } else if name.eq_ignore_ascii_case(b"connection") {
                 let (c, k) = connection_tokens(value);
                 close |= c;
@@ -357,64 +405,167 @@ pub fn parse_response_head(buf: &[u8]) -> Result<Option<(ResponseHead, usize)>, 
     Ok(Some((r, end)))
 }
 
+/// Why a chunked body could not be read.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub enum ChunkError {
+    /// Not chunked encoding as RFC 9112 writes it (or as llhttp reads it, where that is stricter).
+    Bad,
+    /// The data would pass the parser's limit.
+    TooLarge,
+}
+
+/// Chunk extensions and trailer lines together may not pass this many bytes (they are read and
+/// dropped, but should not let a client hold the connection with them).
+pub const MAX_CHUNK_META: u32 = 16 * 1024;
+
 /// Incremental chunked-body parser: finds where a chunked body ends and, when asked, collects the data.
-#[derive(Debug, Default, Clone)]
+/// Strict: chunk extensions are `;name[=token|"quoted"]` with no white space, trailer lines are header
+/// lines (no bare LF, NUL or other control character, no folding, no Content-Length or
+/// Transfer-Encoding), a chunk size has at most 15 hex digits.
+#[derive(Debug, Clone)]
 pub struct Chunked {
     state: CState,
     size: u64,
     digits: u8,
+    /// Bytes in the current extension name or value, or trailer name (what is needed of them).
+    run: u32,
+    meta: u32,
+    /// The data bytes announced so far, and how many may be.
+    total: u64,
+    limit: u64,
+    /// The first bytes of the current trailer name, lowercased (to spot framing headers).
+    name: [u8; 17],
+}
+
+impl Default for Chunked {
+    fn default() -> Chunked {
+        Chunked::with_limit(u64::MAX)
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 enum CState {
     #[default]
     Size,
-    Ext,
+    ExtName,
+    ExtValue,
+    ExtToken,
+    ExtQuoted,
+    ExtEscape,
+    ExtQuoteEnd,
     SizeLf,
     Data,
     DataCr,
     DataLf,
     TrailerStart,
-    Trailer,
+    TrailerName,
+    TrailerValue,
     TrailerLf,
     LastLf,
     Done,
 }
 
 impl Chunked {
+    /// A parser that refuses (ChunkError::TooLarge) a body of more than `limit` data bytes, as soon
+    /// as a chunk size says so (before its data arrives).
+    pub fn with_limit(limit: u64) -> Chunked {
+        Chunked { state: CState::Size, size: 0, digits: 0, run: 0, meta: 0, total: 0, limit, name: [0; 17] }
+    }
+
     pub fn done(&self) -> bool {
         self.state == CState::Done
     }
 
+    /// After an extension's name or value: another extension, or the end of the size line.
+    fn ext_next(&mut self, c: u8) -> Result<(), ChunkError> {
+        match c {
+            b';' => self.state = CState::ExtName,
+            b'\r' => self.state = CState::SizeLf,
+            _ => return Err(ChunkError::Bad),
+        }
+        self.run = 0;
+        Ok(())
+    }
+
     /// Consumes bytes of `input` up to the end of the body; returns how many were part of the body
     /// (all of `input` unless the body ended inside it). Data bytes are appended to `out` if given.
-    pub fn feed(&mut self, input: &[u8], mut out: Option<&mut Vec<u8>>) -> Result<usize, ()> {
+    pub fn feed(&mut self, input: &[u8], mut out: Option<&mut Vec<u8>>) -> Result<usize, ChunkError> {
+        use ChunkError::Bad;
         let mut i = 0;
         while i < input.len() {
             let c = input[i];
+            if matches!(
+                self.state,
+                CState::ExtName
+                    | CState::ExtValue
+                    | CState::ExtToken
+                    | CState::ExtQuoted
+                    | CState::ExtEscape
+                    | CState::ExtQuoteEnd
+                    | CState::TrailerStart
+                    | CState::TrailerName
+                    | CState::TrailerValue
+            ) {
+                self.meta += 1;
+                if self.meta > MAX_CHUNK_META {
+                    return Err(Bad);
+                }
+            }
             match self.state {
                 CState::Size => match c {
                     b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
                         if self.digits >= 15 {
-                            return Err(());
+                            return Err(Bad);
                         }
                         self.size = self.size * 16 + u64::from((c as char).to_digit(16).unwrap_or(0));
                         self.digits += 1;
                     }
-                    b';' | b' ' | b'\t' if self.digits > 0 => self.state = CState::Ext,
-                    b'\r' if self.digits > 0 => self.state = CState::SizeLf,
-                    _ => return Err(()),
+                    b';' | b'\r' if self.digits > 0 => self.ext_next(c)?,
+                    _ => return Err(Bad),
                 },
-                CState::Ext => {
-                    if c == b'\r' {
-                        self.state = CState::SizeLf;
+                CState::ExtName => match c {
+                    b'=' if self.run > 0 => {
+                        self.state = CState::ExtValue;
+                        self.run = 0;
+                    }
+                    b';' | b'\r' if self.run > 0 => self.ext_next(c)?,
+                    _ if is_tchar(c) => self.run += 1,
+                    _ => return Err(Bad),
+                },
+                CState::ExtValue => match c {
+                    b'"' => self.state = CState::ExtQuoted,
+                    _ if is_tchar(c) => self.state = CState::ExtToken,
+                    _ => return Err(Bad),
+                },
+                CState::ExtToken => {
+                    if !is_tchar(c) {
+                        self.ext_next(c)?;
                     }
                 }
+                CState::ExtQuoted => match c {
+                    b'"' => self.state = CState::ExtQuoteEnd,
+                    b'\\' => self.state = CState::ExtEscape,
+                    b' ' | 0x21..=0x7e => {}
+                    _ => return Err(Bad),
+                },
+                CState::ExtEscape => match c {
+                    0x21..=0x7e => self.state = CState::ExtQuoted,
+                    _ => return Err(Bad),
+                },
+                CState::ExtQuoteEnd => self.ext_next(c)?,
                 CState::SizeLf => {
                     if c != b'\n' {
-                        return Err(());
+                        return Err(Bad);
                     }
-                    self.state = if self.size == 0 { CState::TrailerStart } else { CState::Data };
+                    if self.size == 0 {
+                        self.state = CState::TrailerStart;
+                    } else {
+                        if self.size > self.limit - self.total {
+                            return Err(ChunkError::TooLarge);
+                        }
+                        self.total += self.size;
+                        self.state = CState::Data;
+                    }
                 }
                 CState::Data => {
                     let take = (input.len() - i).min(usize::try_from(self.size).unwrap_or(usize::MAX));
@@ -430,32 +581,41 @@ impl Chunked {
                 }
                 CState::DataCr => {
                     if c != b'\r' {
-                        return Err(());
+                        return Err(Bad);
                     }
                     self.state = CState::DataLf;
                 }
                 CState::DataLf => {
                     if c != b'\n' {
-                        return Err(());
+                        return Err(Bad);
                     }
                     self.state = CState::Size;
                     self.digits = 0;
                 }
-                CState::TrailerStart => self.state = if c == b'\r' { CState::LastLf } else { CState::Trailer },
-                CState::Trailer => {
+                CState::TrailerStart => {
+                    self.run = 0;
                     if c == b'\r' {
-                        self.state = CState::TrailerLf;
+                        self.state = CState::LastLf;
+                    } else {
+                        self.state = CState::TrailerName;
+                        self.trailer_name(c)?;
                     }
                 }
+                CState::TrailerName => self.trailer_name(c)?,
+                CState::TrailerValue => match c {
+                    b'\r' => self.state = CState::TrailerLf,
+                    _ if FIELD_VALUE[c as usize] => {}
+                    _ => return Err(Bad),
+                },
                 CState::TrailerLf => {
                     if c != b'\n' {
-                        return Err(());
+                        return Err(Bad);
                     }
                     self.state = CState::TrailerStart;
                 }
                 CState::LastLf => {
                     if c != b'\n' {
-                        return Err(());
+                        return Err(Bad);
                     }
                     self.state = CState::Done;
                     return Ok(i + 1);
@@ -466,6 +626,26 @@ impl Chunked {
         }
         Ok(i)
     }
+
+    /// A byte of a trailer's name, or the colon after it.
+    fn trailer_name(&mut self, c: u8) -> Result<(), ChunkError> {
+        if c == b':' && self.run > 0 {
+            let n = &self.name[..(self.run as usize).min(17)];
+            if self.run <= 17 && (n == b"content-length" || n == b"transfer-encoding") {
+                return Err(ChunkError::Bad); // framing in a trailer: what would a later reader make of it?
+            }
+            self.state = CState::TrailerValue;
+            return Ok(());
+        }
+        if !is_tchar(c) {
+            return Err(ChunkError::Bad);
+        }
+        if let Some(slot) = self.name.get_mut(self.run as usize) {
+            *slot = c.to_ascii_lowercase();
+        }
+        self.run += 1;
+        Ok(())
+    }
 }
 
 pub fn reason_phrase(status: u16) -> &'static str {
@@ -474,6 +654,8 @@ pub fn reason_phrase(status: u16) -> &'static str {
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        413 => "Content Too Large",
         431 => "Request Header Fields Too Large",
         502 => "Bad Gateway",
         503 => "Service Unavailable",
@@ -482,9 +664,6 @@ pub fn reason_phrase(status: u16) -> &'static str {
     }
 }
 
-/// A whole local response into `out` (cleared first). `close` adds "connection: close"; `keep_alive10`
-/// answers an HTTP/1.0 client that asked to keep the connection; `head_only` leaves the body out
-/// (a HEAD request) but keeps its length.
 /// How a client asked to be answered: what any response to it must honour.
 #[derive(Clone, Copy)]
 pub struct Reply {
@@ -511,8 +690,14 @@ impl Reply {
     }
 }
 
-/// A response the gateway makes itself, into `out`.
+/// A response the gateway makes itself, into `out` (cleared first): with a content-length, a
+/// connection header as `to` needs it, no body for a HEAD request.
 pub fn local_response(out: &mut Vec<u8>, to: Reply, status: u16, content_type: &str, body: &[u8]) {
+    local_response_with(out, to, status, content_type, b"", body);
+}
+
+/// The same, with `extra` header lines (each "\r\nname: value") after the others.
+pub fn local_response_with(out: &mut Vec<u8>, to: Reply, status: u16, content_type: &str, extra: &[u8], body: &[u8]) {
     use std::io::Write;
     out.clear();
     let _ = write!(
@@ -523,6 +708,7 @@ pub fn local_response(out: &mut Vec<u8>, to: Reply, status: u16, content_type: &
         content_type,
         body.len()
     );
+    out.extend_from_slice(extra);
     out.extend_from_slice(to.connection(to.keep_alive));
     out.extend_from_slice(b"\r\n\r\n");
     if !to.head {
@@ -669,6 +855,133 @@ mod tests {
     }
 
     #[test]
+    fn smuggling_shapes_in_heads_are_refused() {
+        for (bad, why) in [
+            ("GET / HTTP/1.2\r\n\r\n", HeadError::BadRequestLine),
+            ("GET / HTTP/1.10\r\n\r\n", HeadError::BadRequestLine),
+            ("GET /\u{e9} HTTP/1.1\r\n\r\n", HeadError::BadRequestLine),
+            ("GET /a\x7f HTTP/1.1\r\n\r\n", HeadError::BadRequestLine),
+            ("GET /a\tb HTTP/1.1\r\n\r\n", HeadError::BadRequestLine),
+            ("POST gw:443 HTTP/1.1\r\n\r\n", HeadError::BadRequestLine),
+            ("GET http://gw/v2 HTTP/1.1\r\n\r\n", HeadError::BadRequestLine),
+            ("OPTIONS * HTTP/1.1\r\n\r\n", HeadError::BadRequestLine),
+            ("GET / HTTP/1.1\r\nA: \x01\r\n\r\n", HeadError::BadHeader),
+            ("GET / HTTP/1.1\r\nA: b\x7f\r\n\r\n", HeadError::BadHeader),
+            ("GET / HTTP/1.1\r\nA: b\x1bc\r\n\r\n", HeadError::BadHeader),
+            // obs-fold: a continuation line is no header line
+            ("GET / HTTP/1.1\r\nA: b\r\n c\r\n\r\n", HeadError::BadHeader),
+            ("GET / HTTP/1.1\r\nA: b\r\n\tTransfer-Encoding: chunked\r\n\r\n", HeadError::BadHeader),
+            ("POST / HTTP/1.1\r\nTransfer-Encoding : chunked\r\n\r\n", HeadError::BadHeader),
+            ("POST / HTTP/1.1\r\nTransfer-Encoding: chunked, identity\r\n\r\n", HeadError::BadTransferEncoding),
+            ("POST / HTTP/1.1\r\nTransfer-Encoding: identity, chunked\r\n\r\n", HeadError::BadTransferEncoding),
+            ("POST / HTTP/1.1\r\nTransfer-Encoding: xchunked\r\n\r\n", HeadError::BadTransferEncoding),
+            (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+                HeadError::BadTransferEncoding,
+            ),
+            ("POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", HeadError::ChunkedHttp10),
+        ] {
+            assert_eq!(req(bad).unwrap_err(), why, "{bad:?}");
+        }
+        // what llhttp takes too: tabs and obs-text in values, leading zeros in a length
+        let (h, _) = req("POST / HTTP/1.1\r\nA:\tb\t\r\nB: \u{e9}\r\nContent-Length:\t007  \r\n\r\n").unwrap();
+        assert_eq!(h.content_length, Some(7));
+        assert!(req("POST / HTTP/1.1\r\nTransfer-Encoding: \tChunked \r\n\r\n").unwrap().0.chunked);
+        // but not a tab after a framing header's value (llhttp refuses it)
+        assert_eq!(req("POST / HTTP/1.1\r\nContent-Length: 7\t\r\n\r\n").unwrap_err(), HeadError::BadContentLength);
+        assert_eq!(
+            req("POST / HTTP/1.1\r\nTransfer-Encoding: chunked \t \r\n\r\n").unwrap_err(),
+            HeadError::BadTransferEncoding
+        );
+    }
+
+    #[test]
+    fn an_upgrade_ends_the_connection_after_its_request() {
+        let (h, drop) = req("GET / HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n").unwrap();
+        assert!(!h.keep_alive);
+        assert_eq!(drop.len(), 2);
+    }
+
+    fn chunked(raw: &[u8], limit: u64) -> Result<Vec<u8>, ChunkError> {
+        let mut c = Chunked::with_limit(limit);
+        let mut out = Vec::new();
+        let n = c.feed(raw, Some(&mut out))?;
+        assert!(c.done() && n == raw.len(), "{raw:?}");
+        Ok(out)
+    }
+
+    #[test]
+    fn chunk_extensions_are_tokens_or_quoted_strings_on_one_line() {
+        for ext in ["", ";a", ";a=b", ";a=b;c", ";a=\"x y\"", ";a=\"x\\\"y\";b=1", ";a-b.c=~!"] {
+            let raw = format!("5{ext}\r\nhello\r\n0{ext}\r\n\r\n");
+            assert_eq!(chunked(raw.as_bytes(), u64::MAX).unwrap(), b"hello", "{ext}");
+        }
+        for ext in [
+            ";a=b\nx", // a bare LF would end the line for a lenient reader, not for a strict one
+            ";a\n",
+            "\n",
+            ";a=\"b\nc\"",
+            ";a=b\0",
+            ";a=\"\0\"",
+            ";a=\"\t\"",
+            ";a=\u{80}",
+            " ;a",
+            "\t;a",
+            "; a",
+            ";a =b",
+            ";a= b",
+            ";a=b c",
+            ";",
+            ";a;",
+            ";a=",
+            ";a=\"b",
+            ";a=\"b\"c",
+        ] {
+            let raw = format!("5{ext}\r\nhello\r\n0\r\n\r\n");
+            assert_eq!(chunked(raw.as_bytes(), u64::MAX), Err(ChunkError::Bad), "{ext:?}");
+        }
+        let long = format!("5;a={}\r\nhello\r\n0\r\n\r\n", "x".repeat(MAX_CHUNK_META as usize));
+        assert_eq!(chunked(long.as_bytes(), u64::MAX), Err(ChunkError::Bad));
+    }
+
+    #[test]
+    fn trailers_are_header_lines_without_framing() {
+        for trailer in ["", "A: b\r\n", "A:b\r\nC-D: \u{e9}\t\r\n", "Content-Type: x\r\n"] {
+            let raw = format!("5\r\nhello\r\n0\r\n{trailer}\r\n");
+            assert_eq!(chunked(raw.as_bytes(), u64::MAX).unwrap(), b"hello", "{trailer:?}");
+        }
+        for trailer in [
+            "A: b\nc\r\n",
+            "A: b\n\r\n",
+            "A: b\0\r\n",
+            "A: \x7f\r\n",
+            "A\r\n",
+            ": b\r\n",
+            "A : b\r\n",
+            " A: b\r\n",
+            "A: b\r\n c\r\n",
+            "A: b\rc\r\n",
+            "Content-Length: 5\r\n",
+            "transfer-encoding: chunked\r\n",
+            "\n",
+        ] {
+            let raw = format!("5\r\nhello\r\n0\r\n{trailer}\r\n");
+            assert_eq!(chunked(raw.as_bytes(), u64::MAX), Err(ChunkError::Bad), "{trailer:?}");
+        }
+    }
+
+    #[test]
+    fn a_chunked_body_over_the_limit_is_refused_at_the_size_line() {
+        assert_eq!(chunked(b"5\r\nhello\r\n5\r\nworld\r\n0\r\n\r\n", 10).unwrap(), b"helloworld");
+        // refused when the second size line says so: its data need not arrive
+        let mut c = Chunked::with_limit(9);
+        assert_eq!(c.feed(b"5\r\nhello\r\n", None), Ok(10));
+        assert_eq!(c.feed(b"5\r\n", None), Err(ChunkError::TooLarge));
+        assert_eq!(Chunked::with_limit(u64::MAX).feed(b"fffffffffffffff\r\n", None), Ok(17));
+        assert_eq!(Chunked::with_limit(u64::MAX).feed(b"1000000000000000\r\n", None), Err(ChunkError::Bad));
+    }
+
+    #[test]
     fn partial_heads_are_none_until_whole() {
         let r = b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc";
         let mut d = Vec::new();
@@ -696,6 +1009,10 @@ mod tests {
         let r = resp(h).unwrap();
         assert!(r.chunked && r.closes && r.content_length.is_none());
         assert_eq!(r.strip.iter().map(|s| &h[s.clone()]).collect::<Vec<_>>(), [&b"\r\nConnection: close"[..]]);
+        assert_eq!(
+            r.coding.iter().map(|s| &h[s.clone()]).collect::<Vec<_>>(),
+            [&b"\r\ntransfer-encoding: chunked"[..]]
+        );
         let r = resp(b"HTTP/1.0 200 OK\r\nContent-Length: 1").unwrap();
         assert!(r.closes);
         let r = resp(b"HTTP/1.0 204 No Content\r\nConnection: keep-alive").unwrap();

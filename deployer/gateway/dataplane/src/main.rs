@@ -8,6 +8,7 @@ mod http;
 mod json;
 mod metrics;
 mod proxy;
+mod routes;
 mod routing;
 
 use std::io::{BufRead, Write};
@@ -22,7 +23,8 @@ use proxy::{Settings, State};
 const USAGE: &str =
     "usage: mlops-gateway-dataplane --listen HOST:PORT [--read-timeout-ms 30000] [--connect-timeout-ms 2000]
     [--node-down-ms 5000] [--sample-rate 0.01] [--pool-max-idle 64] [--max-connections 4096]
-    [--client-idle-ms 120000]
+    [--client-idle-ms 120000] [--max-body-bytes 67108864] [--request-deadline-ms 30000]
+    [--body-buffer-bytes 536870912]
 Routing tables arrive on stdin; frames (applied tables, samples) leave on stdout; EOF on stdin ends it.";
 
 /// A mutex's guard even if a thread panicked while holding it: a bug met by one connection's thread
@@ -46,6 +48,9 @@ struct Args {
     pool_max_idle: usize,
     max_connections: usize,
     client_idle_ms: u64,
+    max_body_bytes: u64,
+    request_deadline_ms: u64,
+    body_buffer_bytes: u64,
 }
 
 fn parse_args(argv: &[String]) -> Result<Args, String> {
@@ -58,6 +63,9 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
         pool_max_idle: 64,
         max_connections: 4096,
         client_idle_ms: 120_000,
+        max_body_bytes: proxy::DEFAULT_MAX_BODY,
+        request_deadline_ms: proxy::DEFAULT_REQUEST_DEADLINE.as_millis() as u64,
+        body_buffer_bytes: proxy::DEFAULT_BODY_BUFFER as u64,
     };
     let mut i = 0;
     while i < argv.len() {
@@ -75,12 +83,13 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
                 argv.get(i).cloned().ok_or_else(|| format!("{flag} needs a value"))?
             }
         };
-        let positive = |v: &str| {
+        let positive_in = |v: &str, unit: &str| {
             v.parse::<u64>()
                 .ok()
                 .filter(|n| *n > 0)
-                .ok_or_else(|| format!("{flag} must be a positive integer (ms), not {v:?}"))
+                .ok_or_else(|| format!("{flag} must be a positive integer ({unit}), not {v:?}"))
         };
+        let positive = |v: &str| positive_in(v, "ms");
         match flag.as_str() {
             "--listen" => {
                 if value.to_socket_addrs().map(|mut it| it.next().is_none()).unwrap_or(true) {
@@ -107,6 +116,9 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
             }
             "--max-connections" => a.max_connections = positive(&value)? as usize,
             "--client-idle-ms" => a.client_idle_ms = positive(&value)?,
+            "--max-body-bytes" => a.max_body_bytes = positive_in(&value, "bytes")?,
+            "--request-deadline-ms" => a.request_deadline_ms = positive(&value)?,
+            "--body-buffer-bytes" => a.body_buffer_bytes = positive_in(&value, "bytes")?,
             _ => return Err(format!("unknown flag {flag}")),
         }
         i += 1;
@@ -114,19 +126,33 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
     if a.listen.is_empty() {
         return Err("--listen is required".into());
     }
+    if a.body_buffer_bytes < a.max_body_bytes {
+        return Err(format!(
+            "--body-buffer-bytes ({}) must be at least --max-body-bytes ({}): the largest body must fit",
+            a.body_buffer_bytes, a.max_body_bytes
+        ));
+    }
     Ok(a)
 }
 
 extern "C" {
     fn prctl(option: i32, ...) -> i32;
+    fn mallopt(param: i32, value: i32) -> i32;
 }
 const PR_SET_PDEATHSIG: i32 = 1;
 const SIGTERM: u64 = 15;
+const M_MMAP_THRESHOLD: i32 = -3;
 
 fn main() {
     // No orphan if the control plane dies without closing our stdin (stdin's EOF covers the rest).
     unsafe {
         prctl(PR_SET_PDEATHSIG, SIGTERM);
+    }
+    // Connection buffers (64 KiB) and request bodies are mapped on their own and unmapped when freed, so
+    // their memory goes back to the system when a burst of connections ends. Left to itself, glibc
+    // raises this threshold after each large free (to 32 MiB) and keeps such blocks in its heaps.
+    unsafe {
+        mallopt(M_MMAP_THRESHOLD, 64 * 1024);
     }
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let args = match parse_args(&argv) {
@@ -147,7 +173,7 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let settings = Settings::new(
+    let mut settings = Settings::new(
         Duration::from_millis(args.read_timeout_ms),
         Duration::from_millis(args.connect_timeout_ms),
         Duration::from_millis(args.node_down_ms),
@@ -156,6 +182,9 @@ fn main() {
         args.max_connections,
         Duration::from_millis(args.client_idle_ms),
     );
+    settings.max_body = args.max_body_bytes;
+    settings.request_deadline = Duration::from_millis(args.request_deadline_ms);
+    settings.body_buffer = usize::try_from(args.body_buffer_bytes).unwrap_or(usize::MAX);
     let (tx, rx) = std::sync::mpsc::sync_channel(1000);
     // Frames go to fd 1 unbuffered by std (Stdout would flush at every newline byte of a sample);
     // write_frames batches them itself.
@@ -223,10 +252,7 @@ fn accept_loop(st: &'static State, listener: TcpListener) {
             }
         };
         if st.connections.load(Ordering::Relaxed) >= st.settings.max_connections {
-            let body = http::error_body("too many connections");
-            let mut out = Vec::new();
-            http::local_response(&mut out, http::Reply::CLOSE, 503, "application/json", &body);
-            let _ = (&sock).write_all(&out);
+            proxy::refuse_connection(st, sock);
             continue;
         }
         let _ = sock.set_nodelay(true);
@@ -268,6 +294,10 @@ mod tests {
         let a = args("--listen 127.0.0.1:0 --read-timeout-ms 500 --sample-rate=1 --pool-max-idle 0").unwrap();
         assert_eq!((a.read_timeout_ms, a.connect_timeout_ms, a.node_down_ms, a.pool_max_idle), (500, 2000, 5000, 0));
         assert_eq!(a.sample_rate, 1.0);
+        assert_eq!((a.max_body_bytes, a.request_deadline_ms, a.body_buffer_bytes), (64 << 20, 30_000, 512 << 20));
+        let a = args("--listen 127.0.0.1:0 --max-body-bytes 1000 --request-deadline-ms 50 --body-buffer-bytes 1000")
+            .unwrap();
+        assert_eq!((a.max_body_bytes, a.request_deadline_ms, a.body_buffer_bytes), (1000, 50, 1000));
         for (bad, flag) in [
             ("", "--listen"),
             ("--listen nowhere", "--listen"),
@@ -277,6 +307,9 @@ mod tests {
             ("--listen 127.0.0.1:0 --node-down-ms -1", "--node-down-ms"),
             ("--listen 127.0.0.1:0 --pool-max-idle", "--pool-max-idle"),
             ("--listen 127.0.0.1:0 --bogus 1", "--bogus"),
+            ("--listen 127.0.0.1:0 --max-body-bytes 0", "--max-body-bytes"),
+            ("--listen 127.0.0.1:0 --request-deadline-ms x", "--request-deadline-ms"),
+            ("--listen 127.0.0.1:0 --max-body-bytes 2000 --body-buffer-bytes 1000", "--body-buffer-bytes"),
         ] {
             let err = args(bad).err().unwrap();
             assert!(err.contains(flag), "{bad}: {err}");

@@ -9,14 +9,25 @@ use std::net::{Shutdown, TcpStream};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::SyncSender;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::control::TableSpec;
 use crate::frames::{self, Frame, Sample};
-use crate::http::{self, Chunked, HeadError, Reply, RequestHead, MAX_HEAD};
+use crate::http::{self, ChunkError, Chunked, HeadError, Reply, RequestHead, MAX_HEAD};
 use crate::metrics::{Metrics, Reason};
+use crate::routes::{self, Call, Local, Route};
 use crate::routing::{self, now_ns, Arm, Nodes, Table, UpConn};
+
+/// Largest request body taken by default (--max-body-bytes): a Triton infer request of a few large tensors.
+pub const DEFAULT_MAX_BODY: u64 = 64 << 20;
+/// Longest a request's head and body may take to arrive by default (--request-deadline-ms).
+pub const DEFAULT_REQUEST_DEADLINE: Duration = Duration::from_secs(30);
+/// Request body bytes buffered at once, all connections together, by default (--body-buffer-bytes).
+pub const DEFAULT_BODY_BUFFER: usize = 512 << 20;
+/// Connections refused for being over --max-connections that are lingered over at once (their request
+/// read away so the 503 is not lost to a reset); past that, a refused connection is closed at once.
+const MAX_LINGERING_REFUSALS: usize = 64;
 
 pub struct Settings {
     pub read_timeout: Duration,
@@ -31,6 +42,13 @@ pub struct Settings {
     pub client_idle: Duration,
     /// The 504 message, made once ("no response from the model server within 30s").
     pub timeout_message: String,
+    /// A request whose body is longer gets a 413 (before its body is read).
+    pub max_body: u64,
+    /// A request whose head and body have not all arrived this long after its first byte gets a 408.
+    pub request_deadline: Duration,
+    /// Request bodies past a connection's own buffer are held in memory up to this many bytes, all
+    /// connections together (see Budget).
+    pub body_buffer: usize,
 }
 
 impl Settings {
@@ -56,6 +74,48 @@ impl Settings {
             pool_max_idle,
             max_connections,
             client_idle,
+            max_body: DEFAULT_MAX_BODY,
+            request_deadline: DEFAULT_REQUEST_DEADLINE,
+            body_buffer: DEFAULT_BODY_BUFFER,
+        }
+    }
+}
+
+/// The memory request bodies may take past the connections' own buffers, shared by all connections:
+/// with it, the data plane's memory is bounded by --max-connections times a connection's buffers, plus
+/// this, whatever the clients send.
+pub struct Budget {
+    left: Mutex<usize>,
+    freed: Condvar,
+}
+
+impl Budget {
+    pub fn new(bytes: usize) -> Budget {
+        Budget { left: Mutex::new(bytes), freed: Condvar::new() }
+    }
+
+    /// Takes `n` bytes; if they are not free, waits for other connections to give some back, until
+    /// `until` (None: no wait). False if they could not be had.
+    fn take(&self, n: usize, until: Option<Instant>) -> bool {
+        let mut left = crate::lock(&self.left);
+        loop {
+            if *left >= n {
+                *left -= n;
+                return true;
+            }
+            let Some(until) = until else { return false };
+            let now = Instant::now();
+            if now >= until {
+                return false;
+            }
+            left = self.freed.wait_timeout(left, until - now).map_or_else(|e| e.into_inner().0, |(g, _)| g);
+        }
+    }
+
+    fn give(&self, n: usize) {
+        if n > 0 {
+            *crate::lock(&self.left) += n;
+            self.freed.notify_all();
         }
     }
 }
@@ -71,11 +131,16 @@ pub struct State {
     pub ready: AtomicBool,
     pub frames: SyncSender<Frame>,
     pub connections: AtomicUsize,
+    pub budget: Budget,
+    /// Refused connections being lingered over (MAX_LINGERING_REFUSALS).
+    lingering: AtomicUsize,
 }
 
 impl State {
     pub fn new(settings: Settings, frames: SyncSender<Frame>) -> State {
         State {
+            budget: Budget::new(settings.body_buffer),
+            lingering: AtomicUsize::new(0),
             settings,
             table: RwLock::new(Arc::new(Table::empty())),
             generation: AtomicU64::new(0),
@@ -146,8 +211,9 @@ impl Buf {
         self.end = 0;
     }
 
-    /// At least `want` bytes of room after the data: moved to the front, then grown.
-    fn room(&mut self, want: usize) {
+    /// At least `want` bytes of room after the data: moved to the front, then grown (doubling, but not
+    /// past `max` bytes in all unless `want` needs it).
+    fn room(&mut self, want: usize, max: usize) {
         if self.data.len() - self.end >= want {
             return;
         }
@@ -157,21 +223,39 @@ impl Buf {
             self.start = 0;
         }
         if self.data.len() - self.end < want {
-            let size = (self.data.len() * 2).max(self.end + want);
+            let size = (self.data.len() * 2).max(self.end + want).min(max.max(self.end + want));
             self.data.resize(size, 0);
         }
     }
 
-    fn fill(&mut self, mut r: impl Read) -> io::Result<usize> {
-        self.room(4096);
+    fn fill(&mut self, r: impl Read) -> io::Result<usize> {
+        self.fill_within(r, 4096, usize::MAX)
+    }
+
+    /// One read, after making room for `want` bytes without growing past `max` bytes.
+    fn fill_within(&mut self, mut r: impl Read, want: usize, max: usize) -> io::Result<usize> {
+        self.room(want, max);
         let n = r.read(&mut self.data[self.end..])?;
         self.end += n;
         Ok(n)
     }
 
-    /// Back to the usual size once a large body has gone (an idle connection keeps little).
+    /// Bytes allocated.
+    fn capacity(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Drops the `n` bytes `at` bytes into the data, closing the gap.
+    fn cut(&mut self, at: usize, n: usize) {
+        let a = self.start + at;
+        self.data.copy_within(a + n..self.end, a);
+        self.end -= n;
+    }
+
+    /// Back to the usual size once a large body has gone (an idle connection keeps little, and a
+    /// request body's memory goes back to the budget).
     fn shrink(&mut self) {
-        if self.data.len() > 4 * BUF && self.len() <= BUF {
+        if self.data.len() > BUF && self.len() <= BUF {
             let mut data = vec![0; BUF];
             data[..self.len()].copy_from_slice(self.bytes());
             self.end = self.len();
@@ -285,17 +369,31 @@ struct Io {
     out: Vec<u8>,
     /// A metadata response body, buffered.
     meta: Vec<u8>,
+    /// A piece of response body as the client or the sample gets it (decoded from chunked encoding).
+    piece: Vec<u8>,
     tried: Vec<usize>,
     sample_head: Vec<u8>,
     sample_body: Vec<u8>,
+    /// The sampled response grew past what the sample queue takes: the sample is dropped.
+    sample_overflow: bool,
     rng: u64,
 }
 
 impl Io {
     /// Writes a response the gateway makes itself; returns whether the connection stays open.
     fn reply(&mut self, to: Reply, status: u16, content_type: &str, body: &[u8]) -> bool {
-        http::local_response(&mut self.out, to, status, content_type, body);
+        self.reply_with(to, status, content_type, b"", body)
+    }
+
+    /// The same, with `extra` header lines ("\r\nname: value" each).
+    fn reply_with(&mut self, to: Reply, status: u16, content_type: &str, extra: &[u8], body: &[u8]) -> bool {
+        http::local_response_with(&mut self.out, to, status, content_type, extra, body);
         (&self.sock).write_all(&self.out).is_ok() && to.keep_alive
+    }
+
+    /// A JSON error the gateway makes itself.
+    fn error(&mut self, to: Reply, status: u16, message: &str) -> bool {
+        self.reply(to, status, "application/json", &http::error_body(message))
     }
 
     fn next_random(&mut self) -> u64 {
@@ -307,6 +405,19 @@ impl Io {
         self.rng = x;
         x.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
+
+    /// Adds `io.piece` to the sampled response, unless the sample outgrows what the queue takes.
+    fn keep_sample_piece(&mut self) {
+        if self.sample_overflow {
+            return;
+        }
+        if self.sample_body.len() + self.piece.len() > frames::MAX_SAMPLE_BYTES {
+            self.sample_overflow = true;
+            self.sample_body = Vec::new();
+            return;
+        }
+        self.sample_body.extend_from_slice(&self.piece);
+    }
 }
 
 enum Framing {
@@ -317,23 +428,41 @@ enum Framing {
 }
 
 impl Framing {
-    /// How many bytes of `avail` belong to the body, and whether it is complete with them.
-    fn take(&mut self, avail: &[u8]) -> Result<(usize, bool), ()> {
-        Ok(match self {
-            Framing::Empty => (0, true),
+    /// How many bytes of `avail` belong to the body, and whether it is complete with them. The body's
+    /// bytes, decoded if chunked, are appended to `decoded` if given.
+    fn take(&mut self, avail: &[u8], decoded: Option<&mut Vec<u8>>) -> Result<(usize, bool), ChunkError> {
+        let (t, done) = match self {
+            Framing::Empty => return Ok((0, true)),
             Framing::Length(n) => {
                 let t = (*n).min(avail.len() as u64);
                 *n -= t;
                 (t as usize, *n == 0)
             }
             Framing::Chunked(c) => {
-                let t = c.feed(avail, None)?;
-                (t, c.done())
+                let t = c.feed(avail, decoded)?;
+                return Ok((t, c.done()));
             }
             Framing::UntilClose => (avail.len(), false),
-        })
+        };
+        if let Some(d) = decoded {
+            d.extend_from_slice(&avail[..t]);
+        }
+        Ok((t, done))
     }
 }
+
+/// Appends `head[from..]` to `out` less the `cut` ranges (in order, inside it).
+fn copy_without(out: &mut Vec<u8>, head: &[u8], from: usize, cut: &[Range<usize>]) {
+    let mut at = from;
+    for r in cut {
+        out.extend_from_slice(&head[at..r.start]);
+        at = r.end;
+    }
+    out.extend_from_slice(&head[at..]);
+}
+
+/// A model metadata response larger than this is not buffered (Triton's are a few KB).
+const MAX_METADATA: usize = 1 << 20;
 
 /// Sends the request to a node of the arm (retrying as the spec says) and relays the response.
 fn relay(st: &State, io: &mut Io, a: &Ask, deadline: Instant) -> End {
@@ -436,7 +565,10 @@ fn relay(st: &State, io: &mut Io, a: &Ask, deadline: Instant) -> End {
         return metadata(st, io, a, up, node, &rh, head_end, framing, reusable, deadline);
     }
 
-    let client_keep = a.to.keep_alive && !until_close;
+    // An HTTP/1.0 client cannot read chunked encoding: it gets the body decoded, delimited by the close.
+    let dechunk = rh.chunked && !a.to.http11;
+    let dechunk_body = dechunk && matches!(framing, Framing::Chunked(_));
+    let client_keep = a.to.keep_alive && !until_close && !dechunk_body;
     {
         let head = &io.ubuf.bytes()[..head_end - 4];
         let out = &mut io.out;
@@ -444,31 +576,37 @@ fn relay(st: &State, io: &mut Io, a: &Ask, deadline: Instant) -> End {
         out.extend_from_slice(&head[..rh.status_line_end]);
         out.extend_from_slice(&arm.version_header);
         out.extend_from_slice(a.to.connection(client_keep));
-        let mut at = rh.status_line_end;
-        for r in &rh.strip {
-            out.extend_from_slice(&head[at..r.start]);
-            at = r.end;
+        if dechunk {
+            let mut cut: Vec<Range<usize>> = rh.strip.iter().chain(&rh.coding).cloned().collect();
+            cut.sort_by_key(|r| r.start);
+            copy_without(out, head, rh.status_line_end, &cut);
+        } else {
+            copy_without(out, head, rh.status_line_end, &rh.strip);
         }
-        out.extend_from_slice(&head[at..]);
         out.extend_from_slice(b"\r\n\r\n");
         if a.sampled {
             io.sample_head.clear();
             io.sample_head.extend_from_slice(head);
             io.sample_body.clear();
+            io.sample_overflow = false;
         }
     }
+    // The body as it comes, or decoded into io.piece where the client or the sample needs it so.
+    let decode = dechunk_body || a.sampled;
     let avail = &io.ubuf.bytes()[head_end..];
-    let Ok((take, mut done)) = framing.take(avail) else {
+    io.piece.clear();
+    let Ok((take, mut done)) = framing.take(avail, decode.then_some(&mut io.piece)) else {
         return End::bad_response();
     };
     if take < avail.len() {
         reusable = false; // bytes past the response: that connection is out of step
     }
-    if a.sampled {
-        io.sample_body.extend_from_slice(&avail[..take]);
-    }
-    if write_all_v(&io.sock, &io.out, &avail[..take]).is_err() {
+    let body = if dechunk_body { &io.piece[..] } else { &avail[..take] };
+    if write_all_v(&io.sock, &io.out, body).is_err() {
         return End::Broken(None);
+    }
+    if a.sampled {
+        io.keep_sample_piece();
     }
     while !done {
         io.ubuf.clear();
@@ -479,18 +617,20 @@ fn relay(st: &State, io: &mut Io, a: &Ask, deadline: Instant) -> End {
             Ok(_) => {}
         }
         let avail = io.ubuf.bytes();
-        let Ok((take, d)) = framing.take(avail) else {
+        io.piece.clear();
+        let Ok((take, d)) = framing.take(avail, decode.then_some(&mut io.piece)) else {
             return End::Broken(Some(Reason::UpstreamLost));
         };
         done = d;
         if take < avail.len() {
             reusable = false;
         }
-        if a.sampled {
-            io.sample_body.extend_from_slice(&avail[..take]);
-        }
-        if (&io.sock).write_all(&avail[..take]).is_err() {
+        let body = if dechunk_body { &io.piece[..] } else { &avail[..take] };
+        if (&io.sock).write_all(body).is_err() {
             return End::Broken(None);
+        }
+        if a.sampled {
+            io.keep_sample_piece();
         }
     }
     if reusable {
@@ -517,30 +657,19 @@ fn metadata(
     let reason = String::from_utf8_lossy(rh.reason(&io.ubuf.bytes()[..head_end])).into_owned();
     io.meta.clear();
     io.ubuf.consume(head_end);
-    let mut decoder = match framing {
-        Framing::Chunked(_) => Some(Chunked::default()),
-        _ => None,
-    };
     loop {
         let avail = io.ubuf.bytes();
-        let (take, done) = match decoder.as_mut() {
-            Some(c) => match c.feed(avail, Some(&mut io.meta)) {
-                Ok(t) => (t, c.done()),
-                Err(()) => return End::bad_response(),
-            },
-            None => {
-                let Ok((t, d)) = framing.take(avail) else {
-                    return End::bad_response();
-                };
-                io.meta.extend_from_slice(&avail[..t]);
-                (t, d)
-            }
+        let Ok((take, done)) = framing.take(avail, Some(&mut io.meta)) else {
+            return End::bad_response();
         };
         if take < avail.len() {
             reusable = false;
         }
         if done {
             break;
+        }
+        if io.meta.len() > MAX_METADATA {
+            return End::bad_response();
         }
         io.ubuf.clear();
         match read_until(&mut up, &mut io.ubuf, deadline) {
@@ -603,12 +732,16 @@ fn exchange(st: &State, io: &mut Io, a: &Ask) -> bool {
             }
             keep
         }
-        End::Failed(status, _, message) => io.reply(a.to, status, "application/json", &http::error_body(&message)),
+        End::Failed(status, _, message) => io.error(a.to, status, &message),
         End::Broken(_) => false,
     }
 }
 
 fn offer_sample(st: &State, io: &mut Io, a: &Ask, status: u16, took: u64) {
+    if io.sample_overflow {
+        st.metrics.samples_dropped.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
     let ts_us = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
     let sample = Sample {
         model: a.model.to_string(),
@@ -638,16 +771,77 @@ enum Body {
 struct Request {
     head: RequestHead,
     body: Body,
-    /// Bytes of the connection buffer this request took (head and raw body).
+    /// Bytes of the connection buffer this request took (its head, and its body unless decoded).
     total: usize,
 }
 
 /// Why a connection's input could not be read as a request: the client gets this, then the close.
-struct Refusal(u16, &'static str);
+struct Refusal(u16, Cow<'static, str>);
 
 impl From<HeadError> for Refusal {
     fn from(e: HeadError) -> Refusal {
-        Refusal(400, e.message())
+        Refusal(400, e.message().into())
+    }
+}
+
+impl Refusal {
+    fn too_large(s: &Settings) -> Refusal {
+        Refusal(413, format!("request body larger than the gateway's limit of {} bytes", s.max_body).into())
+    }
+
+    fn late(s: &Settings) -> Refusal {
+        let secs = http::fmt_g(s.request_deadline.as_secs_f64());
+        Refusal(408, format!("the request did not arrive whole within {secs}s").into())
+    }
+
+    fn busy() -> Refusal {
+        Refusal(503, "the gateway is receiving too many request bodies at once; retry later".into())
+    }
+}
+
+/// What a connection's buffers hold past their own size (BUF each): what it needs of the body budget.
+fn over_own(buf_capacity: usize, decoded_capacity: usize) -> usize {
+    buf_capacity.saturating_sub(BUF) + decoded_capacity.saturating_sub(BUF)
+}
+
+/// Ends a connection whose input may not all have been read. Input still unread would make the kernel
+/// reset it, which can destroy the response in flight (or the client, still sending, never reads it):
+/// the write side is shut first and what the client sends is read away, up to `max` bytes for `time`.
+fn linger_close(sock: &TcpStream, time: Duration, max: usize) {
+    let _ = sock.shutdown(Shutdown::Write);
+    let until = Instant::now() + time;
+    let mut sink = [0u8; 16 * 1024];
+    let mut left = max;
+    while left > 0 {
+        let now = Instant::now();
+        if now >= until || sock.set_read_timeout(Some((until - now).min(Duration::from_millis(500)))).is_err() {
+            break;
+        }
+        match (&*sock).read(&mut sink) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => left = left.saturating_sub(n),
+        }
+    }
+}
+
+/// Refuses a connection over --max-connections with a 503 the client gets to read: it is lingered
+/// over on a small thread of its own, MAX_LINGERING_REFUSALS at a time (past that, closed at once).
+pub fn refuse_connection(st: &'static State, sock: TcpStream) {
+    let mut out = Vec::new();
+    http::local_response(&mut out, Reply::CLOSE, 503, "application/json", &http::error_body("too many connections"));
+    if st.lingering.fetch_add(1, Ordering::Relaxed) >= MAX_LINGERING_REFUSALS {
+        st.lingering.fetch_sub(1, Ordering::Relaxed);
+        let _ = (&sock).write_all(&out);
+        return;
+    }
+    let spawned = std::thread::Builder::new().stack_size(64 * 1024).spawn(move || {
+        let _ = sock.set_write_timeout(Some(Duration::from_secs(1)));
+        let _ = (&sock).write_all(&out);
+        linger_close(&sock, Duration::from_secs(1), 1 << 20);
+        st.lingering.fetch_sub(1, Ordering::Relaxed);
+    });
+    if spawned.is_err() {
+        st.lingering.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -658,12 +852,27 @@ pub struct Conn<'s> {
     decoded: Vec<u8>,
     dropped: Vec<Range<usize>>,
     table: (u64, Arc<Table>),
+    /// The client socket's read timeout as last set (Duration::MAX: not known).
+    timeout: Duration,
+    /// When the request being read must have arrived whole: set once it arrives in more than one read.
+    deadline: Option<Instant>,
+    /// Bytes of the body budget this connection holds.
+    held: usize,
+}
+
+impl Drop for Conn<'_> {
+    fn drop(&mut self) {
+        self.st.budget.give(self.held);
+    }
 }
 
 const SERVER_METADATA: &[u8] = br#"{"name":"mlops-gateway","version":"1","extensions":["binary_tensor_data"]}"#;
 const PROMETHEUS_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// A socket read timeout may fire this much early or late.
+const SLACK: Duration = Duration::from_millis(1);
 
 impl<'s> Conn<'s> {
+    /// A connection whose socket has --client-idle-ms as its read timeout.
     pub fn new(st: &'s State, sock: TcpStream, seed: u64) -> Conn<'s> {
         Conn {
             st,
@@ -673,15 +882,20 @@ impl<'s> Conn<'s> {
                 fwd: Vec::with_capacity(1024),
                 out: Vec::with_capacity(1024),
                 meta: Vec::new(),
+                piece: Vec::new(),
                 tried: Vec::new(),
                 sample_head: Vec::new(),
                 sample_body: Vec::new(),
+                sample_overflow: false,
                 rng: seed | 1,
             },
             buf: Buf::new(),
             decoded: Vec::new(),
             dropped: Vec::new(),
             table: (u64::MAX, Arc::new(Table::empty())),
+            timeout: st.settings.client_idle,
+            deadline: None,
+            held: 0,
         }
     }
 
@@ -697,14 +911,18 @@ impl<'s> Conn<'s> {
                     }
                     self.buf.shrink();
                     self.io.ubuf.shrink();
-                    if self.decoded.capacity() > 4 * BUF {
+                    if self.decoded.capacity() > BUF {
                         self.decoded = Vec::new();
                     }
+                    if self.io.meta.capacity() > BUF {
+                        self.io.meta = Vec::new();
+                    }
+                    self.settle();
                 }
                 Ok(None) => return,
                 Err(Refusal(status, message)) => {
                     // What follows cannot be trusted to be a request: answer, then close.
-                    self.io.reply(Reply::CLOSE, status, "application/json", &http::error_body(message));
+                    self.io.error(Reply::CLOSE, status, &message);
                     self.buf.clear();
                     self.close();
                     return;
@@ -713,33 +931,71 @@ impl<'s> Conn<'s> {
         }
     }
 
-    /// Ends the connection. Input still unread would make the kernel reset it, which can destroy the
-    /// last response in flight: the write side is shut first and the rest read away (briefly).
     fn close(&mut self) {
-        let sock = &self.io.sock;
-        let _ = sock.shutdown(Shutdown::Write);
-        let until = Instant::now() + Duration::from_secs(2);
-        let mut sink = [0u8; 16 * 1024];
-        let mut left: usize = 1 << 20;
-        while left > 0 {
-            let now = Instant::now();
-            if now >= until || sock.set_read_timeout(Some((until - now).min(Duration::from_millis(500)))).is_err() {
-                break;
-            }
-            match (&*sock).read(&mut sink) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => left = left.saturating_sub(n),
-            }
+        linger_close(&self.io.sock, Duration::from_secs(2), 1 << 20);
+    }
+
+    /// Makes the budget this connection holds cover buffers of these capacities, waiting for it until
+    /// `until` (None: not at all). False if it could not be had.
+    fn hold(&mut self, buf_capacity: usize, decoded_capacity: usize, until: Option<Instant>) -> bool {
+        let need = over_own(buf_capacity, decoded_capacity);
+        if need <= self.held {
+            return true;
+        }
+        if !self.st.budget.take(need - self.held, until) {
+            return false;
+        }
+        self.held = need;
+        true
+    }
+
+    /// Gives back the budget the buffers no longer need.
+    fn settle(&mut self) {
+        let need = over_own(self.buf.capacity(), self.decoded.capacity());
+        if need < self.held {
+            self.st.budget.give(self.held - need);
+            self.held = need;
         }
     }
 
-    fn fill(&mut self) -> Option<usize> {
+    /// Reads more of a request into the buffer (room made for `want` bytes, the buffer not grown past
+    /// `max`). Ok(false): the client closed, failed or was silent for --client-idle-ms; a 408 refusal
+    /// once the request has been arriving for longer than --request-deadline-ms.
+    fn more(&mut self, want: usize, max: usize) -> Result<bool, Refusal> {
+        let s = &self.st.settings;
+        if self.deadline.is_none() && self.buf.len() > 0 {
+            self.deadline = Some(Instant::now() + s.request_deadline);
+        }
         loop {
-            match self.buf.fill(&self.io.sock) {
-                Ok(0) => return None,
-                Ok(n) => return Some(n),
+            // The socket's timeout: the idle one, or what is left of the deadline when that is shorter.
+            // Lowered only when it must be (it can fire a little early: then it is set again).
+            let wait = match self.deadline {
+                None => s.client_idle,
+                Some(d) => {
+                    let now = Instant::now();
+                    if now + SLACK >= d {
+                        return Err(Refusal::late(s));
+                    }
+                    (d - now).min(s.client_idle)
+                }
+            };
+            if self.timeout > wait + SLACK || (self.deadline.is_none() && self.timeout != wait) {
+                if self.io.sock.set_read_timeout(Some(wait)).is_err() {
+                    return Ok(false);
+                }
+                self.timeout = wait;
+            }
+            match self.buf.fill_within(&self.io.sock, want, max) {
+                Ok(0) => return Ok(false),
+                Ok(_) => return Ok(true),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return None,
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                    if self.timeout >= s.client_idle {
+                        return Ok(false); // silent for the idle time
+                    }
+                    self.timeout = Duration::MAX; // the deadline's share: checked at the top, set again
+                }
+                Err(_) => return Ok(false),
             }
         }
     }
@@ -756,6 +1012,7 @@ impl<'s> Conn<'s> {
         // The usual head arrives whole in one read and is parsed in one pass. One that arrives in pieces
         // is looked for with an incremental search for its end first, so a client dribbling bytes does
         // not get its head parsed again from the start after every read.
+        self.deadline = None;
         let mut scanned: Option<usize> = None;
         let head = loop {
             // Blank lines between requests are tolerated (some clients send a CRLF after a body).
@@ -772,53 +1029,76 @@ impl<'s> Conn<'s> {
                 if whole {
                     if let Some(h) = http::parse_request_head(b, &mut self.dropped)? {
                         if h.len > MAX_HEAD {
-                            return Err(Refusal(431, "request head too large"));
+                            return Err(Refusal(431, "request head too large".into()));
                         }
                         break h;
                     }
                 }
                 if b.len() > MAX_HEAD {
-                    return Err(Refusal(431, "request head too large"));
+                    return Err(Refusal(431, "request head too large".into()));
                 }
                 scanned = Some(b.len());
             }
-            if self.fill().is_none() {
+            if !self.more(4096, usize::MAX)? {
                 return Ok(None);
             }
         };
+        let s = &self.st.settings;
         let head_len = head.len;
         let mut sent_continue = false;
         if head.chunked {
             self.decoded.clear();
-            let mut decoder = Chunked::default();
-            let mut pos = head_len;
+            let mut decoder = Chunked::with_limit(s.max_body);
             loop {
-                let n = decoder
-                    .feed(&self.buf.bytes()[pos..], Some(&mut self.decoded))
-                    .map_err(|_| Refusal(400, "bad chunked body"))?;
-                pos += n;
+                // Room for what the raw bytes can decode to, within the limit, before they are fed.
+                let raw = self.buf.len() - head_len;
+                let room = self.decoded.len() + raw.min(s.max_body as usize - self.decoded.len());
+                if room > self.decoded.capacity() {
+                    let capacity = room.max(2 * self.decoded.capacity()).min((s.max_body as usize).max(room));
+                    if !self.hold(self.buf.capacity(), capacity, None) {
+                        return Err(Refusal::busy());
+                    }
+                    self.decoded.reserve_exact(capacity - self.decoded.len());
+                }
+                let n = match decoder.feed(&self.buf.bytes()[head_len..], Some(&mut self.decoded)) {
+                    Ok(n) => n,
+                    Err(ChunkError::Bad) => return Err(Refusal(400, "bad chunked body".into())),
+                    Err(ChunkError::TooLarge) => return Err(Refusal::too_large(&self.st.settings)),
+                };
+                // The raw bytes go as they are decoded: the buffer keeps the head and what is unread.
+                self.buf.cut(head_len, n);
                 if decoder.done() {
                     break;
                 }
                 self.continue_100(&head, &mut sent_continue);
-                if self.fill().is_none() {
+                if !self.more(4096, usize::MAX)? {
                     return Ok(None);
                 }
             }
-            return Ok(Some(Request { head, body: Body::Decoded, total: pos }));
+            return Ok(Some(Request { head, body: Body::Decoded, total: head_len }));
         }
         let length = head.content_length.unwrap_or(0);
-        let total = u64::try_from(head_len).unwrap_or(u64::MAX).saturating_add(length);
-        while (self.buf.len() as u64) < total {
+        if length > s.max_body {
+            // Said before a byte of it is read (and, with Expect: 100-continue, before it is sent).
+            return Err(Refusal::too_large(s));
+        }
+        let total = head_len + length as usize;
+        if self.buf.len() < total && total > BUF {
+            // Past the connection's own buffer, the body takes memory from the shared budget: waited
+            // for (the body is not read meanwhile) until the request's deadline.
+            let until = *self.deadline.get_or_insert_with(|| Instant::now() + s.request_deadline);
+            if !self.hold(self.buf.capacity().max(total), self.decoded.capacity(), Some(until)) {
+                return Err(Refusal::busy());
+            }
+        }
+        while self.buf.len() < total {
             self.continue_100(&head, &mut sent_continue);
-            // Grown as the body arrives (not to a claimed length up front).
-            let missing = total - self.buf.len() as u64;
-            self.buf.room(missing.min(1 << 20) as usize);
-            if self.fill().is_none() {
+            // Grown as the body arrives (not to a claimed length up front), never past the body's end.
+            let missing = total - self.buf.len();
+            if !self.more(missing.min(1 << 20), total)? {
                 return Ok(None);
             }
         }
-        let total = total as usize;
         Ok(Some(Request { head, body: Body::InBuf(head_len..total), total }))
     }
 
@@ -834,39 +1114,45 @@ impl<'s> Conn<'s> {
             Some(q) => (&url[..q], Some(&url[q..])),
             None => (url, None),
         };
-        let to = Reply { keep_alive: h.keep_alive, http11: h.http11, head: method == b"HEAD" };
+        // After a method the gateway does not serve, the connection is closed.
+        let keep_alive = h.keep_alive && routes::served_method(method);
+        let to = Reply { keep_alive, http11: h.http11, head: method == b"HEAD" };
 
-        let Some(rest) = path.strip_prefix(b"/v2/models/") else {
-            let (status, ctype, body): (u16, &str, Cow<[u8]>) = match path {
-                b"/v2/health/ready" => {
-                    (if st.ready.load(Ordering::Relaxed) { 200 } else { 503 }, "application/json", Cow::Borrowed(b""))
-                }
-                b"/v2/health/live" => (200, "application/json", Cow::Borrowed(b"")),
-                b"/metrics" => (200, PROMETHEUS_TYPE, Cow::Owned(st.metrics.render(&st.nodes.counts()).into_bytes())),
-                b"/v2" => (200, "application/json", Cow::Borrowed(SERVER_METADATA)),
-                _ => (404, "application/json", Cow::Owned(http::error_body("not served by the gateway"))),
-            };
-            return io.reply(to, status, ctype, &body);
-        };
-        let (name, tail) = match rest.iter().position(|&c| c == b'/') {
-            Some(p) => (&rest[..p], &rest[p + 1..]),
-            None => (rest, &b""[..]),
+        let (name, tail, call) = match routes::route(path) {
+            Route::NotFound => return io.error(to, 404, "not served by the gateway"),
+            route if !route.allows(method) => {
+                let allow = route.allow();
+                let message = http::error_body(&format!("method not allowed: this route takes {allow}"));
+                let extra = format!("\r\nallow: {allow}");
+                return io.reply_with(to, 405, "application/json", extra.as_bytes(), &message);
+            }
+            Route::Local(local) => {
+                let (status, ctype, body): (u16, &str, Cow<[u8]>) = match local {
+                    Local::Ready => (
+                        if st.ready.load(Ordering::Relaxed) { 200 } else { 503 },
+                        "application/json",
+                        Cow::Borrowed(b""),
+                    ),
+                    Local::Live => (200, "application/json", Cow::Borrowed(b"")),
+                    Local::Metrics => {
+                        (200, PROMETHEUS_TYPE, Cow::Owned(st.metrics.render(&st.nodes.counts()).into_bytes()))
+                    }
+                    Local::ServerMetadata => (200, "application/json", Cow::Borrowed(SERVER_METADATA)),
+                };
+                return io.reply(to, status, ctype, &body);
+            }
+            Route::Model { name, tail, call } => (name, tail, call),
         };
         st.refresh(table);
         let Some(model) = table.1.models.get(name) else {
             let msg = format!("unknown model '{}'", String::from_utf8_lossy(name));
-            return io.reply(to, 404, "application/json", &http::error_body(&msg));
+            return io.error(to, 404, &msg);
         };
-        let kind = if tail == b"infer" || tail.ends_with(b"/infer") {
-            Kind::Infer
-        } else if tail.is_empty() {
-            Kind::Meta
-        } else {
-            Kind::Other
+        let kind = match call {
+            Call::Infer => Kind::Infer,
+            Call::Metadata if tail.is_empty() => Kind::Meta,
+            Call::Metadata | Call::Ready => Kind::Other,
         };
-        if kind == Kind::Infer && method != b"POST" {
-            return io.reply(to, 405, "application/json", &http::error_body("infer takes POST"));
-        }
         let arm = if kind == Kind::Infer { model.pick(h.key.clone().map(|k| &bytes[k])) } else { &model.stable };
         let body: &[u8] = match &req.body {
             Body::InBuf(r) => &bytes[r.clone()],
@@ -888,13 +1174,7 @@ impl<'s> Conn<'s> {
             fwd.extend_from_slice(q);
         }
         fwd.extend_from_slice(b" HTTP/1.1\r\n");
-        let block = h.headers_start..h.len - 2;
-        let mut at = block.start;
-        for r in dropped.iter() {
-            fwd.extend_from_slice(&bytes[at..r.start]);
-            at = r.end;
-        }
-        fwd.extend_from_slice(&bytes[at..block.end]);
+        copy_without(fwd, &bytes[..h.len - 2], h.headers_start, dropped);
         if h.chunked {
             let _ = write!(fwd, "content-length: {}\r\n", body.len());
         }
@@ -905,5 +1185,57 @@ impl<'s> Conn<'s> {
                 || (st.settings.sample_below > 0 && io.next_random() < st.settings.sample_below));
         let ask = Ask { arm, model: &model.name, kind, to, body, sampled };
         exchange(st, io, &ask)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_body_budget_is_shared_and_waited_for() {
+        let b = Budget::new(100);
+        assert!(b.take(60, None));
+        assert!(!b.take(60, None));
+        assert!(!b.take(60, Some(Instant::now() + Duration::from_millis(20))));
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(20));
+                b.give(60);
+            });
+            assert!(b.take(100, Some(Instant::now() + Duration::from_secs(10))));
+        });
+        assert!(!b.take(1, None));
+    }
+
+    #[test]
+    fn framings_hand_over_the_body_decoded() {
+        let mut out = Vec::new();
+        let mut f = Framing::Chunked(Chunked::default());
+        assert_eq!(f.take(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\nNEXT", Some(&mut out)), Ok((20, true)));
+        assert_eq!(out, b"abcde");
+        out.clear();
+        let mut f = Framing::Length(4);
+        assert_eq!(f.take(b"abc", Some(&mut out)), Ok((3, false)));
+        assert_eq!(f.take(b"dNEXT", Some(&mut out)), Ok((1, true)));
+        assert_eq!(out, b"abcd");
+        assert_eq!(Framing::Empty.take(b"x", Some(&mut out)), Ok((0, true)));
+        assert_eq!(Framing::UntilClose.take(b"xy", None), Ok((2, false)));
+    }
+
+    #[test]
+    fn a_buffer_grows_no_further_than_asked() {
+        let mut b = Buf::new();
+        b.room(200_000, 150_000);
+        assert_eq!(b.capacity(), 200_000);
+        let mut b = Buf::new();
+        b.room(70_000, 100_000);
+        assert_eq!(b.capacity(), 100_000); // doubling, up to the cap
+        b.end = 5;
+        b.data[..5].copy_from_slice(b"abcde");
+        b.cut(1, 3);
+        assert_eq!(b.bytes(), b"ae");
+        b.shrink();
+        assert_eq!(b.capacity(), BUF);
     }
 }
