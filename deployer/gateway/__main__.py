@@ -1,9 +1,13 @@
 """python -m deployer.gateway --port P [--host H] [--routes-from redis://...] [--sample-rate 0.01]
-[--read-timeout-s 30]
+[--read-timeout-s 30] [--max-body-bytes N] [--request-deadline-s 30] [--body-buffer-bytes N]
+[--max-connections 4096]
 
 The control plane: starts the data plane binary (which serves every request), follows the routing table
 in Redis and hands each new one to it, announces this gateway once the table is in use, and writes the
-data plane's traffic samples to a Redis stream. Exits when the data plane does, with its status."""
+data plane's traffic samples to a Redis stream. Exits when the data plane does, with its status.
+
+The limits that protect the gateway from its clients (body size, request deadline, bodies held in
+memory, connections) can also be set by environment variables, GATEWAY_*: see --help."""
 
 from __future__ import annotations
 
@@ -19,6 +23,30 @@ from deployer.gateway.routing import RoutesWatcher, RoutingTable
 from deployer.gateway.sampling import SAMPLES_STREAM, Sampler
 
 log = logging.getLogger("deployer.gateway")
+
+# The limits the data plane enforces on its clients: (flag, environment variable, default, type, help).
+LIMITS: list[tuple[str, str, float, type, str]] = [
+    ("--max-body-bytes", "GATEWAY_MAX_BODY_BYTES", 64 << 20, int,
+     "a request with a longer body gets a 413 before its body is read"),
+    ("--request-deadline-s", "GATEWAY_REQUEST_DEADLINE_S", 30, float,
+     "a request whose head and body have not all arrived this long after they started gets a 408"),
+    ("--body-buffer-bytes", "GATEWAY_BODY_BUFFER_BYTES", 512 << 20, int,
+     "request bodies held in memory at once, all connections together; a large body waits for room "
+     "(until its deadline, then a 503)"),
+    ("--max-connections", "GATEWAY_MAX_CONNECTIONS", 4096, int,
+     "client connections served at once; past it a connection gets a 503"),
+]
+
+
+def _limit_default(parser: argparse.ArgumentParser, env: str, default: float, kind: type) -> float:
+    """The environment's value for a limit (strictly parsed; main checks it is positive), else the default."""
+    raw = os.environ.get(env)
+    if raw is None:
+        return default
+    try:
+        return kind(raw)
+    except ValueError:
+        parser.error(f"${env} must be a {'number' if kind is float else 'whole number'}, not {raw!r}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,14 +64,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--read-timeout-s", type=float, default=30.0,
                         help="a request whose upstream response has not completed this long after the gateway "
                              "took it gets a 504 (default 30)")
+    for flag, env, default, kind, text in LIMITS:
+        parser.add_argument(flag, type=kind, default=_limit_default(parser, env, default, kind),
+                            help=f"{text} (default: ${env}, else {default})")
     args = parser.parse_args(argv)
     if not args.routes_from:
         parser.error("--routes-from (or REDIS_URL) is required")
     if not 0 <= args.sample_rate <= 1:
         parser.error("--sample-rate is a fraction 0..1")
-    for flag in ("read_timeout_s", "node_down_s", "routes_poll_s"):
+    for flag in ("read_timeout_s", "node_down_s", "routes_poll_s", "max_body_bytes", "request_deadline_s",
+                 "body_buffer_bytes", "max_connections"):
         if getattr(args, flag) <= 0:
             parser.error(f"--{flag.replace('_', '-')} must be positive")
+    if args.body_buffer_bytes < args.max_body_bytes:
+        parser.error("--body-buffer-bytes must be at least --max-body-bytes (the largest body must fit)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s gateway %(levelname)s %(message)s")
 
     sampler = None
@@ -54,7 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         dataplane = DataPlane(["--listen", f"{args.host}:{args.port}",
                                "--read-timeout-ms", str(round(args.read_timeout_s * 1000)),
                                "--node-down-ms", str(round(args.node_down_s * 1000)),
-                               "--sample-rate", repr(args.sample_rate)],
+                               "--sample-rate", repr(args.sample_rate),
+                               "--max-body-bytes", str(args.max_body_bytes),
+                               "--request-deadline-ms", str(max(1, round(args.request_deadline_s * 1000))),
+                               "--body-buffer-bytes", str(args.body_buffer_bytes),
+                               "--max-connections", str(args.max_connections)],
                               on_sample=sampler.offer if sampler is not None else None)
     except DataPlaneMissing as exc:
         log.error("%s", exc)

@@ -285,7 +285,10 @@ def _stuck_upstream_checks(routes, stuck: StuckUpstream, port: int, triton) -> N
         assert resp.status == 504
         assert "error" in json.loads(resp.read())
         # the connection to the stuck server was closed, not pooled: the next request opens another
-        wait_until(lambda n=n: stuck.closed_by_peer == n, 10, "the gateway closes the stuck connection", interval=0.02)
+        def closed(n: int = n) -> bool:
+            return stuck.closed_by_peer == n
+
+        wait_until(closed, 10, "the gateway closes the stuck connection", interval=0.02)
         assert stuck.accepted == n
     conn.close()
     # a response that started and then stalled: the client has the head, then the connection ends
@@ -404,3 +407,47 @@ def test_a_silent_client_is_disconnected():
                 assert sock.recv(1) == b""  # closed by the gateway (a timeout here fails the test)
     finally:
         assert dataplane.stop() == 0
+
+
+def _call(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request(method, path, body=body)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def test_tritons_control_and_statistics_endpoints_are_refused_by_the_gateway(redis_client, gateway, triton):
+    _route(redis_client, gateway, triton, None)
+    trace_on = json.dumps({"trace_level": ["TIMESTAMPS"], "trace_rate": "1"}).encode()
+    for method, path, body in [
+        ("GET", "/v2/models/echo/stats", None), ("GET", "/v2/models/echo/versions/1/stats", None),
+        ("GET", "/v2/models/stats", None), ("POST", "/v2/models/echo/trace/setting", trace_on),
+        ("POST", "/v2/trace/setting", trace_on), ("GET", "/v2/models/echo/config", None),
+        ("POST", "/v2/repository/index", b"{}"), ("POST", "/v2/repository/models/echo_v1/unload", b"{}"),
+        ("POST", "/v2/logging", b'{"log_verbose_level": 1}'), ("GET", "/v2/systemsharedmemory/status", None),
+        ("GET", "/v2/cudasharedmemory/status", None),
+    ]:
+        status, data = _call(gateway["port"], method, path, body)
+        assert status == 404 and "error" in json.loads(data), (path, data)
+    assert _call(gateway["port"], "GET", "/v2/models/echo/infer")[0] == 405
+    # None of it reached Triton: tracing is still off and the model still loaded there
+    triton_port = int(triton.url.rsplit(":", 1)[1])
+    status, data = _call(triton_port, "GET", "/v2/models/echo_v1/trace/setting")
+    assert status == 200 and json.loads(data)["trace_level"] == ["OFF"]
+    assert _call(triton_port, "GET", "/v2/models/echo_v1/ready")[0] == 200
+
+
+def test_the_control_plane_hands_its_limits_to_the_data_plane(tmp_path, monkeypatch):
+    monkeypatch.setenv("GATEWAY_MAX_BODY_BYTES", "1000")
+    with gateway_process(os.environ["REDIS_URL"], tmp_path / "gateway.log", "--sample-rate", "0",
+                         "--request-deadline-s", "0.5", "--body-buffer-bytes", "100000") as (port, proc):
+        (dataplane,) = _children(proc.pid)
+        argv = open(f"/proc/{dataplane}/cmdline").read().split("\0")
+        flags = {argv[i]: argv[i + 1] for i in range(len(argv) - 1) if argv[i].startswith("--")}
+        assert (flags["--max-body-bytes"], flags["--request-deadline-ms"], flags["--body-buffer-bytes"],
+                flags["--max-connections"]) == ("1000", "500", "100000", "4096")
+        status, data = _call(port, "POST", "/v2/models/echo/infer", b"x" * 1001)
+        assert status == 413 and b"limit of 1000 bytes" in data
