@@ -161,6 +161,7 @@ def make_plan(tmp_path: Path, listener: socket.socket, **extra: Any) -> dict[str
     redis_host, redis_port = redis_url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
     state = Path(settings.STATE_DIR)
     outside = tmp_path / "outside.txt"
+    marker = f"spy-marker-{os.getpid()}-{time.monotonic_ns()}"
     return {
         "secrets": [str(state / "secret_key"), str(state / "pg_password"), str(state / "admin_password"),
                     str(state / "pgdata" / "PG_VERSION"), str(Path(settings.BASE_DIR) / "config" / "settings.py"),
@@ -168,8 +169,8 @@ def make_plan(tmp_path: Path, listener: socket.socket, **extra: Any) -> dict[str
         "targets": [[db["HOST"] or "127.0.0.1", int(db["PORT"] or 5432)], [redis_host, int(redis_port)],
                     ["127.0.0.1", listener.getsockname()[1]], ["1.1.1.1", 443]],
         "sockets": ["/var/run/postgresql/.s.PGSQL.5432", "/run/postgresql/.s.PGSQL.5432"],
-        "outside": [str(outside), "/tmp/spy-was-here", str(Path(sys.prefix) / "spy-was-here"), "/spy-was-here"],
-        "marker": f"spy-marker-{os.getpid()}-{time.monotonic_ns()}",
+        "outside": [str(outside), f"/tmp/{marker}", str(Path(sys.prefix) / marker), f"/{marker}"],
+        "marker": marker,
         **extra,
     }
 
