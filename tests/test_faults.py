@@ -46,23 +46,74 @@ sys.exit(0 if row == ("before the kill",) and value == b"before the kill" else 1
 
 
 def test_embedded_postgres_and_redis_killed_are_restarted_by_the_stack_with_their_data():
-    import shutil
-    import uuid
-
-    state = REPO / ".state" / f"faults-test-{uuid.uuid4().hex[:8]}"  # 'nobody' (PostgreSQL) must reach it
-    env = {k: v for k, v in os.environ.items()  # embedded servers of its own, not the test run's
-           if k not in {"DATABASE_URL", "REDIS_URL", "MLFLOW_BACKEND_STORE_URI", "PLATFORM_STATE_DIR"}}
-    try:
-        out = subprocess.run([sys.executable, "-m", "config.stack", "--state", str(state), "exec", "--fresh", "--",
-                              sys.executable, "-c", KILL_AND_WAIT], cwd=REPO, env=env, capture_output=True,
-                             text=True, timeout=240)
-    finally:
-        shutil.rmtree(state, ignore_errors=True)
+    out = _own_stack(KILL_AND_WAIT)
     text = out.stdout + out.stderr
     assert out.returncode == 0, text
     assert "stack: postgres killed by SIGKILL; restarting it on port" in text
     assert "stack: redis killed by SIGKILL; restarting it on port" in text
     assert "back after" in text and "'before the kill' b'before the kill'" in text
+
+
+# Beside a stack of its own: the outbox dispatcher runs; PostgreSQL is killed under it; once the
+# database is back, follow-up work recorded afterwards still reaches the broker through the same dispatcher.
+DISPATCHER_ACROSS_A_DATABASE_RESTART = r"""
+import os, signal, subprocess, sys, time
+import django, redis
+os.environ["DJANGO_SETTINGS_MODULE"] = "config.settings"
+subprocess.run([sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"], check=True)
+dispatcher = subprocess.Popen([sys.executable, "manage.py", "outbox_dispatcher", "--interval", "0.2"])
+django.setup()
+from django.db import connection
+from registry.models import OutboxMessage
+broker = redis.Redis.from_url(os.environ["REDIS_URL"])
+time.sleep(2)
+os.kill(int(open(os.path.join(os.environ["PLATFORM_STATE_DIR"], "pgdata", "postmaster.pid")).readline()),
+        signal.SIGKILL)
+time.sleep(3)  # the dispatcher's passes fail meanwhile
+deadline = time.monotonic() + 60
+while True:
+    try:
+        connection.close()
+        OutboxMessage.objects.create(task="registry.tasks.registry_reconcile", args=[])
+        break
+    except Exception:
+        if time.monotonic() > deadline:
+            sys.exit("the database did not come back")
+        time.sleep(0.3)
+recorded = time.monotonic()
+while OutboxMessage.objects.exists() or not broker.llen("default"):
+    if dispatcher.poll() is not None or time.monotonic() - recorded > 20:
+        sys.exit(f"not sent: dispatcher exit code {dispatcher.poll()}, queue {broker.llen('default')}")
+    time.sleep(0.2)
+print(f"sent {time.monotonic() - recorded:.1f}s after it was recorded", flush=True)
+dispatcher.terminate()
+sys.exit(dispatcher.wait(20))
+"""
+
+
+def _own_stack(script: str) -> subprocess.CompletedProcess[str]:
+    """Run `script` beside embedded servers of its own (not the test run's), in a fresh state folder."""
+    import shutil
+    import uuid
+
+    state = REPO / ".state" / f"faults-test-{uuid.uuid4().hex[:8]}"  # 'nobody' (PostgreSQL) must reach it
+    env = {k: v for k, v in os.environ.items()
+           if k not in {"DATABASE_URL", "REDIS_URL", "MLFLOW_BACKEND_STORE_URI", "PLATFORM_STATE_DIR"}}
+    try:
+        return subprocess.run([sys.executable, "-m", "config.stack", "--state", str(state), "exec", "--fresh", "--",
+                               sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=240)
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def test_the_outbox_dispatcher_outlives_a_database_restart_and_sends_what_is_recorded_after_it():
+    out = _own_stack(DISPATCHER_ACROSS_A_DATABASE_RESTART)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text
+    assert "stack: postgres killed by SIGKILL; restarting it on port" in text
+    assert "outbox: database unavailable, will retry" in text
+    assert "after it was recorded" in text
 
 
 def _wait_for(predicate: Any, timeout: float, what: str) -> None:
