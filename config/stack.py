@@ -209,6 +209,7 @@ class Stack:
     state: Path
     servers: list[EmbeddedPostgres | EmbeddedRedis] = field(default_factory=list)
     _stopping: threading.Event = field(default_factory=threading.Event)
+    _healing: threading.Lock = field(default_factory=threading.Lock)  # stop() never races a restart
 
     def start(self) -> dict[str, str]:
         self.state.mkdir(parents=True, exist_ok=True)
@@ -237,38 +238,44 @@ class Stack:
 
     def stop(self) -> None:
         self._stopping.set()
-        for server in reversed(self.servers):
-            server.stop()
+        with self._healing:
+            for server in reversed(self.servers):
+                server.stop()
 
     def heal(self) -> None:
         """Restart any embedded server that died, on its own port over its own data, saying why it died
         in the stack's output and in the server's log. Whatever the server had started (PostgreSQL's
         backends outlive a killed postmaster for a moment, holding its shared memory) is killed first."""
-        for server in self.servers:
-            proc = server.proc
-            if proc is None or proc.poll() is None or self._stopping.is_set():
-                continue
-            code = proc.returncode
-            why = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-            message = f"{server.name} {why}; restarting it on port {server.port} with its data"
-            print(f"stack: {message}", flush=True)
-            with open(server.log_file, "a") as log:
-                log.write(f"\n--- stack: {message} ---\n")
+        with self._healing:
+            for server in self.servers:
+                if not self._stopping.is_set():
+                    self._restart_if_dead(server)
+
+    def _restart_if_dead(self, server: EmbeddedPostgres | EmbeddedRedis) -> None:
+        proc = server.proc
+        if proc is None or proc.poll() is None:
+            return
+        code = proc.returncode
+        why = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        message = f"{server.name} {why}; restarting it on port {server.port} with its data"
+        print(f"stack: {message}", flush=True)
+        with open(server.log_file, "a") as log:
+            log.write(f"\n--- stack: {message} ---\n")
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        started = time.monotonic()
+        while not self._stopping.is_set():
             try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            started = time.monotonic()
-            while not self._stopping.is_set():
-                try:
-                    server.launch()
-                    print(f"stack: {server.name} is back after {time.monotonic() - started:.1f}s", flush=True)
-                    break
-                except (RuntimeError, TimeoutError, OSError) as exc:
-                    if server.proc is not None and server.proc.poll() is None:
-                        server.proc.kill()
-                    print(f"stack: {server.name} did not start again ({exc}); retrying", flush=True)
-                    time.sleep(0.5)
+                server.launch()
+                print(f"stack: {server.name} is back after {time.monotonic() - started:.1f}s", flush=True)
+                break
+            except Exception as exc:  # noqa: BLE001 - whatever stopped it, try again until stop()
+                if server.proc is not None and server.proc.poll() is None:
+                    server.proc.kill()
+                print(f"stack: {server.name} did not start again ({exc}); retrying", flush=True)
+                time.sleep(0.5)
 
     def supervise(self) -> threading.Thread:
         """heal() twice a second in a background thread, until stop()."""
