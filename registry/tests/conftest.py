@@ -1,5 +1,6 @@
 """What the registry's tests share: a scikit-learn model saved as a pickle, an ONNX model, and model
-code written at test time, importable here and shipped inside models (code_paths)."""
+code written at test time, importable here and shipped inside models (code_paths), and a work claim
+held the way another worker holds it."""
 
 from __future__ import annotations
 
@@ -9,8 +10,23 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
+import psycopg
 import pytest
+from django.db import connection
+
+
+@contextmanager
+def held_by_another_worker(kind: str, key: int) -> Iterator[Any]:
+    """The claim, held on a connection of its own, as a worker in another process holds it."""
+    from registry import locks
+
+    params = connection.get_connection_params()
+    with psycopg.connect(**{k: v for k, v in params.items() if k in {"host", "port", "user", "password", "dbname"}},
+                         autocommit=True) as other:
+        other.execute("SELECT pg_advisory_lock(%s, %s)", (locks.KINDS[kind], key))
+        yield other
 
 
 @contextmanager

@@ -97,11 +97,10 @@ def test_the_reconciler_validates_again_a_version_whose_message_was_lost_unless_
         scientist, model_archive, unique_name, monkeypatch, settings):
     from datetime import timedelta
 
-    import psycopg
-    from django.db import connection
     from django.utils import timezone
 
-    from registry import locks, tasks
+    from registry import tasks
+    from registry.tests.conftest import held_by_another_worker
 
     upload(scientist, unique_name, model_archive)
     version = ModelVersion.objects.get(model__name=unique_name, version=1)
@@ -110,10 +109,7 @@ def test_the_reconciler_validates_again_a_version_whose_message_was_lost_unless_
     sent = []
     monkeypatch.setattr(tasks.version_validate, "delay", sent.append)
     # A worker on another connection is validating it: left alone however quiet it has been.
-    params = connection.get_connection_params()
-    with psycopg.connect(**{k: v for k, v in params.items() if k in {"host", "port", "user", "password", "dbname"}},
-                         autocommit=True) as other:
-        other.execute("SELECT pg_advisory_lock(%s, %s)", (locks.KINDS["version.validate"], version.pk))
+    with held_by_another_worker("version.validate", version.pk):
         assert tasks.validations_reconcile() == 0 and sent == []
     # That worker died (its connection ended): sent again, once per quiet period.
     assert tasks.validations_reconcile() == 1 and sent == [version.pk]
