@@ -53,16 +53,29 @@ class Command(BaseCommand):
         traffic.start()
         try:
             v2 = self._version(model, 2, (128,), "A wider network (128 hidden units) (demo)", {})
-            self._deploy(model, v2.version, DEMO_ROLLOUT)
+            v2_end = self._deploy(model, v2.version, DEMO_ROLLOUT)
             v3 = self._version(model, 3, (128,), "The same network, served with a 300 ms batching delay (demo: "
                                                  "deliberately slow, rolled back by the analysis)", SLOW_TAGS)
-            self._deploy(model, v3.version, DEMO_ROLLOUT)
-            self.stdout.write("Demo rollouts done: v2 promoted, v3 rolled back. Traffic goes on.", ending="\n")
+            v3_end = self._deploy(model, v3.version, DEMO_ROLLOUT)
+            self.stdout.write(self.summary(v2_end, v3_end), ending="\n")
             if not opts["no_traffic_after"]:
                 while traffic.is_alive():
                     traffic.join(5)
         finally:
             stopping.set()
+
+    @staticmethod
+    def summary(v2: Deployment, v3: Deployment) -> str:
+        """What the rollouts really reached (read back from their rows), and whether that was the intent."""
+        def line(d: Deployment, intended: str) -> str:
+            reached = f"v{d.version.version} {d.status}"
+            if d.status == intended:
+                return reached
+            return f"{reached} (NOT the intended {intended}: {d.reason or 'no reason recorded'})"
+
+        lines = [line(v2, RolloutStatus.PROMOTED), line(v3, RolloutStatus.ROLLED_BACK)]
+        verdict = "as intended" if all("NOT the intended" not in x for x in lines) else "NOT as intended"
+        return f"Demo rollouts done, {verdict}: {'; '.join(lines)}. Traffic goes on."
 
     def say(self, text: str) -> None:
         self.stdout.write(f"[demo] {text}")
@@ -95,12 +108,13 @@ class Command(BaseCommand):
             time.sleep(1)
         raise CommandError(f"demo v{number} was not validated and built within {timeout:.0f}s")
 
-    def _deploy(self, model: RegisteredModel, number: int, rollout: dict[str, Any]) -> None:
-        done = Deployment.objects.filter(model=model, version__version=number).exclude(
-            status__in=ACTIVE_ROLLOUT_STATES).first()
+    def _deploy(self, model: RegisteredModel, number: int, rollout: dict[str, Any]) -> Deployment:
+        """Roll the version out (or find the rollout an earlier run made) and return it once it ended."""
+        done = Deployment.objects.select_related("version").filter(model=model, version__version=number).exclude(
+            status__in=ACTIVE_ROLLOUT_STATES).order_by("-pk").first()
         if done is not None:
-            self.say(f"v{number} was already deployed ({done.status})")
-            return
+            self.say(f"v{number} was already deployed by an earlier run: {done.status} ({done.reason})")
+            return done
         d = Deployment.objects.filter(model=model, version__version=number, status__in=ACTIVE_ROLLOUT_STATES).first()
         if d is None:
             d = services.deployment_create(SYSTEM, model, number, **rollout)
@@ -112,8 +126,8 @@ class Command(BaseCommand):
             if line != last:
                 self.say(line)
                 last = line
-            if d.status in (RolloutStatus.PROMOTED, RolloutStatus.ROLLED_BACK):
-                return
+            if d.status not in ACTIVE_ROLLOUT_STATES:
+                return Deployment.objects.select_related("version").get(pk=d.pk)
             time.sleep(1)
 
     def _traffic(self, gateway: str, rate: float, stopping: threading.Event) -> None:

@@ -1,0 +1,24 @@
+"""The demo says what its rollouts really reached, read back from their rows, never what it hoped."""
+
+from __future__ import annotations
+
+from deployer.management.commands.demo_rollouts import Command
+from deployer.models import Deployment, RolloutStatus
+from registry.models import ModelVersion
+
+
+def _ended(number: int, status: str, reason: str) -> Deployment:
+    return Deployment(version=ModelVersion(version=number), status=status, reason=reason)
+
+
+def test_the_summary_says_as_intended_only_when_both_rollouts_ended_as_intended():
+    text = Command.summary(_ended(2, RolloutStatus.PROMOTED, "all steps passed"),
+                           _ended(3, RolloutStatus.ROLLED_BACK, "canary p99 latency 301 ms exceeds 100 ms"))
+    assert text == "Demo rollouts done, as intended: v2 promoted; v3 rolled_back. Traffic goes on."
+
+
+def test_a_good_version_rolled_back_is_reported_with_its_reason():
+    text = Command.summary(_ended(2, RolloutStatus.ROLLED_BACK, "canary p99 latency 232.7 ms exceeds 100 ms"),
+                           _ended(3, RolloutStatus.ROLLED_BACK, "canary p99 latency 301 ms exceeds 100 ms"))
+    assert text.startswith("Demo rollouts done, NOT as intended: v2 rolled_back (NOT the intended promoted: "
+                           "canary p99 latency 232.7 ms exceeds 100 ms); v3 rolled_back.")
