@@ -85,6 +85,14 @@ def sample_rows(version: ModelVersion) -> list[Any]:
     return example
 
 
+def warmup_row(version: ModelVersion) -> Any:
+    """One row of real input for Triton to warm the engine up with, or None (zeros are used)."""
+    try:
+        return sample_rows(version)[0]
+    except (ValueError, OSError, IndexError, TypeError):
+        return None
+
+
 def _claim(build_id: int, worker: str) -> bool:
     try:
         build_transition(build_id, BuildStatus.RUNNING, only_from={BuildStatus.QUEUED}, claimed_by=worker,
@@ -173,7 +181,8 @@ def _package_and_store(build: EngineBuild, key: str, out: Path, result: dict[str
     build_append_log(build.pk, ["packaging Triton model-repository entries"], step="package")
     name = packaging.triton_model_name(version.model.name, version.version, build.variant)
     settings_ = packaging.settings_from_metadata({**version.model.tags, **version.tags}, build.target)
-    packaging.write_entries(engine, out / "triton", name, result["io"], settings_, build.precision, build.runtime)
+    packaging.write_entries(engine, out / "triton", name, result["io"], settings_, build.precision, build.runtime,
+                            warmup_row(version))
     sha = hashlib.sha256(engine.read_bytes()).hexdigest()
     passed = bool(result["parity"]["passed"])
     report = {"model": version.model.name, "version": version.version, "variant": build.variant,
@@ -221,7 +230,7 @@ def _reuse(build: EngineBuild, key: str) -> str | None:
             mlflow_store.download_file(done.engine_uri, "engine.onnx", out)
             io = {**done.io, "triton_model_name": name, "triton_settings": settings_}
             packaging.write_entries(out / "engine.onnx", out / "triton", name, io, settings_, build.precision,
-                                    build.runtime)
+                                    build.runtime, warmup_row(version))
             (out / "COMPLETE").write_text(json.dumps({"engine_sha256": done.sha256}))
             mlflow_store.upload_artifacts(out, uri, "")
         build_append_log(build.pk, [f"Triton entries written for {name} in {uri}"])

@@ -16,7 +16,11 @@ TRITON_TYPES = {
     "FLOAT": "TYPE_FP32", "FLOAT16": "TYPE_FP16", "DOUBLE": "TYPE_FP64", "INT64": "TYPE_INT64",
     "INT32": "TYPE_INT32", "INT8": "TYPE_INT8", "UINT8": "TYPE_UINT8", "BOOL": "TYPE_BOOL", "STRING": "TYPE_STRING",
 }
+NUMPY_TYPES = {"FLOAT": "float32", "FLOAT16": "float16", "DOUBLE": "float64", "INT64": "int64", "INT32": "int32",
+               "INT8": "int8", "UINT8": "uint8", "BOOL": "bool"}
 DEFAULT_MAX_BATCH = 64
+# Times Triton runs the warm-up sample on load; the model is ready (and takes traffic) only after.
+WARMUP_RUNS = 3
 
 
 def triton_model_name(model: str, version: int, variant: str) -> str:
@@ -64,8 +68,36 @@ def settings_from_metadata(tags: dict[str, str], target: str) -> dict[str, Any]:
     }
 
 
+def warmup(io: dict[str, Any], example: Any) -> tuple[str, dict[str, bytes]]:
+    """Triton's `model_warmup` block and the files of its `warmup/` folder: the version's input example
+    (one row) for the first input where it fits, zeros for any other input. Triton runs it
+    WARMUP_RUNS times while loading, so the first client request never pays for cold caches."""
+    import numpy as np
+
+    files: dict[str, bytes] = {}
+    items = []
+    for i, t in enumerate(io["inputs"]):
+        dims, _ = _dims(t["shape"])
+        dtype = TRITON_TYPES.get(t["elem_type"])
+        if dtype is None:
+            raise ValueError(f"tensor {t['name']!r} has type {t['elem_type']}, which Triton configs do not map")
+        source = "zero_data: true"
+        row = np.asarray(example, dtype=NUMPY_TYPES.get(t["elem_type"], "float32")).ravel() \
+            if i == 0 and example is not None and t["elem_type"] in NUMPY_TYPES else None
+        if row is not None and (dims == [-1] or ([d for d in dims if d > 0] == dims and row.size == np.prod(dims))):
+            dims = [row.size] if dims == [-1] else dims
+            files[t["name"]] = row.tobytes()
+            source = f'input_data_file: "{t["name"]}"'
+        dims = [d if d > 0 else 1 for d in dims]
+        items.append(f'    {{ key: "{t["name"]}" value: {{ data_type: {dtype} dims: [ {", ".join(map(str, dims))} ] '
+                     f"{source} }} }}")
+    block = ['model_warmup [ {', '  name: "input_example"', "  batch_size: 1", f"  count: {WARMUP_RUNS}",
+             "  inputs [", ",\n".join(items), "  ]", "} ]"]
+    return "\n".join(block), files
+
+
 def config_pbtxt(name: str, io: dict[str, Any], settings: dict[str, Any], backend: str,
-                 precision: str = "fp32", runtime: str = "onnxruntime") -> str:
+                 precision: str = "fp32", runtime: str = "onnxruntime", warmup_block: str = "") -> str:
     head = 'platform: "onnxruntime_onnx"' if backend == "onnxruntime" else 'backend: "python"'
     lines = [
         f'name: "{name}"',
@@ -87,6 +119,8 @@ def config_pbtxt(name: str, io: dict[str, Any], settings: dict[str, Any], backen
             f'  parameters {{ key: "precision_mode" value: "{mode}" }}',
             "} ] } }",
         ]
+    if warmup_block:
+        lines.append(warmup_block)
     return "\n".join(lines) + "\n"
 
 
@@ -140,14 +174,20 @@ class TritonPythonModel:
 
 
 def write_entries(engine: Path, into: Path, name: str, io: dict[str, Any], settings: dict[str, Any],
-                  precision: str, runtime: str) -> dict[str, Path]:
-    """Write `into/onnxruntime/<name>/...` and `into/python/<name>/...`; return both entry folders."""
+                  precision: str, runtime: str, example: Any = None) -> dict[str, Path]:
+    """Write `into/onnxruntime/<name>/...` and `into/python/<name>/...`, each warmed up on load with
+    `example` (one input row; zeros without it); return both entry folders."""
     entries = {}
+    block, files = warmup(io, example)
     for backend in ("onnxruntime", "python"):
         folder = into / backend / name
         (folder / "1").mkdir(parents=True, exist_ok=True)
         shutil.copy2(engine, folder / "1" / "model.onnx")
-        (folder / "config.pbtxt").write_text(config_pbtxt(name, io, settings, backend, precision, runtime))
+        (folder / "config.pbtxt").write_text(config_pbtxt(name, io, settings, backend, precision, runtime, block))
+        if files:
+            (folder / "warmup").mkdir(exist_ok=True)
+            for file_name, data in files.items():
+                (folder / "warmup" / file_name).write_bytes(data)
         if backend == "python":
             (folder / "1" / "model.py").write_text(PYTHON_WRAPPER)
         entries[backend] = folder

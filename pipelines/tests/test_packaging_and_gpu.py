@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.packaging import config_pbtxt, settings_from_metadata, triton_model_name
+from pipelines.packaging import config_pbtxt, settings_from_metadata, triton_model_name, warmup, write_entries
 
 IO = {"inputs": [{"name": "input", "elem_type": "FLOAT", "shape": [-1, 64]}],
       "outputs": [{"name": "label", "elem_type": "INT64", "shape": [-1]},
@@ -31,6 +31,29 @@ def test_a_one_dimensional_output_is_reshaped_for_triton_batching():
     assert '{ name: "label" data_type: TYPE_INT64 dims: [ 1 ] reshape: { shape: [ ] } }' in text
     python = config_pbtxt("m", IO, settings_from_metadata({}, "cpu"), "python")
     assert 'backend: "python"' in python and "reshape" not in python
+
+
+def test_each_entry_warms_up_on_load_with_the_versions_input_example(tmp_path):
+    import numpy as np
+
+    row = list(range(64))
+    engine = tmp_path / "engine.onnx"
+    engine.write_bytes(b"onnx")
+    entries = write_entries(engine, tmp_path / "triton", "m_v1", IO, settings_from_metadata({}, "cpu"), "fp32",
+                            "onnxruntime", row)
+    for folder in entries.values():
+        config = (folder / "config.pbtxt").read_text()
+        assert "model_warmup [ {" in config and "batch_size: 1" in config and "count: 3" in config
+        assert '{ key: "input" value: { data_type: TYPE_FP32 dims: [ 64 ] input_data_file: "input" } }' in config
+        data = np.frombuffer((folder / "warmup" / "input").read_bytes(), dtype=np.float32)
+        assert data.tolist() == [float(v) for v in row]
+
+
+def test_without_a_fitting_example_the_warm_up_sends_zeros():
+    block, files = warmup(IO, [1.0, 2.0])  # 2 values for 64 inputs
+    assert files == {} and '{ key: "input" value: { data_type: TYPE_FP32 dims: [ 64 ] zero_data: true } }' in block
+    block, files = warmup(IO, None)
+    assert files == {} and "zero_data: true" in block
 
 
 def test_triton_model_names_are_safe_for_a_model_repository():
