@@ -181,6 +181,10 @@ PLATFORM: dict[str, Any] = {
     "ROLLOUT_WINDOW_S": env_float("PLATFORM_ROLLOUT_WINDOW_S", 10.0),
     "ROLLOUT_LOAD_TIMEOUT_S": env_int("PLATFORM_ROLLOUT_LOAD_TIMEOUT_S", 300),
     "ROLLOUT_DRAIN_S": env_float("PLATFORM_ROLLOUT_DRAIN_S", 3.0),
+    # After a weight change, seconds before the step's window counts (connections and caches settle);
+    # and how long a step with too little evidence to judge is extended before the rollout pauses.
+    "ROLLOUT_SETTLE_S": env_float("PLATFORM_ROLLOUT_SETTLE_S", 4.0),
+    "ROLLOUT_EXTEND_MAX_S": env_float("PLATFORM_ROLLOUT_EXTEND_MAX_S", 120.0),
 }
 
 REST_FRAMEWORK = {

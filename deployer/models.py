@@ -113,7 +113,7 @@ class AnalysisPoint(models.Model):
     deployment = models.ForeignKey(Deployment, on_delete=models.CASCADE, related_name="points")
     at = models.DateTimeField()
     weight = models.PositiveSmallIntegerField()
-    outcome = models.CharField(max_length=8)  # pass, fail, wait
+    outcome = models.CharField(max_length=16)  # pass, fail, inconclusive
     canary_requests = models.PositiveIntegerField(default=0)
     canary_error_rate = models.FloatField(default=0.0)
     canary_p99_ms = models.FloatField(null=True, blank=True)

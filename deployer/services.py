@@ -24,8 +24,8 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from deployer import analysis
 from deployer.fleet import Fleet, FleetError, FleetNotReady, Placement
+from deployer.gateway.routing import INSTANCES_KEY as GATEWAYS_KEY
 from deployer.gateway.routing import load_routes, publish_routes, table_to_dict
 from deployer.models import (
     ACTIVE_ROLLOUT_STATES,
@@ -36,6 +36,7 @@ from deployer.models import (
     Endpoint,
     RolloutStatus,
 )
+from monitoring import canary
 from pipelines.models import BuildStatus, EngineBuild, Precision, Runtime, Target
 from registry import locks, mlflow_store
 from registry.audit import SYSTEM, Actor, audit_record
@@ -221,14 +222,14 @@ def _promote(d: Deployment, actor: Actor, reason: str, only_from: set[str] | Non
             updated_at=timezone.now())
         audit_record(actor, "endpoint.stable", "endpoint", d.model.name, before={"stable_version": before},
                      after={"stable_version": d.version.version, "deployment": d.pk})
-    analysis.SnapshotStore(redis_client(), d.pk).clear()
+    canary.SnapshotStore(redis_client(), d.pk).clear()
     return done
 
 
 def _roll_back(d: Deployment, actor: Actor, reason: str, only_from: set[str] | None = None) -> Deployment:
     done = deployment_transition(d.pk, RolloutStatus.ROLLED_BACK, actor, only_from=only_from, weight=0,
                                  reason=reason, decided_by=actor.user_or_none)
-    analysis.SnapshotStore(redis_client(), d.pk).clear()
+    canary.SnapshotStore(redis_client(), d.pk).clear()
     return done
 
 
@@ -306,23 +307,37 @@ def rollout_advance(d: Deployment) -> None:
         return
     if d.status not in SERVING_ROLLOUT_STATES:
         return
-    verdict = analyse(d)
+    verdict = analyse(d, now.timestamp())
     f = verdict.figures
     Deployment.objects.filter(pk=d.pk).update(analysis={"outcome": verdict.outcome, "reason": verdict.reason,
                                                         **f, "at": now.isoformat()})
-    AnalysisPoint.objects.create(
-        deployment=d, at=now, weight=d.weight, outcome=verdict.outcome, canary_requests=f["canary_requests"],
-        canary_error_rate=f["canary_error_rate"], canary_p99_ms=f["canary_p99_ms"],
-        stable_requests=f.get("stable_requests", 0), stable_error_rate=f.get("stable_error_rate", 0.0),
-        stable_p99_ms=f.get("stable_p99_ms"))
+    if verdict.outcome != "wait":  # settling, or the step's first look: no window to chart yet
+        AnalysisPoint.objects.create(
+            deployment=d, at=now, weight=d.weight, outcome=verdict.outcome, canary_requests=f["canary_requests"],
+            canary_error_rate=f["canary_error_rate"], canary_p99_ms=f["canary_p99_ms"],
+            stable_requests=f.get("stable_requests", 0), stable_error_rate=f.get("stable_error_rate", 0.0),
+            stable_p99_ms=f.get("stable_p99_ms"))
     if verdict.outcome == "fail":
         _roll_back(d, SYSTEM, f"automatic rollback: {verdict.reason}", only_from=set(SERVING_ROLLOUT_STATES))
         return
-    if d.status != RolloutStatus.PROGRESSING or verdict.outcome != "pass" or d.step_started_at is None:
+    if d.status != RolloutStatus.PROGRESSING or d.step_started_at is None:
         return
     last = d.step_index >= len(d.steps) - 1
     hold = d.step_interval_s + (d.bake_s if last else 0)
-    if now - d.step_started_at < timedelta(seconds=hold):
+    held = (now - d.step_started_at).total_seconds()
+    if verdict.outcome == "inconclusive" and held >= hold:
+        # Too little evidence to pass the step, none to fail it: the step is extended, up to a limit.
+        extend = float(_setting("ROLLOUT_EXTEND_MAX_S"))
+        if held >= hold + extend:
+            deployment_transition(d.pk, RolloutStatus.PAUSED, only_from={RolloutStatus.PROGRESSING},
+                                  reason=f"paused: step {d.step_index + 1} had too little evidence to be judged after "
+                                         f"{held:.0f}s, extended {extend:g}s (PLATFORM_ROLLOUT_EXTEND_MAX_S): "
+                                         f"{verdict.reason}. Resume to keep collecting, or promote or abort.")
+        else:
+            Deployment.objects.filter(pk=d.pk).update(
+                reason=f"step {d.step_index + 1} extended (up to {extend:g}s more): {verdict.reason}")
+        return
+    if verdict.outcome != "pass" or held < hold:
         return
     if not last:
         deployment_transition(d.pk, RolloutStatus.PROGRESSING, only_from={RolloutStatus.PROGRESSING},
@@ -335,17 +350,39 @@ def rollout_advance(d: Deployment) -> None:
         _promote(d, SYSTEM, f"all steps passed: {verdict.reason}", only_from={RolloutStatus.PROGRESSING})
 
 
-def analyse(d: Deployment) -> analysis.Verdict:
+GATEWAY_STALE_S = 10.0
+
+
+def live_gateways(redis: Any, now: float | None = None) -> dict[str, dict[str, Any]]:
+    """The gateways that announced themselves in the last GATEWAY_STALE_S, by instance."""
+    now = time.time() if now is None else now
+    found = {}
+    for key, raw in redis.hgetall(GATEWAYS_KEY).items():
+        info = json.loads(raw)
+        if now - float(info.get("seen", 0)) <= GATEWAY_STALE_S:
+            found[key.decode() if isinstance(key, bytes) else key] = info
+    return found
+
+
+def analyse(d: Deployment, now: float) -> canary.Verdict:
+    """The step's verdict from the window since its settle point (ROLLOUT_SETTLE_S after the weight
+    changed), canary against stable over the same seconds."""
     redis = redis_client()
     window_s = float(_setting("ROLLOUT_WINDOW_S"))
-    gateways = [g["metrics"] for g in analysis.live_gateways(redis).values() if g.get("metrics")]
-    snap = analysis.scrape(d.model.name, {d.triton_model}, gateways, fleet().metrics_urls())
-    base = analysis.SnapshotStore(redis, d.pk).push_and_base(snap, window_s)
-    win = analysis.window(snap, base)
-    span = snap.t - base.t if base is not None else 0.0
+    settle_s = float(_setting("ROLLOUT_SETTLE_S"))
+    settled_at = (d.step_started_at.timestamp() if d.step_started_at else now) + settle_s
+    if now < settled_at:
+        return canary.waiting(f"settling for {settle_s:g}s after the weight change to {d.weight}% "
+                              "(PLATFORM_ROLLOUT_SETTLE_S)")
+    gateways = [g["metrics"] for g in live_gateways(redis).values() if g.get("metrics")]
+    snap = canary.scrape(d.model.name, {d.triton_model}, gateways, fleet().metrics_urls())
+    base = canary.SnapshotStore(redis, d.pk).push_and_base(snap, window_s, not_before=settled_at)
+    if base is None:
+        return canary.waiting("collecting: the step's window starts now")
     stable = d.previous_version.version if d.previous_version else None
-    return analysis.judge(win, str(d.version.version), d.triton_model, None if stable is None else str(stable),
-                          analysis.Thresholds(d.max_p99_ms, d.max_error_rate, d.min_requests), span)
+    return canary.judge(canary.window(snap, base), str(d.version.version), d.triton_model,
+                        None if stable is None else str(stable),
+                        canary.Thresholds(d.max_p99_ms, d.max_error_rate, d.min_requests), snap.t - base.t)
 
 
 def fleet_converge() -> dict[str, Any]:
@@ -420,7 +457,7 @@ def _retire(backend: Fleet, desired: dict[str, Placement], routes_version: int) 
     table in use is `routes_version`) and ROLLOUT_DRAIN_S has passed (requests already sent finish first)."""
     redis = redis_client()
     now = time.time()
-    gateways = analysis.live_gateways(redis)
+    gateways = live_gateways(redis)
     applied = min((int(g.get("routes_version", 0)) for g in gateways.values()), default=routes_version)
     retiring = {k.decode(): json.loads(v) for k, v in redis.hgetall(RETIRING_KEY).items()}
     removed = []

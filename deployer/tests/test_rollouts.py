@@ -5,6 +5,7 @@ killed mid-canary, and a reconciler pass that finishes what a killed worker left
 from __future__ import annotations
 
 import os
+import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,14 @@ def _first_deployment(model: str, archive: Path, serving_version: Any, redis_cli
     return v1
 
 
+def _promoted_or_fail(d: Deployment) -> bool:
+    """Whether it was promoted; a rollback fails the test at once, with the verdict's words."""
+    d.refresh_from_db()
+    if d.status == RolloutStatus.ROLLED_BACK:
+        pytest.fail(f"the good canary was rolled back: {d.reason}")
+    return bool(d.status == RolloutStatus.PROMOTED)
+
+
 def test_a_first_deployment_loads_on_every_node_routes_all_traffic_and_sets_the_champion_alias(
         served, serving_version, model_archive, unique_name):
     redis_client = served["redis"]
@@ -97,8 +106,7 @@ def test_a_canary_steps_through_its_weights_and_is_promoted_under_load_without_a
             if route is not None and route.canary is not None:
                 weights_seen.add(route.canary_weight)
 
-        wait_until(lambda: Deployment.objects.get(pk=d.pk).status == RolloutStatus.PROMOTED, 120, "promotion",
-                   every=watch, interval=0.3)
+        wait_until(lambda: _promoted_or_fail(d), 120, "promotion", every=watch, interval=0.3)
         # After the promotion the old version leaves the routes, then the fleet, once the gateway applied it.
         _wait_unloaded(unique_name, 1)
         served_before = load.by_version().get("2", 0)
@@ -134,7 +142,9 @@ def test_a_faulty_canary_is_rolled_back_automatically_and_clients_see_only_its_o
         answered_after = load.total()
         wait_until(lambda: load.total() >= answered_after + 30, 30, "more answers after the rollback")
     assert d.status == RolloutStatus.ROLLED_BACK
-    assert d.reason.startswith("automatic rollback: canary " + ("error rate" if fault == "error" else "p99 latency"))
+    expected = r"canary (error rate .* is above|errors .* against stable)" if fault == "error" else \
+        r"canary (p99 latency is above the 1000 ms limit|slower than stable)"
+    assert re.match("automatic rollback: " + expected, d.reason), d.reason
     assert load.failed_outside("2") == [], load.failed_outside("2")[:5]
     if fault == "error":
         assert load.failures and all(f[0] >= 500 for f in load.failures)

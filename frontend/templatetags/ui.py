@@ -303,7 +303,7 @@ def iso_ago(value: Any) -> str:
         return ""
 
 
-VERDICT_WORDS = {"pass": "Healthy", "fail": "Failing", "wait": "Not enough traffic yet"}
+VERDICT_WORDS = {"pass": "Healthy", "fail": "Failing", "inconclusive": "Not enough evidence yet", "wait": "Settling"}
 
 
 @register.filter

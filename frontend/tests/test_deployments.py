@@ -85,7 +85,7 @@ def test_the_deployments_page_filters_active_rollouts_and_stops_polling_when_non
 
 
 def test_the_deployment_page_shows_state_steps_thresholds_verdict_and_history(browser_as, unique_name):
-    d = rollout(unique_name, analysis={"outcome": "wait", "reason": "3 of 20 canary requests in the last 10s",
+    d = rollout(unique_name, analysis={"outcome": "inconclusive", "reason": "3 of 20 canary requests in the last 10s",
                                        "canary_requests": 3, "canary_error_rate": 0.0, "canary_p99_ms": 12.5,
                                        "stable_requests": 40, "stable_error_rate": 0.0, "stable_p99_ms": 9.0,
                                        "window_s": 10.0, "at": timezone.now().isoformat()})
@@ -97,7 +97,7 @@ def test_the_deployment_page_shows_state_steps_thresholds_verdict_and_history(br
     assert "Canary v2 takes 10% of traffic (step 1 of 2) while it is analysed." in html
     assert re.search(r'class="step step-current" data-weight="10"', html)
     assert re.search(r'class="step step-pending" data-weight="50"', html)
-    assert "Not enough traffic yet</strong>: 3 of 20 canary requests in the last 10s" in html
+    assert "Not enough evidence yet</strong>: 3 of 20 canary requests in the last 10s" in html
     assert "250 ms" in html and "2%" in html  # the thresholds
     assert "Started" in html and "ci-bot" in html  # the history
     assert 'id="deployment-live" hx-get' in html and 'data-points-url="/deployments/' in html

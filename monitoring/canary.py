@@ -1,9 +1,24 @@
-"""Canary analysis from Prometheus-format metrics: the gateways' per-version latency histograms and
-error counters, and the Triton servers' per-model failure counters, judged over a sliding window.
+"""Canary analysis, the judgement from live data that decides a rollout step: Prometheus-format
+metrics from the gateways (per-version latency histograms and error counters) and the Triton servers
+(per-model failure counters), judged over a sliding window.
 
 Every tick scrapes the sources, keeps the cumulative figures as a snapshot in Redis, and compares the
-newest with the oldest snapshot inside the window. Counters that went down (a gateway or Triton restarted)
-count from zero. The verdict is pass, fail (with the reason in words) or wait (too few requests yet).
+newest with the oldest snapshot inside the window (never older than the step's settle point, so a
+window holds one weight). Counters that went down (a gateway or Triton restarted) count from zero.
+
+The canary is judged against the stable version over the same window, since both share the machine and
+its noise (monitoring/stats.py has the tests):
+- latency: a one-sided Mann-Whitney U test on the two latency histograms (buckets as tied ranks): the
+  canary fails when it is slower with confidence 1 - ALPHA and by an effect that matters: P(a canary
+  request is slower than a stable one) >= SLOWER_EFFECT, and its median LATENCY_RATIO times stable's and
+  LATENCY_FLOOR_MS above it (a fresh Triton instance on a busy machine can be measurably, harmlessly slower);
+- errors: a one-sided Fisher exact test of the canary's error count against stable's, sound for small
+  counts, with the same confidence and a canary error rate above stable's by at least ERROR_MARGIN;
+- the deployment's absolute limits stay as hard ceilings, each judged by an exact binomial test: the
+  canary fails the p99 ceiling when more of its requests exceed max_p99_ms than a p99 at the ceiling
+  would give (1%), with confidence 1 - ALPHA; likewise the error-rate ceiling.
+A window that cannot pass (fewer than min_requests canary requests) and shows no failure with that
+confidence is `inconclusive`: the rollout extends the step rather than deciding on a few requests.
 """
 
 from __future__ import annotations
@@ -19,12 +34,17 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from deployer.gateway.routing import INSTANCES_KEY as GATEWAYS_KEY
+from monitoring import stats
 
-log = logging.getLogger("deployer.analysis")
+log = logging.getLogger("monitoring.canary")
 
 SNAPSHOT_KEY = "deployer:analysis:{deployment}"
-GATEWAY_STALE_S = 10.0
+ALPHA = 0.01  # a failure is called with 99% confidence
+SLOWER_EFFECT = 0.65  # ... and only if a canary request is slower than a stable one in 65% of pairs,
+LATENCY_RATIO = 1.5  # its median at least 1.5 times stable's
+LATENCY_FLOOR_MS = 1.0  # and at least a millisecond more (below that it is the machine, not the model)
+ERROR_MARGIN = 0.01  # ... or its error rate is above stable's by a percentage point
+CEILING_P = 0.01  # the share of requests a p99 allows above it
 
 
 @dataclass
@@ -117,16 +137,6 @@ def _fetch(url: str, timeout: float = 2.0) -> str | None:
         return None
 
 
-def live_gateways(redis_client: Any, now: float | None = None) -> dict[str, dict[str, Any]]:
-    now = time.time() if now is None else now
-    found = {}
-    for key, raw in redis_client.hgetall(GATEWAYS_KEY).items():
-        info = json.loads(raw)
-        if now - float(info.get("seen", 0)) <= GATEWAY_STALE_S:
-            found[key.decode() if isinstance(key, bytes) else key] = info
-    return found
-
-
 @dataclass
 class Snapshot:
     t: float
@@ -167,10 +177,10 @@ def window(new: Snapshot, old: Snapshot | None) -> dict[str, Figures]:
     return total
 
 
-FAIL_EVIDENCE = 3  # failed (or too slow) canary requests that suffice to fail a window below min_requests
+FAIL_EVIDENCE = 3  # canary requests, at the least, behind any failure
 
 
-def _slower_than(seconds: float, buckets: dict[float, float]) -> float:
+def slower_than(seconds: float, buckets: dict[float, float]) -> float:
     """Requests certainly slower than `seconds`: those above the largest bucket bound not above it."""
     bounds = sorted(buckets)
     if not bounds:
@@ -188,47 +198,73 @@ class Thresholds:
 
 @dataclass(frozen=True)
 class Verdict:
-    outcome: str  # "pass", "fail", "wait"
+    outcome: str  # "pass", "fail", "inconclusive", "wait" (settling after a weight change, or no window yet)
     reason: str
     figures: dict[str, Any]
+
+
+def waiting(reason: str) -> Verdict:
+    """No window to judge yet: the step is settling after a weight change, or has just begun."""
+    return Verdict("wait", reason, {"canary_requests": 0, "canary_error_rate": 0.0, "canary_p99_ms": None})
+
+
+def _ms(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds * 1000:.1f} ms"
 
 
 def judge(win: dict[str, Figures], canary_version: str, canary_triton: str, stable_version: str | None,
           limits: Thresholds, window_s: float) -> Verdict:
     gw = win.get(f"gateway:{canary_version}", Figures())
     tr = win.get(f"triton:{canary_triton}", Figures())
-    requests = max(gw.requests, tr.requests)
-    gw_rate = gw.errors / gw.requests if gw.requests else 0.0
-    tr_rate = tr.errors / tr.requests if tr.requests else 0.0
-    error_rate = max(gw_rate, tr_rate)  # the same failure is seen by both: the larger rate, not the sum
-    p99 = quantile(0.99, gw.buckets)
-    errors = max(gw.errors, tr.errors)
+    st = win.get(f"gateway:{stable_version}", Figures()) if stable_version is not None else Figures()
+    requests = int(max(gw.requests, tr.requests))
+    errors = int(max(gw.errors, tr.errors))  # the same failure is seen by both: the larger count, not the sum
+    error_rate = errors / requests if requests else 0.0
+    p99, sp99, p50, sp50 = (quantile(q, f.buckets) for f, q in ((gw, 0.99), (st, 0.99), (gw, 0.5), (st, 0.5)))
+    st_requests, st_errors = int(st.requests), int(st.errors)
+    st_rate = st_errors / st_requests if st_requests else 0.0
+    latency = stats.slower_binned(gw.buckets, st.buckets)
+    error_p = stats.fisher_greater(errors, requests, st_errors, st_requests)
+    slow = int(slower_than(limits.max_p99_ms / 1000, gw.buckets))
+    ceiling_p = stats.binomial_tail(slow, int(gw.requests), CEILING_P)
+    error_ceiling_p = stats.binomial_tail(errors, requests, limits.max_error_rate)
     figures: dict[str, Any] = {
-        "window_s": round(window_s, 1), "canary_requests": int(requests), "canary_errors": int(errors),
+        "window_s": round(window_s, 1), "canary_requests": requests, "canary_errors": errors,
         "canary_error_rate": round(error_rate, 4), "canary_p99_ms": None if p99 is None else round(p99 * 1000, 2),
+        "canary_p50_ms": None if p50 is None else round(p50 * 1000, 2),
         "max_p99_ms": limits.max_p99_ms, "max_error_rate": limits.max_error_rate,
+        "latency_p_value": round(latency.p_value, 6), "latency_p_slower": round(latency.p_slower, 3),
+        "error_p_value": round(error_p, 6), "confidence": 1 - ALPHA,
     }
     if stable_version is not None:
-        st = win.get(f"gateway:{stable_version}", Figures())
-        sp99 = quantile(0.99, st.buckets)
-        figures.update(stable_requests=int(st.requests),
-                       stable_error_rate=round(st.errors / st.requests, 4) if st.requests else 0.0,
-                       stable_p99_ms=None if sp99 is None else round(sp99 * 1000, 2))
-    # Passing needs min_requests; failing needs only clear evidence: a slow or failing canary answers few
-    # requests, so waiting for min_requests would keep it in traffic longest exactly when it is worst.
-    slow = _slower_than(limits.max_p99_ms / 1000, gw.buckets)
-    enough = requests >= limits.min_requests
-    if error_rate > limits.max_error_rate and (enough or errors >= FAIL_EVIDENCE):
-        return Verdict("fail", f"canary error rate {error_rate:.1%} over {int(requests)} requests exceeds "
-                               f"{limits.max_error_rate:.1%}", figures)
-    if p99 is not None and p99 * 1000 > limits.max_p99_ms and (enough or slow >= FAIL_EVIDENCE):
-        return Verdict("fail", f"canary p99 latency {p99 * 1000:.1f} ms exceeds {limits.max_p99_ms:g} ms "
-                               f"({int(slow)} of {int(gw.requests)} requests slower)", figures)
-    if not enough:
-        return Verdict("wait", f"{int(requests)} of {limits.min_requests} canary requests in the last "
-                               f"{window_s:.0f}s", figures)
-    return Verdict("pass", f"{int(requests)} canary requests, error rate {error_rate:.1%}, p99 "
-                           f"{'n/a' if p99 is None else f'{p99 * 1000:.1f} ms'}", figures)
+        figures.update(stable_requests=st_requests, stable_error_rate=round(st_rate, 4),
+                       stable_p99_ms=None if sp99 is None else round(sp99 * 1000, 2),
+                       stable_p50_ms=None if sp50 is None else round(sp50 * 1000, 2))
+    arms = (f"canary {requests} requests, p50 {_ms(p50)}, p99 {_ms(p99)}, errors {error_rate:.1%}; "
+            f"stable {st_requests} requests, p50 {_ms(sp50)}, p99 {_ms(sp99)}, errors {st_rate:.1%}")
+    # Failing needs confidence, not min_requests: a slow or failing canary answers few requests, so waiting
+    # for min_requests would keep it in traffic longest exactly when it is worst. But never on one or two.
+    if requests >= FAIL_EVIDENCE:
+        if errors >= FAIL_EVIDENCE and error_ceiling_p < ALPHA:
+            return Verdict("fail", f"canary error rate {error_rate:.1%} is above the {limits.max_error_rate:.1%} "
+                                   f"limit (binomial test, p={error_ceiling_p:.2g}); {arms}", figures)
+        if errors >= FAIL_EVIDENCE and error_p < ALPHA and error_rate - st_rate >= ERROR_MARGIN:
+            return Verdict("fail", f"canary errors {error_rate:.1%} against stable's {st_rate:.1%} in the same "
+                                   f"{window_s:.0f}s (Fisher exact test, p={error_p:.2g}); {arms}", figures)
+        if slow >= FAIL_EVIDENCE and ceiling_p < ALPHA:
+            return Verdict("fail", f"canary p99 latency is above the {limits.max_p99_ms:g} ms limit: {slow} of "
+                                   f"{int(gw.requests)} requests slower (binomial test against 1%, "
+                                   f"p={ceiling_p:.2g}); {arms}", figures)
+        if latency.p_value < ALPHA and latency.p_slower >= SLOWER_EFFECT and p50 is not None and sp50 is not None \
+                and p50 >= sp50 * LATENCY_RATIO and (p50 - sp50) * 1000 >= LATENCY_FLOOR_MS:
+            return Verdict("fail", f"canary slower than stable in the same {window_s:.0f}s: a canary request is "
+                                   f"slower than a stable one {latency.p_slower:.0%} of the time (Mann-Whitney U, "
+                                   f"p={latency.p_value:.2g}); {arms}", figures)
+    if requests < limits.min_requests:
+        return Verdict("inconclusive", f"{requests} of {limits.min_requests} canary requests in the last "
+                                       f"{window_s:.0f}s and no failure shown with {1 - ALPHA:.0%} confidence; "
+                                       f"{arms}", figures)
+    return Verdict("pass", f"no regression against stable with {1 - ALPHA:.0%} confidence; {arms}", figures)
 
 
 class SnapshotStore:
@@ -237,11 +273,12 @@ class SnapshotStore:
     def __init__(self, redis_client: Any, deployment_id: int) -> None:
         self.redis, self.key = redis_client, SNAPSHOT_KEY.format(deployment=deployment_id)
 
-    def push_and_base(self, snap: Snapshot, window_s: float) -> Snapshot | None:
-        """Store `snap`; return the oldest stored snapshot not older than the window (the base)."""
+    def push_and_base(self, snap: Snapshot, window_s: float, not_before: float = 0.0) -> Snapshot | None:
+        """Store `snap`; return the oldest stored snapshot not older than the window nor taken before
+        `not_before` (the step's settle point): the base."""
         raw = self.redis.get(self.key)
         kept = [Snapshot(s["t"], s["sources"]) for s in json.loads(raw)] if raw else []
-        kept = [s for s in kept if snap.t - s.t <= window_s]
+        kept = [s for s in kept if snap.t - s.t <= window_s and s.t >= not_before]
         base = kept[0] if kept else None
         kept.append(snap)
         self.redis.set(self.key, json.dumps([asdict(s) for s in kept]), ex=int(window_s * 4) + 60)

@@ -1,0 +1,65 @@
+"""The statistical tests behind automatic verdicts: each says how sure it is, so a decision is taken on
+evidence and not on noise. Pure functions of counts (scipy for the distributions)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from scipy import stats as _scipy
+
+
+@dataclass(frozen=True)
+class Comparison:
+    p_value: float  # one-sided: the chance of a difference at least this large if there were none
+    p_slower: float  # P(a draw from the first is larger than one from the second), ties counted half
+
+
+def _bins(cumulative: dict[float, float], bounds: list[float]) -> list[float]:
+    """Per-bucket counts, on `bounds`, from Prometheus' cumulative `le` buckets."""
+    counts, before = [], 0.0
+    for bound in bounds:
+        total = max((n for b, n in cumulative.items() if b <= bound), default=0.0)
+        counts.append(max(0.0, total - before))
+        before = max(before, total)
+    return counts
+
+
+def slower_binned(first: dict[float, float], second: dict[float, float]) -> Comparison:
+    """One-sided Mann-Whitney U test that `first` (latencies as cumulative histogram buckets) is slower
+    than `second`: every request in a bucket is a tie at that bucket's rank (tie-corrected variance,
+    continuity correction, normal approximation)."""
+    bounds = sorted(set(first) | set(second))
+    a, b = _bins(first, bounds), _bins(second, bounds)
+    n1, n2 = sum(a), sum(b)
+    if n1 == 0 or n2 == 0:
+        return Comparison(1.0, 0.5)
+    u, below = 0.0, 0.0
+    for ca, cb in zip(a, b, strict=True):
+        u += ca * (below + cb / 2)
+        below += cb
+    n = n1 + n2
+    ties = sum((ca + cb) ** 3 - (ca + cb) for ca, cb in zip(a, b, strict=True))
+    variance = n1 * n2 / 12 * ((n + 1) - ties / (n * (n - 1)))
+    p_slower = u / (n1 * n2)
+    if variance <= 0:
+        return Comparison(1.0, p_slower)
+    z = (u - n1 * n2 / 2 - 0.5) / math.sqrt(variance)
+    return Comparison(float(_scipy.norm.sf(z)), p_slower)
+
+
+def fisher_greater(errors: int, requests: int, base_errors: int, base_requests: int) -> float:
+    """One-sided Fisher exact test that the error proportion errors/requests is above the baseline's;
+    exact for small counts. 1.0 without a baseline or requests."""
+    if requests <= 0 or base_requests <= 0:
+        return 1.0
+    table = [[errors, requests - errors], [base_errors, base_requests - base_errors]]
+    return float(_scipy.fisher_exact(table, alternative="greater").pvalue)
+
+
+def binomial_tail(hits: int, trials: int, rate: float) -> float:
+    """P(at least `hits` in `trials` if each happens with probability `rate`): the exact one-sided test
+    that the true rate is above `rate`."""
+    if trials <= 0 or hits <= 0:
+        return 1.0
+    return float(_scipy.binom.sf(hits - 1, trials, min(max(rate, 0.0), 1.0)))
