@@ -183,6 +183,43 @@ def _phase(clients: list[_Client], make_request: Callable[[int], Request], durat
 
 # ---- servers ------------------------------------------------------------------------------------
 
+def setup_django() -> None:
+    """Django on the stack's database (`config.stack exec`), migrated, with MLflow's store ready."""
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    from registry import mlflow_store
+
+    call_command("migrate", "--noinput", verbosity=0)
+    mlflow_store.init_store()
+
+
+def start_serving(tmp: Path, repo: Path, nodes: int = 2) -> tuple[list[subprocess.Popen[bytes]], int]:
+    """The local fleet (`nodes` Triton servers) and the gateway, as `make run` starts them; returns the
+    processes (stop them with stop_server) and the gateway's port, once every node is ready."""
+    import sys
+
+    from deployer.fleet_local import read_nodes
+    from deployer.services import redis_client
+    from deployer.testing import wait_until
+
+    gateway_port = free_port()
+    py = sys.executable
+    procs = [start_server([py, "-m", "deployer.fleet_local", "--state", str(tmp / "fleet"), "--nodes", str(nodes)],
+                          tmp / "fleet.log", cwd=repo),
+             start_server([py, "-m", "deployer.gateway", "--port", str(gateway_port)], tmp / "gateway.log", cwd=repo)]
+    try:
+        wait_until(lambda: len([n for n in read_nodes(redis_client()) if n.ready]) == nodes, 120,
+                   f"{nodes} Triton nodes")
+    except BaseException:
+        for proc in procs:
+            stop_server(proc, timeout=40)
+        raise
+    return procs, gateway_port
+
 
 
 def start_server(command: list[str], log_file: Path, env: dict[str, str] | None = None,

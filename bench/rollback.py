@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,19 +33,6 @@ REPO = Path(__file__).resolve().parents[1]
 TARGET_S = 30.0
 FLAGGER_INTERVAL_S = 60.0
 FAULTS = {"error": "error", "latency": "sleep:1.0"}
-
-
-def _setup_django() -> None:
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
-    import django
-
-    django.setup()
-    from django.core.management import call_command
-
-    from registry import mlflow_store
-
-    call_command("migrate", "--noinput", verbosity=0)
-    mlflow_store.init_store()
 
 
 def _round(name: str, fault: str, archive: Path, work: Path, gateway_port: int) -> dict[str, Any]:
@@ -104,33 +90,24 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not os.environ.get("REDIS_URL") or not os.environ.get("DATABASE_URL"):
         sys.exit("run under `python -m config.stack exec --fresh -- python -m bench.rollback`")
-    _setup_django()
+    from bench._common import fmt, setup_django, start_server, start_serving, stop_server, table
+
+    setup_django()
     from django.conf import settings
 
-    from bench._common import fmt, free_port, start_server, stop_server, table
-    from deployer.testing import wait_until
     from registry.management.commands.seed_demo import train_demo_model
 
     rounds = 1 if args.quick else 3
-    procs: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory(prefix="bench-rollback-") as tmp_name:
         tmp = Path(tmp_name)
-        gateway_port = free_port()
+        procs, gateway_port = start_serving(tmp, REPO)
         py = sys.executable
-        procs.append(start_server([py, "-m", "deployer.fleet_local", "--state", str(tmp / "fleet"), "--nodes", "2"],
-                                  tmp / "fleet.log", cwd=REPO))
-        procs.append(start_server([py, "-m", "deployer.gateway", "--port", str(gateway_port)], tmp / "gateway.log",
-                                  cwd=REPO))
         procs.append(start_server([py, "-m", "celery", "-A", "config", "worker", "--concurrency", "1", "--queues",
                                    "deployer", "--hostname", "bench-deployer@%h", "--loglevel", "WARNING"],
                                   tmp / "worker.log", cwd=REPO))
         procs.append(start_server([py, "-m", "celery", "-A", "config", "beat", "--schedule", str(tmp / "beat"),
                                    "--loglevel", "WARNING"], tmp / "beat.log", cwd=REPO))
         try:
-            from deployer.fleet_local import read_nodes
-            from deployer.services import redis_client
-
-            wait_until(lambda: len([n for n in read_nodes(redis_client()) if n.ready]) == 2, 120, "two Triton nodes")
             archive = train_demo_model(tmp / "model")
             stamp = int(time.time())
             results = [_round(f"rb-{kind}-{i}-{stamp}", fault, archive, tmp, gateway_port)

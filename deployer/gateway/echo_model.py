@@ -1,6 +1,7 @@
 """A trivial python-backend Triton model (y = x * factor, FP32 vectors) for the gateway's and the deployer's
 tests and benchmarks. With a `fault_file`, a fault is injected while that file exists: "error" makes every
-request fail, "sleep:0.2" delays each by that many seconds (how tests start a canary fault at a chosen time)."""
+request fail, "error:0.05" a random 5% of them, "sleep:0.2" delays each by that many seconds (how tests
+start a canary fault at a chosen time)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 MODEL_PY = '''import json
 import os
+import random
 import time
 
 import numpy as np
@@ -28,6 +30,8 @@ class TritonPythonModel:
         if fault.startswith("sleep:"):
             time.sleep(float(fault[6:]))
             return None
+        if fault.startswith("error:"):
+            return fault if random.random() < float(fault[6:]) else None
         return fault or "error"
 
     def execute(self, requests):
