@@ -1,14 +1,17 @@
-"""Support for the deployer's tests and benchmarks (bench/rollback): a gateway process, waiting for a
-condition, versions whose engines are the fault-injectable echo model, and a constant client load through
-the gateway that records every answer."""
+"""Support for the deployer's tests and benchmarks (bench/rollback): a gateway process (or a data plane on
+its own) and stopping what a killed one leaves, waiting for a condition, versions whose engines are the
+fault-injectable echo model, and a constant client load through the gateway that records every answer."""
 
 from __future__ import annotations
 
 import contextlib
 import http.client
 import json
+import os
+import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from config.stack import free_port, wait_for_port
+from deployer.gateway.dataplane import BINARY_NAME, DataPlane
 from deployer.gateway.echo_model import write_echo_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,18 +44,75 @@ def wait_until(check: Callable[[], Any], timeout: float, what: str, proc: subpro
 
 
 @contextlib.contextmanager
-def gateway_process(redis_url: str, log_path: Path, *args: str) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
-    """A gateway process following the routing table in `redis_url`: (its port, the process)."""
-    port = free_port()
+def gateway_process(redis_url: str, log_path: Path, *args: str,
+                    port: int | None = None) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    """A gateway process following the routing table in `redis_url`: (its port, the process). With `port`, on
+    that port (a data plane serving it is adopted). A data plane it started that is left running at the end
+    (its control plane was killed, by the test or by the timeout here) is stopped then."""
+    port = port or free_port()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "deployer.gateway", "--port", str(port), "--routes-from",
                                  redis_url, *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
+        started: list[int] = []
         try:
             wait_for_port(port, 30, proc)
+            started = children(proc.pid)
             yield port, proc
         finally:
             stop_process(proc, 10)
+            for pid in started:
+                stop_dataplane(pid, 10)
+
+
+@contextlib.contextmanager
+def dataplane_process(*args: str, on_sample: Callable[[dict[str, bytes]], bool] | None = None,
+                      ) -> Iterator[tuple[DataPlane, int]]:
+    """A data plane on a free loopback port with `args`, this process its control plane: (it, its port)."""
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="gw-") as tmp:
+        dataplane = DataPlane.attach(Path(tmp) / "control.sock", ["--listen", f"127.0.0.1:{port}", *args],
+                                     on_sample=on_sample)
+        try:
+            yield dataplane, port
+        finally:
+            assert dataplane.stop() == 0
+
+
+def children(pid: int) -> list[int]:
+    """The processes `pid` started that are still its children."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return []
+    found = []
+    for task in tasks:
+        with contextlib.suppress(FileNotFoundError):
+            found += [int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+    return found
+
+
+def process_gone(pid: int) -> bool:
+    """Whether `pid` has exited (a zombie not yet reaped by whoever it was handed to counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def stop_dataplane(pid: int, timeout_s: float) -> None:
+    """SIGTERM to a gateway data plane (not our child), then SIGKILL if it has not exited within `timeout_s`."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            if process_gone(pid) or os.path.basename(os.readlink(f"/proc/{pid}/exe")) != BINARY_NAME:
+                return  # gone, perhaps reaped and its pid taken by another process
+            os.kill(pid, sig)
+        except (FileNotFoundError, ProcessLookupError):
+            return
+        deadline = time.monotonic() + timeout_s
+        while not process_gone(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
@@ -114,6 +175,9 @@ class Load:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
         self.stopping.set()
         for t in self.workers:
             t.join(30)

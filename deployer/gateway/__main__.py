@@ -1,10 +1,13 @@
-"""python -m deployer.gateway --port P [--host H] [--routes-from redis://...] [--sample-rate 0.01]
-[--read-timeout-s 30] [--max-body-bytes N] [--request-deadline-s 30] [--body-buffer-bytes N]
-[--max-connections 4096]
+"""python -m deployer.gateway --port P [--host H] [--routes-from redis://...] [--control-socket PATH]
+[--sample-rate 0.01] [--read-timeout-s 30] [--max-body-bytes N] [--request-deadline-s 30]
+[--body-buffer-bytes N] [--max-connections 4096]
 
-The control plane: starts the data plane binary (which serves every request), follows the routing table
-in Redis and hands each new one to it, announces this gateway once the table is in use, and writes the
-data plane's traffic samples to a Redis stream. Exits when the data plane does, with its status.
+The control plane: adopts the data plane (which serves every request) listening on the control socket,
+or starts one if none does; follows the routing table in Redis and hands each new one to it, announces
+this gateway once the table is in use, and writes the data plane's traffic samples to a Redis stream.
+SIGTERM or SIGINT stop it and its data plane; if it dies otherwise (SIGKILL), the data plane goes on
+serving the last table until the next control plane takes it over. Exits 1 if the data plane's
+connection ends (the data plane died), 3 if another control plane holds the data plane.
 
 The limits that protect the gateway from its clients (body size, request deadline, bodies held in
 memory, connections) can also be set by environment variables, GATEWAY_*: see --help."""
@@ -17,8 +20,15 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
-from deployer.gateway.dataplane import DataPlane, DataPlaneMissing
+from deployer.gateway.dataplane import (
+    DataPlane,
+    DataPlaneBusy,
+    DataPlaneFailed,
+    DataPlaneMissing,
+    control_socket_path,
+)
 from deployer.gateway.routing import RoutesWatcher, RoutingTable
 from deployer.gateway.sampling import SAMPLES_STREAM, Sampler
 
@@ -56,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--routes-from", default=os.environ.get("REDIS_URL", ""),
                         help="Redis URL holding the routing table (default: $REDIS_URL)")
     parser.add_argument("--routes-poll-s", type=float, default=1.0)
+    parser.add_argument("--control-socket", type=Path,
+                        help="the data plane's control socket: a data plane listening there is adopted, else one is "
+                             "started (default: $PLATFORM_STATE_DIR/gateway-<host>-<port>.sock)")
     parser.add_argument("--sample-rate", type=float, default=0.01, help="fraction of inference requests sampled")
     parser.add_argument("--sample-stream", default=SAMPLES_STREAM)
     parser.add_argument("--sample-maxlen", type=int, default=100_000)
@@ -80,23 +93,37 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--body-buffer-bytes must be at least --max-body-bytes (the largest body must fit)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s gateway %(levelname)s %(message)s")
 
+    # Handled from the start: a stop that came while the data plane was being started still stops it.
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
     sampler = None
     if args.sample_rate > 0:
         sampler = Sampler(args.routes_from, args.sample_stream, args.sample_maxlen)
         sampler.start()
+    socket_path = args.control_socket or control_socket_path(args.host, args.port)
     try:
-        dataplane = DataPlane(["--listen", f"{args.host}:{args.port}",
-                               "--read-timeout-ms", str(round(args.read_timeout_s * 1000)),
-                               "--node-down-ms", str(round(args.node_down_s * 1000)),
-                               "--sample-rate", repr(args.sample_rate),
-                               "--max-body-bytes", str(args.max_body_bytes),
-                               "--request-deadline-ms", str(max(1, round(args.request_deadline_s * 1000))),
-                               "--body-buffer-bytes", str(args.body_buffer_bytes),
-                               "--max-connections", str(args.max_connections)],
-                              on_sample=sampler.offer if sampler is not None else None)
+        dataplane = DataPlane.attach(socket_path, [
+            "--listen", f"{args.host}:{args.port}",
+            "--read-timeout-ms", str(round(args.read_timeout_s * 1000)),
+            "--node-down-ms", str(round(args.node_down_s * 1000)),
+            "--sample-rate", repr(args.sample_rate),
+            "--max-body-bytes", str(args.max_body_bytes),
+            "--request-deadline-ms", str(max(1, round(args.request_deadline_s * 1000))),
+            "--body-buffer-bytes", str(args.body_buffer_bytes),
+            "--max-connections", str(args.max_connections)], on_sample=sampler.offer if sampler is not None else None)
     except DataPlaneMissing as exc:
         log.error("%s", exc)
         return 2
+    except DataPlaneBusy as exc:
+        log.error("the data plane on %s has a control plane already (%s); leaving it alone", socket_path, exc)
+        return 3
+    except DataPlaneFailed as exc:
+        log.error("%s", exc)
+        return 1
+    # An adopted data plane keeps the flags it was started with; a clean stop and start applies new ones.
+    log.info("%s the data plane (pid %d) serving %s:%d, control socket %s",
+             "started" if dataplane.proc is not None else "adopted", dataplane.pid, args.host, args.port, socket_path)
 
     def apply(version: int, table: RoutingTable) -> bool:
         if dataplane.apply(version, table):
@@ -110,19 +137,16 @@ def main(argv: list[str] | None = None) -> int:
                             announce_as=f"{args.host}:{args.port}", metrics_url=f"http://{args.host}:{args.port}/metrics")
     watcher.start()
 
-    stopping = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stopping.set())
-    while not stopping.is_set() and dataplane.proc.poll() is None:
+    while not stopping.is_set() and not dataplane.closed.is_set():
         stopping.wait(0.5)
     watcher.stopping.set()
     watcher.join(2)  # it withdraws this gateway's announcement
-    code = dataplane.stop()
+    code = dataplane.stop() if stopping.is_set() else dataplane.exit_status()
     if sampler is not None:
         sampler.stop()
         sampler.join(2)
     if not stopping.is_set():
-        log.error("the data plane exited with status %s", code)
+        log.error("the data plane's control connection ended (it exited with status %s)", code)
         return code or 1
     return 0
 

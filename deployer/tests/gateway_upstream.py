@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 import httptools
 
-from config.stack import free_port, wait_for_port
 from deployer.gateway.dataplane import DataPlane
 from deployer.gateway.routing import parse_table
+from deployer.testing import dataplane_process
 
 MODEL = "m"  # the logical model the data plane routes
 TRITON_MODEL = "m_triton"  # the upstream model name it rewrites it to
@@ -156,16 +156,11 @@ class RecordingUpstream:
 def dataplane_before(upstream: RecordingUpstream, *flags: str,
                      on_sample: Callable[[dict[str, bytes]], bool] | None = None) -> Iterator[tuple[DataPlane, int]]:
     """A data plane routing the logical model `m` to `upstream` (as Triton model `m_triton`): (it, its port)."""
-    port = free_port()
-    dataplane = DataPlane(["--listen", f"127.0.0.1:{port}", *flags], on_sample=on_sample)
-    try:
-        wait_for_port(port, 10, dataplane.proc)
+    with dataplane_process(*flags, on_sample=on_sample) as (dataplane, port):
         table = parse_table({MODEL: {"stable": {"version": "1", "triton_model": TRITON_MODEL,
                                                 "nodes": [upstream.addr]}}})
         assert dataplane.apply(1, table)
         yield dataplane, port
-    finally:
-        assert dataplane.stop() == 0
 
 
 @dataclass

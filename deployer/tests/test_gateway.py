@@ -9,6 +9,7 @@ import json
 import os
 import re
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -16,6 +17,7 @@ import time
 import urllib.request
 import uuid
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,7 +25,7 @@ import pytest
 from config.stack import free_port
 from deployer.gateway.echo_model import write_echo_model
 from deployer.gateway.routing import INSTANCES_KEY, ROUTES_KEY, ROUTES_VERSION_KEY, publish_routes
-from deployer.testing import gateway_process, wait_until
+from deployer.testing import Load, children, dataplane_process, gateway_process, process_gone, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -61,6 +63,20 @@ def gateway(redis_client, triton, tmp_path_factory):
             yield {"port": port, "proc": proc, "stream": stream, "url": f"127.0.0.1:{port}"}
     finally:
         redis_client.delete(stream)
+
+
+@pytest.fixture
+def own_routes():
+    """A Redis database of the test's own for its gateways' routing tables: (its URL, a client). The module's
+    gateway follows database 0."""
+    import redis
+
+    url = os.environ["REDIS_URL"].rsplit("/", 1)[0] + "/1"
+    client = redis.Redis.from_url(url)
+    client.delete(ROUTES_KEY, ROUTES_VERSION_KEY, INSTANCES_KEY)
+    yield url, client
+    client.delete(ROUTES_KEY, ROUTES_VERSION_KEY, INSTANCES_KEY)
+    client.close()
 
 
 def _metrics(port: int) -> str:
@@ -251,13 +267,10 @@ class StuckUpstream:
         self.thread.join(10)
 
 
-def test_a_stuck_upstream_gets_a_504_and_its_connection_is_dropped(redis_client, triton, tmp_path):
+def test_a_stuck_upstream_gets_a_504_and_its_connection_is_dropped(own_routes, triton, tmp_path):
     """A gateway of its own (--read-timeout-s 0.5), following a routing table in another Redis database,
     so the module's gateway is left alone."""
-    import redis
-
-    url = os.environ["REDIS_URL"].rsplit("/", 1)[0] + "/1"
-    routes = redis.Redis.from_url(url)
+    url, routes = own_routes
     stuck = StuckUpstream()
     try:
         with gateway_process(url, tmp_path / "gateway.log", "--sample-rate", "0", "--read-timeout-s", "0.5",
@@ -265,8 +278,6 @@ def test_a_stuck_upstream_gets_a_504_and_its_connection_is_dropped(redis_client,
             _stuck_upstream_checks(routes, stuck, port, triton)
     finally:
         stuck.close()
-        routes.delete(ROUTES_KEY, ROUTES_VERSION_KEY, INSTANCES_KEY)
-        routes.close()
 
 
 def _stuck_upstream_checks(routes, stuck: StuckUpstream, port: int, triton) -> None:
@@ -312,28 +323,115 @@ def _stuck_upstream_checks(routes, stuck: StuckUpstream, port: int, triton) -> N
         client.close()
 
 
-def _children(pid: int) -> list[int]:
-    return [int(c) for task in os.listdir(f"/proc/{pid}/task")
-            for c in open(f"/proc/{pid}/task/{task}/children").read().split()]
+def _control_socket(port: int) -> Path:
+    """The documented default, restated as the tests' oracle: in the state folder, named by host and port."""
+    return Path(os.environ["PLATFORM_STATE_DIR"]) / f"gateway-127.0.0.1-{port}.sock"
 
 
-def _gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] == "Z"  # exited, not yet reaped by its new parent
-    except FileNotFoundError:
-        return True
+def _echo_table(triton, version: str) -> dict:
+    return {"echo": {"stable": {"version": version, "triton_model": f"echo_v{version}", "nodes": [triton.url]}}}
 
 
-def test_the_data_plane_goes_when_its_control_plane_is_killed(tmp_path):
-    with gateway_process(os.environ["REDIS_URL"], tmp_path / "gateway.log", "--sample-rate", "0") as (port, proc):
-        (dataplane,) = _children(proc.pid)
+def test_a_killed_control_plane_leaves_its_data_plane_serving_until_a_new_one_adopts_it(triton, own_routes,
+                                                                                          tmp_path):
+    url, routes = own_routes
+    flags = ("--sample-rate", "0", "--routes-poll-s", "0.2")
+    with gateway_process(url, tmp_path / "first.log", *flags) as (port, first):
+        _wait_applied(port, publish_routes(routes, _echo_table(triton, "1")))
+        (dataplane,) = children(first.pid)
+        with Load(port, "echo", threads=2) as load:
+            wait_until(lambda: load.total() >= 20, 30, "answers through the gateway")
+            first.kill()
+            first.wait(10)
+            answered = load.total()
+            wait_until(lambda: load.total() >= answered + 200, 60, "answers with no control plane")
+            assert not process_gone(dataplane) and _control_socket(port).exists()
+            second_log = tmp_path / "second.log"
+            with gateway_process(url, second_log, *flags, port=port) as (_, second):
+                wait_until(lambda: b"adopted the data plane" in second_log.read_bytes(), 30, "the adoption", second)
+                assert f"adopted the data plane (pid {dataplane})".encode() in second_log.read_bytes()
+                assert children(second.pid) == []
+                # A routing change published now reaches the data plane through its new control plane
+                _wait_applied(port, publish_routes(routes, _echo_table(triton, "2")))
+                wait_until(lambda: load.by_version().get("2", 0) >= 20, 30, "answers from version 2")
+                load.stop()
+                assert load.failures == []
+                assert set(load.outcomes) == {(200, "1", 1.0), (200, "2", 2.0)}
+                # and stopping that control plane stops the data plane it adopted
+                second.terminate()
+                assert second.wait(10) == 0
+                wait_until(lambda: process_gone(dataplane), 10, "the adopted data plane exits", interval=0.02)
+                assert not _control_socket(port).exists()
+
+
+def test_a_stopped_control_plane_stops_its_data_plane_which_has_a_session_and_a_private_socket_of_its_own(
+        own_routes, tmp_path):
+    with gateway_process(own_routes[0], tmp_path / "gateway.log", "--sample-rate", "0") as (port, proc):
+        (dataplane,) = children(proc.pid)
         assert os.path.basename(os.readlink(f"/proc/{dataplane}/exe")) == "mlops-gateway-dataplane"
-        proc.kill()
-        proc.wait(5)
-        wait_until(lambda: _gone(dataplane), 10, "the data plane exits", interval=0.02)
+        mode = os.stat(_control_socket(port)).st_mode
+        assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
+        assert os.getsid(dataplane) == dataplane != os.getsid(proc.pid)  # a killed process group spares it
+        proc.terminate()
+        assert proc.wait(10) == 0
+        wait_until(lambda: process_gone(dataplane), 10, "the data plane exits", interval=0.02)
+        assert not _control_socket(port).exists()
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def _first_frame(path: Path) -> tuple[bytes, bytes]:
+    """What the data plane at `path` sends a new control connection first: (kind, payload)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        data = b""
+        while len(data) < 5 or len(data) < 5 + int.from_bytes(data[1:5], "little"):
+            chunk = sock.recv(4096)
+            assert chunk, data
+            data += chunk
+    return data[:1], data[5:]
+
+
+def test_a_stale_control_socket_is_replaced(own_routes, tmp_path):
+    port = free_port()
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(_control_socket(port)))
+    stale.close()  # its file stays, with nobody listening: as a killed data plane leaves it
+    with pytest.raises(ConnectionRefusedError):
+        _first_frame(_control_socket(port))
+    log = tmp_path / "gateway.log"
+    with gateway_process(own_routes[0], log, "--sample-rate", "0", port=port) as (_, proc):
+        (dataplane,) = children(proc.pid)
+        wait_until(lambda: f"started the data plane (pid {dataplane})".encode() in log.read_bytes(), 30,
+                   "the data plane to be connected", proc)
+        # A live data plane listens there now (and refuses a second control connection)
+        kind, why = _first_frame(_control_socket(port))
+        assert kind == b"R" and b"another control plane is connected" in why
+        assert stat.S_IMODE(os.stat(_control_socket(port)).st_mode) == 0o600
+        assert proc.poll() is None
+
+
+def test_a_second_control_plane_is_refused_while_the_first_is_connected(triton, own_routes, tmp_path):
+    import tritonclient.http as triton_http
+
+    url, routes = own_routes
+    flags = ("--sample-rate", "0", "--routes-poll-s", "0.2")
+    with gateway_process(url, tmp_path / "gateway.log", *flags) as (port, first):
+        _wait_applied(port, publish_routes(routes, _echo_table(triton, "1")))
+        (dataplane,) = children(first.pid)
+        second = subprocess.run([sys.executable, "-m", "deployer.gateway", "--port", str(port), "--routes-from", url,
+                                 "--sample-rate", "0"], capture_output=True, text=True, timeout=60)
+        assert second.returncode == 3, second.stderr
+        assert "has a control plane already" in second.stderr
+        # The first keeps the gateway: its data plane, and the routing changes
+        _wait_applied(port, publish_routes(routes, _echo_table(triton, "2")))
+        client = triton_http.InferenceServerClient(f"127.0.0.1:{port}")
+        try:
+            assert _infer(client) == (2.0, "echo_v2")
+        finally:
+            client.close()
+        assert first.poll() is None and children(first.pid) == [dataplane]
 
 
 def test_a_missing_data_plane_binary_is_a_clear_error(tmp_path):
@@ -352,14 +450,11 @@ def test_a_table_whose_names_hold_control_characters_is_refused(redis_client):
 
 
 def test_samples_the_control_plane_drops_are_counted_by_the_data_plane(triton):
-    from deployer.gateway.dataplane import DataPlane
     from deployer.gateway.routing import parse_table
     from deployer.gateway.sampling import Sampler
 
     sampler = Sampler("redis://127.0.0.1:1/0", queue_size=1)  # never started: its queue stays full
-    port = free_port()
-    dataplane = DataPlane(["--listen", f"127.0.0.1:{port}", "--sample-rate", "1"], on_sample=sampler.offer)
-    try:
+    with dataplane_process("--sample-rate", "1", on_sample=sampler.offer) as (dataplane, port):
         assert dataplane.apply(1, parse_table({"echo": {"stable": {
             "version": "1", "triton_model": "echo_v1", "nodes": [triton.url]}}}))
         body = b'{"inputs":[{"name":"x","shape":[2],"datatype":"FP32","data":[1,2]}]}'
@@ -371,8 +466,6 @@ def test_samples_the_control_plane_drops_are_counted_by_the_data_plane(triton):
         assert sampler.queue.qsize() == 1
         wait_until(lambda: "gateway_samples_dropped_total 2.0" in _metrics(port), 10, "two samples counted as dropped",
                    interval=0.02)
-    finally:
-        assert dataplane.stop() == 0
 
 
 def test_a_failed_head_request_gets_no_body_and_the_connection_goes_on(redis_client, gateway):
@@ -394,19 +487,11 @@ def test_a_failed_head_request_gets_no_body_and_the_connection_goes_on(redis_cli
 
 
 def test_a_silent_client_is_disconnected():
-    from config.stack import wait_for_port
-    from deployer.gateway.dataplane import DataPlane
-
-    port = free_port()
-    dataplane = DataPlane(["--listen", f"127.0.0.1:{port}", "--client-idle-ms", "300"])
-    try:
-        wait_for_port(port, 10, dataplane.proc)
+    with dataplane_process("--client-idle-ms", "300") as (_, port):
         for first in (b"", b"GET /v2/health/ready HTTP/1.1\r\n"):  # an idle connection, half a request head
             with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
                 sock.sendall(first)
                 assert sock.recv(1) == b""  # closed by the gateway (a timeout here fails the test)
-    finally:
-        assert dataplane.stop() == 0
 
 
 def _call(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
@@ -444,7 +529,7 @@ def test_the_control_plane_hands_its_limits_to_the_data_plane(tmp_path, monkeypa
     monkeypatch.setenv("GATEWAY_MAX_BODY_BYTES", "1000")
     with gateway_process(os.environ["REDIS_URL"], tmp_path / "gateway.log", "--sample-rate", "0",
                          "--request-deadline-s", "0.5", "--body-buffer-bytes", "100000") as (port, proc):
-        (dataplane,) = _children(proc.pid)
+        (dataplane,) = children(proc.pid)
         argv = open(f"/proc/{dataplane}/cmdline").read().split("\0")
         flags = {argv[i]: argv[i + 1] for i in range(len(argv) - 1) if argv[i].startswith("--")}
         assert (flags["--max-body-bytes"], flags["--request-deadline-ms"], flags["--body-buffer-bytes"],

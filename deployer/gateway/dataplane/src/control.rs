@@ -1,4 +1,5 @@
-//! The control protocol on stdin: TAB-separated lines, a table applied whole at its `end` line.
+//! The control protocol on the control connection (channel.rs): TAB-separated lines, a table applied
+//! whole at its `end` line.
 //!
 //!     table   <version>
 //!     model   <name>  <canary weight 0..100>
@@ -6,7 +7,8 @@
 //!     end
 //!
 //! and, outside a table, `dropped <n>`: samples the control plane could not take (Redis behind), counted
-//! with the data plane's own in gateway_samples_dropped_total.
+//! with the data plane's own in gateway_samples_dropped_total; `stop`: the data plane exits (its control
+//! plane is stopping; a control plane that merely goes leaves it serving).
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ArmSpec {
@@ -36,6 +38,7 @@ pub enum Event {
     /// A table that will not be applied (version when known, why).
     Reject(Option<u64>, String),
     SamplesDropped(u64),
+    Stop,
 }
 
 #[derive(Default)]
@@ -94,6 +97,7 @@ impl ControlParser {
                 Some(n) if f.len() == 2 => Event::SamplesDropped(n),
                 _ => Event::Reject(None, format!("bad dropped line {line:?}")),
             },
+            "stop" if self.cur.is_none() && f.len() == 1 => Event::Stop,
             "model" | "arm" => {
                 let Some((table, err)) = self.cur.as_mut() else {
                     return Event::Reject(None, format!("{} line outside a table", f[0]));
@@ -249,6 +253,14 @@ mod tests {
         assert_eq!(feed(&mut ControlParser::default(), "dropped\t3"), vec![Event::SamplesDropped(3)]);
         assert!(matches!(&feed(&mut ControlParser::default(), "dropped\tx")[..], [Event::Reject(None, _)]));
         let ev = feed(&mut ControlParser::default(), "table\t1\nmodel\tm\t0\ndropped\t1\narm\tstable\t1\tm1\th:1\nend");
+        assert!(matches!(&ev[..], [Event::Reject(Some(1), _)]), "{ev:?}");
+    }
+
+    #[test]
+    fn stop_is_a_line_of_its_own_between_tables() {
+        assert_eq!(feed(&mut ControlParser::default(), "stop"), vec![Event::Stop]);
+        assert!(matches!(&feed(&mut ControlParser::default(), "stop\tnow")[..], [Event::Reject(None, _)]));
+        let ev = feed(&mut ControlParser::default(), "table\t1\nstop\nend");
         assert!(matches!(&ev[..], [Event::Reject(Some(1), _)]), "{ev:?}");
     }
 

@@ -1,9 +1,14 @@
-//! Frames to the control plane on stdout: `<kind: 1 byte><len: u32 LE><payload>`, written by one thread.
-//! 'A': a table was applied (payload: its version in ASCII). 'S': a traffic sample (payload: fields).
+//! Frames to the control plane on the control connection: `<kind: 1 byte><len: u32 LE><payload>`.
+//! 'H': hello, the connection is the control connection (payload: the data plane's process id in ASCII);
+//! 'R': refused, another control plane is connected (payload: why), then the close. Those two are
+//! written by the channel as it takes the connection; the rest by one thread: 'A': a table was applied
+//! (payload: its version in ASCII), 'S': a traffic sample (payload: fields).
 
 use std::io::Write;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+
+use crate::channel::Channel;
 
 /// Samples waiting for the control plane hold at most this many bytes together (and a larger one is
 /// never taken): past it, samples are dropped, so a burst of large requests cannot pile up in memory.
@@ -13,6 +18,7 @@ pub const MAX_SAMPLE_BYTES: usize = 64 << 20;
 static QUEUED: AtomicUsize = AtomicUsize::new(0);
 
 /// A sampled exchange, owned (the connection's buffers are reused by the next request).
+#[derive(Default)]
 pub struct Sample {
     pub model: String,
     pub version: String,
@@ -34,7 +40,11 @@ impl Sample {
 }
 
 pub enum Frame {
-    Applied(u64),
+    Hello(u32),
+    Refused(String),
+    /// A table version applied for the control connection of this number (for it only: a table sent
+    /// by a connection that has ended is acknowledged to nobody).
+    Applied(u64, u64),
     Sample(Box<Sample>),
 }
 
@@ -50,7 +60,15 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
     let start = out.len();
     out.extend_from_slice(&[0; 5]);
     let kind = match frame {
-        Frame::Applied(v) => {
+        Frame::Hello(pid) => {
+            out.extend_from_slice(pid.to_string().as_bytes());
+            b'H'
+        }
+        Frame::Refused(why) => {
+            out.extend_from_slice(why.as_bytes());
+            b'R'
+        }
+        Frame::Applied(_, v) => {
             out.extend_from_slice(v.to_string().as_bytes());
             b'A'
         }
@@ -71,6 +89,13 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
     let len = (out.len() - start - 5) as u32;
     out[start] = kind;
     out[start + 1..start + 5].copy_from_slice(&len.to_le_bytes());
+}
+
+/// One frame's bytes.
+pub fn encoded(frame: &Frame) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode(frame, &mut out);
+    out
 }
 
 /// Offers a sample without waiting: false when the queue is full, in frames or in bytes (the caller
@@ -97,29 +122,44 @@ fn dequeued(f: &Frame) {
     }
 }
 
-/// The writer thread's loop: every frame waiting is written, then one flush per batch.
-pub fn write_frames(rx: Receiver<Frame>, mut sink: impl Write) {
+/// The writer thread's loop: every frame waiting is written, then one flush per batch, to the control
+/// connection of the moment; with none (or one that stopped reading), samples are dropped and counted
+/// in `dropped`.
+pub fn write_frames(rx: Receiver<Frame>, channel: &Channel, dropped: &AtomicU64) {
     let mut buf = Vec::with_capacity(64 * 1024);
-    let mut broken = false;
+    let mut sink = (0, None);
     while let Ok(first) = rx.recv() {
+        channel.refresh_sink(&mut sink);
         buf.clear();
-        encode(&first, &mut buf);
-        dequeued(&first);
-        drop(first);
+        let (mut lost, mut carried) = (0, 0);
+        let mut add = |f: Frame, buf: &mut Vec<u8>| {
+            dequeued(&f);
+            match f {
+                Frame::Sample(_) if sink.1.is_none() => lost += 1,
+                Frame::Applied(conn, _) if sink.1.is_none() || conn != sink.0 => {}
+                f => {
+                    carried += u64::from(matches!(f, Frame::Sample(_)));
+                    encode(&f, buf)
+                }
+            }
+        };
+        add(first, &mut buf);
         while buf.len() < 4 << 20 {
             match rx.try_recv() {
-                Ok(f) => {
-                    encode(&f, &mut buf);
-                    dequeued(&f);
-                }
+                Ok(f) => add(f, &mut buf),
                 Err(_) => break,
             }
         }
-        // A control plane that stopped reading is gone: stdin's EOF ends the process; until then frames
-        // are dropped rather than blocking anyone.
-        if !broken && (sink.write_all(&buf).is_err() || sink.flush().is_err()) {
-            broken = true;
+        if let Some(s) = sink.1.as_mut() {
+            // A control plane that stopped reading is gone (its reader sees the end): frames are dropped
+            // until another connects rather than blocking anyone.
+            if !buf.is_empty() && (s.write_all(&buf).is_err() || s.flush().is_err()) {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+                sink.1 = None;
+                lost += carried;
+            }
         }
+        dropped.fetch_add(lost, Ordering::Relaxed);
         if buf.capacity() > 8 << 20 {
             buf = Vec::with_capacity(64 * 1024); // a large sample's memory goes back
         }
@@ -133,8 +173,10 @@ mod tests {
     #[test]
     fn frames_are_kind_length_payload() {
         let mut out = Vec::new();
-        encode(&Frame::Applied(42), &mut out);
+        encode(&Frame::Applied(1, 42), &mut out);
         assert_eq!(out, b"A\x02\x00\x00\x0042");
+        assert_eq!(encoded(&Frame::Hello(7)), b"H\x01\x00\x00\x007");
+        assert_eq!(encoded(&Frame::Refused("busy".into())), b"R\x04\x00\x00\x00busy");
         out.clear();
         let s = Sample {
             model: "echo".into(),
@@ -186,20 +228,8 @@ mod tests {
     #[test]
     fn a_full_queue_drops_samples() {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let mk = || Sample {
-            model: String::new(),
-            version: String::new(),
-            triton_model: String::new(),
-            status: 200,
-            latency_ns: 0,
-            ts_us: 0,
-            request: vec![],
-            request_head: vec![],
-            response_head: vec![],
-            response: vec![],
-        };
-        assert!(offer(&tx, mk()));
-        assert!(!offer(&tx, mk()));
+        assert!(offer(&tx, Sample::default()));
+        assert!(!offer(&tx, Sample::default()));
         drop(rx);
     }
 }

@@ -1,7 +1,10 @@
 //! mlops-gateway-dataplane: the inference gateway's HTTP hot path. The Python control plane
-//! (`python -m deployer.gateway`) starts it, feeds it routing tables on stdin and reads applied-table
-//! notices and traffic samples from stdout (see control.rs and frames.rs for both formats).
+//! (`python -m deployer.gateway`) starts it, or finds it already running, and connects to its control
+//! socket: routing tables go in, applied-table notices and traffic samples come out (channel.rs,
+//! control.rs and frames.rs). It outlives a control plane that dies, serving the last table it applied
+//! until another connects; it exits on SIGTERM or SIGINT, or when its control plane says `stop`.
 
+mod channel;
 mod control;
 mod frames;
 mod http;
@@ -11,21 +14,23 @@ mod proxy;
 mod routes;
 mod routing;
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::net::{TcpListener, ToSocketAddrs};
-use std::os::fd::FromRawFd;
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use control::{ControlParser, Event};
+use channel::{Channel, Controlled};
+use control::Event;
 use proxy::{Settings, State};
 
-const USAGE: &str =
-    "usage: mlops-gateway-dataplane --listen HOST:PORT [--read-timeout-ms 30000] [--connect-timeout-ms 2000]
-    [--node-down-ms 5000] [--sample-rate 0.01] [--pool-max-idle 64] [--max-connections 4096]
-    [--client-idle-ms 120000] [--max-body-bytes 67108864] [--request-deadline-ms 30000]
-    [--body-buffer-bytes 536870912]
-Routing tables arrive on stdin; frames (applied tables, samples) leave on stdout; EOF on stdin ends it.";
+const USAGE: &str = "usage: mlops-gateway-dataplane --listen HOST:PORT --control-socket PATH [--read-timeout-ms 30000]
+    [--connect-timeout-ms 2000] [--node-down-ms 5000] [--sample-rate 0.01] [--pool-max-idle 64]
+    [--max-connections 4096] [--client-idle-ms 120000] [--max-body-bytes 67108864]
+    [--request-deadline-ms 30000] [--body-buffer-bytes 536870912]
+A control plane connects to the Unix socket PATH (made mode 0600), one at a time: routing tables in,
+frames (applied tables, samples) out. Without one, the last table goes on being served. SIGTERM, SIGINT
+or a `stop` line end it.";
 
 /// A mutex's guard even if a thread panicked while holding it: a bug met by one connection's thread
 /// ends that connection, never the gateway's shared state (pools, node table, metrics).
@@ -41,6 +46,7 @@ pub fn log(args: std::fmt::Arguments) {
 
 struct Args {
     listen: String,
+    control_socket: PathBuf,
     read_timeout_ms: u64,
     connect_timeout_ms: u64,
     node_down_ms: u64,
@@ -56,6 +62,7 @@ struct Args {
 fn parse_args(argv: &[String]) -> Result<Args, String> {
     let mut a = Args {
         listen: String::new(),
+        control_socket: PathBuf::new(),
         read_timeout_ms: 30_000,
         connect_timeout_ms: 2_000,
         node_down_ms: 5_000,
@@ -97,6 +104,12 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
                 }
                 a.listen = value;
             }
+            "--control-socket" => {
+                if value.is_empty() {
+                    return Err("--control-socket must be a path".into());
+                }
+                a.control_socket = PathBuf::from(value);
+            }
             "--read-timeout-ms" => a.read_timeout_ms = positive(&value)?,
             "--connect-timeout-ms" => a.connect_timeout_ms = positive(&value)?,
             "--node-down-ms" => {
@@ -126,6 +139,9 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
     if a.listen.is_empty() {
         return Err("--listen is required".into());
     }
+    if a.control_socket.as_os_str().is_empty() {
+        return Err("--control-socket is required".into());
+    }
     if a.body_buffer_bytes < a.max_body_bytes {
         return Err(format!(
             "--body-buffer-bytes ({}) must be at least --max-body-bytes ({}): the largest body must fit",
@@ -136,18 +152,48 @@ fn parse_args(argv: &[String]) -> Result<Args, String> {
 }
 
 extern "C" {
-    fn prctl(option: i32, ...) -> i32;
     fn mallopt(param: i32, value: i32) -> i32;
+    fn sigemptyset(set: *mut SigSet) -> i32;
+    fn sigaddset(set: *mut SigSet, sig: i32) -> i32;
+    fn pthread_sigmask(how: i32, set: *const SigSet, old: *mut SigSet) -> i32;
+    fn sigwait(set: *const SigSet, sig: *mut i32) -> i32;
 }
-const PR_SET_PDEATHSIG: i32 = 1;
-const SIGTERM: u64 = 15;
 const M_MMAP_THRESHOLD: i32 = -3;
+/// glibc's sigset_t: 1024 bits.
+#[repr(C)]
+struct SigSet([u64; 16]);
+const SIG_BLOCK: i32 = 0;
+const SIGINT: i32 = 2;
+const SIGTERM: i32 = 15;
+
+/// SIGTERM and SIGINT, blocked in the calling thread and every thread it starts afterwards: they are
+/// taken by `wait_for_stop_signal` alone.
+fn stop_signals() -> SigSet {
+    let mut set = SigSet([0; 16]);
+    unsafe {
+        sigemptyset(&mut set);
+        sigaddset(&mut set, SIGTERM);
+        sigaddset(&mut set, SIGINT);
+        pthread_sigmask(SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+    set
+}
+
+fn wait_for_stop_signal(set: &SigSet) -> i32 {
+    let mut sig = 0;
+    while unsafe { sigwait(set, &mut sig) } != 0 {}
+    sig
+}
+
+/// The way out when asked to stop: the socket file goes (it would be stale), then the process.
+fn exit_cleanly(channel: &Channel, why: std::fmt::Arguments) -> ! {
+    channel.remove_file();
+    log(format_args!("stopping: {why}"));
+    std::process::exit(0)
+}
 
 fn main() {
-    // No orphan if the control plane dies without closing our stdin (stdin's EOF covers the rest).
-    unsafe {
-        prctl(PR_SET_PDEATHSIG, SIGTERM);
-    }
+    let signals = stop_signals();
     // Connection buffers (64 KiB) and request bodies are mapped on their own and unmapped when freed, so
     // their memory goes back to the system when a burst of connections ends. Left to itself, glibc
     // raises this threshold after each large free (to 32 MiB) and keeps such blocks in its heaps.
@@ -166,10 +212,18 @@ fn main() {
             std::process::exit(2);
         }
     };
+    // The port first: a second data plane for the same port stops here, before it touches the socket.
     let listener = match TcpListener::bind(&args.listen) {
         Ok(l) => l,
         Err(e) => {
             log(format_args!("cannot listen on {}: {e}", args.listen));
+            std::process::exit(1);
+        }
+    };
+    let channel: &'static Channel = match Channel::bind(&args.control_socket) {
+        Ok(c) => Box::leak(Box::new(c)),
+        Err(e) => {
+            log(format_args!("cannot listen on the control socket {}: {e}", args.control_socket.display()));
             std::process::exit(1);
         }
     };
@@ -186,11 +240,9 @@ fn main() {
     settings.request_deadline = Duration::from_millis(args.request_deadline_ms);
     settings.body_buffer = usize::try_from(args.body_buffer_bytes).unwrap_or(usize::MAX);
     let (tx, rx) = std::sync::mpsc::sync_channel(1000);
-    // Frames go to fd 1 unbuffered by std (Stdout would flush at every newline byte of a sample);
-    // write_frames batches them itself.
-    let stdout = unsafe { std::fs::File::from_raw_fd(1) };
-    // The two service threads are essential: if one panicked, the whole process goes (the control
-    // plane sees it exit) rather than living on deaf or mute.
+    let st: &'static State = Box::leak(Box::new(State::new(settings, tx)));
+    // The service threads are essential: if one panicked, the whole process goes (the control plane
+    // sees its connection end) rather than living on deaf or mute.
     let essential = |what: &'static str, f: Box<dyn FnOnce() + Send>| {
         std::thread::Builder::new()
             .name(what.into())
@@ -202,27 +254,31 @@ fn main() {
             })
             .expect("a thread");
     };
-    essential("frames", Box::new(move || frames::write_frames(rx, stdout)));
-    let st: &'static State = Box::leak(Box::new(State::new(settings, tx)));
-    essential("control", Box::new(move || control_loop(st)));
+    essential("frames", Box::new(move || frames::write_frames(rx, channel, &st.metrics.samples_dropped)));
+    let plane: &'static Plane = Box::leak(Box::new(Plane { st, channel }));
+    essential("control", Box::new(move || channel.serve(plane)));
+    essential(
+        "signals",
+        Box::new(move || {
+            let sig = wait_for_stop_signal(&signals);
+            exit_cleanly(channel, format_args!("{}", if sig == SIGINT { "SIGINT" } else { "SIGTERM" }))
+        }),
+    );
     let local = listener.local_addr().map(|a| a.to_string()).unwrap_or(args.listen.clone());
-    log(format_args!("listening on {local}"));
+    log(format_args!("listening on {local}, control socket {}", channel.path().display()));
     accept_loop(st, listener);
 }
 
-/// Tables from stdin, one at a time; stdin's end is the control plane's end, and ours.
-fn control_loop(st: &'static State) {
-    let mut stdin = std::io::stdin().lock();
-    let mut parser = ControlParser::default();
-    let mut line = Vec::new();
-    loop {
-        line.clear();
-        match stdin.read_until(b'\n', &mut line) {
-            Ok(0) | Err(_) => std::process::exit(0),
-            Ok(_) => {}
-        }
-        let text = String::from_utf8_lossy(&line);
-        match parser.line(text.trim_end_matches('\n')) {
+/// What the control connection drives: the routing table, the dropped-sample count, the end.
+struct Plane {
+    st: &'static State,
+    channel: &'static Channel,
+}
+
+impl Controlled for Plane {
+    fn event(&self, conn: u64, ev: Event) {
+        let st = self.st;
+        match ev {
             Event::None => {}
             Event::SamplesDropped(n) => {
                 st.metrics.samples_dropped.fetch_add(n, Ordering::Relaxed);
@@ -230,10 +286,22 @@ fn control_loop(st: &'static State) {
             Event::Apply(spec) => {
                 st.apply(&spec);
                 log(format_args!("routing table version {} applied: {}", spec.version, routing::describe(&spec)));
-                let _ = st.frames.send(frames::Frame::Applied(spec.version));
+                let _ = st.frames.send(frames::Frame::Applied(conn, spec.version));
             }
             Event::Reject(Some(version), why) => log(format_args!("routing table version {version} rejected: {why}")),
             Event::Reject(None, why) => log(format_args!("control input ignored: {why}")),
+            Event::Stop => exit_cleanly(self.channel, format_args!("told to by the control plane")),
+        }
+    }
+
+    fn linked(&self, conn: u64, up: bool) {
+        if up {
+            log(format_args!("control plane connected (control connection {conn})"));
+        } else {
+            let version = self.st.metrics.routes_version.load(Ordering::Relaxed);
+            log(format_args!(
+                "control connection {conn} ended: serving routing table version {version} until a control plane connects"
+            ));
         }
     }
 }
@@ -289,30 +357,37 @@ mod tests {
         parse_args(&s.split_whitespace().map(str::to_string).collect::<Vec<_>>())
     }
 
+    /// The flags every data plane needs, then `rest`.
+    fn with(rest: &str) -> Result<Args, String> {
+        args(&format!("--listen 127.0.0.1:0 --control-socket /run/gw.sock {rest}"))
+    }
+
     #[test]
     fn flags_are_checked_and_named() {
-        let a = args("--listen 127.0.0.1:0 --read-timeout-ms 500 --sample-rate=1 --pool-max-idle 0").unwrap();
+        let a = with("--read-timeout-ms 500 --sample-rate=1 --pool-max-idle 0").unwrap();
         assert_eq!((a.read_timeout_ms, a.connect_timeout_ms, a.node_down_ms, a.pool_max_idle), (500, 2000, 5000, 0));
         assert_eq!(a.sample_rate, 1.0);
+        assert_eq!(a.control_socket, PathBuf::from("/run/gw.sock"));
         assert_eq!((a.max_body_bytes, a.request_deadline_ms, a.body_buffer_bytes), (64 << 20, 30_000, 512 << 20));
-        let a = args("--listen 127.0.0.1:0 --max-body-bytes 1000 --request-deadline-ms 50 --body-buffer-bytes 1000")
-            .unwrap();
+        let a = with("--max-body-bytes 1000 --request-deadline-ms 50 --body-buffer-bytes 1000").unwrap();
         assert_eq!((a.max_body_bytes, a.request_deadline_ms, a.body_buffer_bytes), (1000, 50, 1000));
         for (bad, flag) in [
-            ("", "--listen"),
-            ("--listen nowhere", "--listen"),
-            ("--listen 127.0.0.1:0 --read-timeout-ms 0", "--read-timeout-ms"),
-            ("--listen 127.0.0.1:0 --connect-timeout-ms x", "--connect-timeout-ms"),
-            ("--listen 127.0.0.1:0 --sample-rate 1.5", "--sample-rate"),
-            ("--listen 127.0.0.1:0 --node-down-ms -1", "--node-down-ms"),
-            ("--listen 127.0.0.1:0 --pool-max-idle", "--pool-max-idle"),
-            ("--listen 127.0.0.1:0 --bogus 1", "--bogus"),
-            ("--listen 127.0.0.1:0 --max-body-bytes 0", "--max-body-bytes"),
-            ("--listen 127.0.0.1:0 --request-deadline-ms x", "--request-deadline-ms"),
-            ("--listen 127.0.0.1:0 --max-body-bytes 2000 --body-buffer-bytes 1000", "--body-buffer-bytes"),
+            (args(""), "--listen"),
+            (args("--listen nowhere --control-socket s"), "--listen"),
+            (args("--listen 127.0.0.1:0"), "--control-socket"),
+            (args("--listen 127.0.0.1:0 --control-socket="), "--control-socket"),
+            (with("--read-timeout-ms 0"), "--read-timeout-ms"),
+            (with("--connect-timeout-ms x"), "--connect-timeout-ms"),
+            (with("--sample-rate 1.5"), "--sample-rate"),
+            (with("--node-down-ms -1"), "--node-down-ms"),
+            (with("--pool-max-idle"), "--pool-max-idle"),
+            (with("--bogus 1"), "--bogus"),
+            (with("--max-body-bytes 0"), "--max-body-bytes"),
+            (with("--request-deadline-ms x"), "--request-deadline-ms"),
+            (with("--max-body-bytes 2000 --body-buffer-bytes 1000"), "--body-buffer-bytes"),
         ] {
-            let err = args(bad).err().unwrap();
-            assert!(err.contains(flag), "{bad}: {err}");
+            let err = bad.err().unwrap();
+            assert!(err.contains(flag), "{flag}: {err}");
         }
     }
 }

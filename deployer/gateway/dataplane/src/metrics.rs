@@ -159,7 +159,7 @@ impl Metrics {
             &mut s,
             "gateway_samples_dropped_total",
             "counter",
-            "Sampled requests dropped because the sampling queue was full",
+            "Sampled requests dropped: the sampling queue was full, or no control plane was connected",
         );
         let _ = writeln!(s, "gateway_samples_dropped_total {}", int(self.samples_dropped.load(Relaxed)));
         family(&mut s, "gateway_routes_version", "gauge", "Version of the routing table in use");
@@ -251,7 +251,7 @@ gateway_upstream_retries_total{model=\"echo\",version=\"1\"} 0.0
 # HELP gateway_node_marked_down_total Times a node was taken out after a failure
 # TYPE gateway_node_marked_down_total counter
 gateway_node_marked_down_total{node=\"127.0.0.1:1\"} 1.0
-# HELP gateway_samples_dropped_total Sampled requests dropped because the sampling queue was full
+# HELP gateway_samples_dropped_total Sampled requests dropped: the sampling queue was full, or no control plane was connected
 # TYPE gateway_samples_dropped_total counter
 gateway_samples_dropped_total 0.0
 # HELP gateway_routes_version Version of the routing table in use
