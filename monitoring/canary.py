@@ -11,7 +11,7 @@ its noise (monitoring/stats.py has the tests):
 - latency: a one-sided Mann-Whitney U test on the two latency histograms (buckets as tied ranks): the
   canary fails when it is slower with confidence 1 - ALPHA and by an effect that matters: P(a canary
   request is slower than a stable one) >= SLOWER_EFFECT, and its median LATENCY_RATIO times stable's and
-  LATENCY_FLOOR_MS above it (a fresh Triton instance on a busy machine can be measurably, harmlessly slower);
+  LATENCY_FLOOR_MS above it (with thousands of requests a 10% difference is significant, and harmless);
 - errors: a one-sided Fisher exact test of the canary's error count against stable's, sound for small
   counts, with the same confidence and a canary error rate above stable's by at least ERROR_MARGIN;
 - the deployment's absolute limits stay as hard ceilings, each judged by an exact binomial test: the
@@ -42,7 +42,7 @@ SNAPSHOT_KEY = "deployer:analysis:{deployment}"
 ALPHA = 0.01  # a failure is called with 99% confidence
 SLOWER_EFFECT = 0.65  # ... and only if a canary request is slower than a stable one in 65% of pairs,
 LATENCY_RATIO = 1.5  # its median at least 1.5 times stable's
-LATENCY_FLOOR_MS = 1.0  # and at least a millisecond more (below that it is the machine, not the model)
+LATENCY_FLOOR_MS = 0.5  # and half a millisecond more (below that it is the machine's scheduling, not the model)
 ERROR_MARGIN = 0.01  # ... or its error rate is above stable's by a percentage point
 CEILING_P = 0.01  # the share of requests a p99 allows above it
 

@@ -119,11 +119,18 @@ def test_good_canaries_on_a_noisy_machine_are_never_failed():
 
 
 def test_a_canary_measurably_but_harmlessly_slower_is_not_rolled_back():
-    # Sub-millisecond medians, the canary's 0.3 ms slower: significant, and no reason to roll back.
-    win = {"gateway:2": hist([0.0008] * 60), "gateway:1": hist([0.0004] * 60 + [0.0009] * 10)}
+    # Thousands of requests, the canary 20% slower: significant, and no reason to roll back.
+    win = {"gateway:2": hist([x * 1.2 for x in spread(2000, 0.004, 10)]), "gateway:1": hist(spread(4000, 0.004, 11))}
     verdict = judge(win, "2", "m_v2", "1", LIMITS, 10)
     assert verdict.outcome == "pass", verdict.reason
     assert verdict.figures["latency_p_value"] < 0.01  # the test did see the difference
+
+
+def test_a_sub_millisecond_model_twice_as_slow_fails():
+    # bench/decisions' "2x slower" on the echo model: 1.6 ms against stable's 0.8 ms.
+    win = {"gateway:2": hist([x * 2 for x in spread(60, 0.0008, 12)]), "gateway:1": hist(spread(240, 0.0008, 13))}
+    verdict = judge(win, "2", "m_v2", "1", LIMITS, 10)
+    assert verdict.outcome == "fail" and "canary slower than stable" in verdict.reason, verdict.reason
 
 
 def test_a_canary_twice_as_slow_as_stable_fails():
