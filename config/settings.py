@@ -185,6 +185,12 @@ PLATFORM: dict[str, Any] = {
     # and how long a step with too little evidence to judge is extended before the rollout pauses.
     "ROLLOUT_SETTLE_S": env_float("PLATFORM_ROLLOUT_SETTLE_S", 4.0),
     "ROLLOUT_EXTEND_MAX_S": env_float("PLATFORM_ROLLOUT_EXTEND_MAX_S", 120.0),
+    # A step whose time is up without enough canary requests to judge replays recorded stable requests (the
+    # gateway's samples no older than MAX_AGE_S) against the canary, at most RATE a second (0: never) and
+    # for at most BUDGET_S, off every client's path (deployer/shadow.py).
+    "ROLLOUT_REPLAY_RATE": env_float("PLATFORM_ROLLOUT_REPLAY_RATE", 50.0),
+    "ROLLOUT_REPLAY_BUDGET_S": env_float("PLATFORM_ROLLOUT_REPLAY_BUDGET_S", 5.0),
+    "ROLLOUT_REPLAY_MAX_AGE_S": env_float("PLATFORM_ROLLOUT_REPLAY_MAX_AGE_S", 3600.0),
 }
 
 REST_FRAMEWORK = {

@@ -16,6 +16,7 @@ import functools
 import json
 import logging
 import time
+from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from deployer import shadow
 from deployer.fleet import Fleet, FleetError, FleetNotReady, Placement
 from deployer.gateway.routing import INSTANCES_KEY as GATEWAYS_KEY
 from deployer.gateway.routing import load_routes, publish_routes, table_to_dict
@@ -37,6 +39,7 @@ from deployer.models import (
     RolloutStatus,
 )
 from monitoring import canary
+from monitoring import shadow as shadow_analysis
 from pipelines.models import BuildStatus, EngineBuild, Precision, Runtime, Target
 from registry import locks, mlflow_store
 from registry.audit import SYSTEM, Actor, audit_record
@@ -307,7 +310,14 @@ def rollout_advance(d: Deployment) -> None:
         return
     if d.status not in SERVING_ROLLOUT_STATES:
         return
+    last = d.step_index >= len(d.steps) - 1
+    hold = d.step_interval_s + (d.bake_s if last else 0)
     verdict = analyse(d, now.timestamp())
+    if verdict.outcome == "inconclusive" and d.status == RolloutStatus.PROGRESSING and d.step_started_at is not None \
+            and (now - d.step_started_at).total_seconds() >= hold:
+        # The step's time is up without the evidence live traffic should have brought: recorded stable requests
+        # are replayed against the canary, so the decision comes now, without sending it more users.
+        verdict = _with_replay(d, verdict)
     f = verdict.figures
     Deployment.objects.filter(pk=d.pk).update(analysis={"outcome": verdict.outcome, "reason": verdict.reason,
                                                         **f, "at": now.isoformat()})
@@ -322,8 +332,6 @@ def rollout_advance(d: Deployment) -> None:
         return
     if d.status != RolloutStatus.PROGRESSING or d.step_started_at is None:
         return
-    last = d.step_index >= len(d.steps) - 1
-    hold = d.step_interval_s + (d.bake_s if last else 0)
     held = (now - d.step_started_at).total_seconds()
     if verdict.outcome == "inconclusive" and held >= hold:
         # Too little evidence to pass the step, none to fail it: the step is extended, up to a limit.
@@ -376,13 +384,57 @@ def analyse(d: Deployment, now: float) -> canary.Verdict:
                               "(PLATFORM_ROLLOUT_SETTLE_S)")
     gateways = [g["metrics"] for g in live_gateways(redis).values() if g.get("metrics")]
     snap = canary.scrape(d.model.name, {d.triton_model}, gateways, fleet().metrics_urls())
+    # Triton counts replayed requests too: the deployer's own count of them is kept beside Triton's, and
+    # taken off it, so replayed requests are never judged as served ones.
+    replayed, replayed_errors = shadow.replayed_so_far(redis, d.triton_model)
+    snap.sources["replay"] = {f"replay:{d.triton_model}": asdict(canary.Figures(replayed, replayed_errors))}
     base = canary.SnapshotStore(redis, d.pk).push_and_base(snap, window_s, not_before=settled_at)
     if base is None:
         return canary.waiting("collecting: the step's window starts now")
     stable = d.previous_version.version if d.previous_version else None
-    return canary.judge(canary.window(snap, base), str(d.version.version), d.triton_model,
+    win = canary.window(snap, base)
+    replay_win = win.pop(f"replay:{d.triton_model}", None)
+    served = win.get(f"triton:{d.triton_model}")
+    if replay_win is not None and served is not None:
+        served.requests = max(0.0, served.requests - replay_win.requests)
+        served.errors = max(0.0, served.errors - replay_win.errors)
+    return canary.judge(win, str(d.version.version), d.triton_model,
                         None if stable is None else str(stable),
                         canary.Thresholds(d.max_p99_ms, d.max_error_rate, d.min_requests), snap.t - base.t)
+
+
+REPLAY_CLAIM_KEY = "deployer:replay:{deployment}"
+
+
+def _with_replay(d: Deployment, live: canary.Verdict) -> canary.Verdict:
+    """The verdict on recorded stable requests replayed against the canary (at most once a window per
+    deployment); `live` when there is nothing to replay or replay is off."""
+    rate = float(_setting("ROLLOUT_REPLAY_RATE"))
+    redis = redis_client()
+    window_s = float(_setting("ROLLOUT_WINDOW_S"))
+    if rate <= 0 or not redis.set(REPLAY_CLAIM_KEY.format(deployment=d.pk), 1, nx=True, ex=max(1, int(window_s))):
+        return live
+    _, table = load_routes(redis)
+    route = table.get(d.model.name) if table else None
+    if route is None or route.canary is None or route.canary.triton_model != d.triton_model:
+        return live
+    budget_s = float(_setting("ROLLOUT_REPLAY_BUDGET_S"))
+    # Enough to pass with margin (a failed or unparsable answer is not compared), within the budget.
+    want = max(1, min(int(rate * budget_s), d.min_requests + max(5, d.min_requests // 2)))
+    found = shadow.recorded_requests(redis, d.model.name, route.stable.version, want,
+                                     float(_setting("ROLLOUT_REPLAY_MAX_AGE_S")))
+    if not found:
+        return canary.Verdict(live.outcome, f"{live.reason}; no recorded stable request to replay (the gateway "
+                                            "samples --sample-rate of its requests)", {**live.figures, "replayed": 0})
+    stable_arm = shadow.ReplayArm(route.stable.triton_model, list(route.stable.nodes))
+    canary_arm = shadow.ReplayArm(route.canary.triton_model, list(route.canary.nodes))
+    pairs = shadow.replay(found, stable_arm, canary_arm, rate_per_s=rate, budget_s=budget_s)
+    shadow.count_replayed(redis, pairs, stable_arm, canary_arm)
+    judged = shadow_analysis.judge_pairs(pairs, shadow_analysis.ShadowThresholds(d.min_requests), "replayed")
+    live_requests = live.figures.get("canary_requests", 0)
+    return canary.Verdict(judged.outcome, f"{len(pairs)} recorded stable requests replayed against the canary, "
+                                          f"{live_requests} served by it in the window: {judged.reason}",
+                          {**live.figures, "replayed": len(pairs), "replay": judged.figures})
 
 
 def fleet_converge() -> dict[str, Any]:

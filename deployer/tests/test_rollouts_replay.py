@@ -1,0 +1,92 @@
+"""Low-traffic canaries on the real local fleet behind the real gateway: a step whose time is up without enough
+client requests to judge replays recorded stable requests against the canary, and is decided on them on time
+(promoted when good, rolled back when faulty); the replayed requests are never counted as served."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import urllib.request
+from typing import Any
+
+import pytest
+from django.utils import timezone
+
+from deployer import services
+from deployer.gateway.sampling import SAMPLES_STREAM
+from deployer.models import AnalysisPoint, RolloutStatus
+from deployer.shadow import REPLAYED_KEY
+from deployer.tests.test_rollouts import FAST, _first_deployment, _reconcile_until
+from registry.audit import SYSTEM
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(300)]
+
+STEP_S, BAKE_S, SETTLE_S, TICK_BOUND_S = 3, 1, 4.0, 10.0
+
+
+@pytest.fixture(autouse=True)
+def quick_settings(monkeypatch: pytest.MonkeyPatch, settings: Any) -> None:
+    monkeypatch.setitem(settings.PLATFORM, "ROLLOUT_WINDOW_S", 5.0)
+    monkeypatch.setitem(settings.PLATFORM, "ROLLOUT_DRAIN_S", 0.5)
+    monkeypatch.setitem(settings.PLATFORM, "ROLLOUT_SETTLE_S", SETTLE_S)
+    monkeypatch.setitem(settings.PLATFORM, "ROLLOUT_REPLAY_RATE", 100.0)
+
+
+def _record_stable_requests(redis_client: Any, model: str, n: int) -> None:
+    """Samples of version 1's traffic as the gateway writes them (its recording, bodies included, is tested
+    in test_shadow.py; this module's gateway samples nothing, so no client request is needed)."""
+    rng = random.Random(11)
+    triton_model = f"{model}_v1_cpu-fp32-onnxruntime"
+    for _ in range(n):
+        values = [round(rng.uniform(0.1, 1.0), 3) for _ in range(4)]
+        body = json.dumps({"inputs": [{"name": "x", "shape": [4], "datatype": "FP32", "data": values}]}).encode()
+        response = json.dumps({"model_name": triton_model, "outputs": [
+            {"name": "y", "datatype": "FP32", "shape": [4], "data": values}]}).encode()
+        redis_client.xadd(SAMPLES_STREAM, {
+            "model": model, "version": "1", "triton_model": triton_model, "status": "200", "latency_ms": "0.500",
+            "ts": "0", "request": body, "response": response, "response_head": b"HTTP/1.1 200 OK\r\n",
+            "request_head": f"POST /v2/models/{triton_model}/infer HTTP/1.1\r\nHost: gw\r\n"
+                            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n".encode()})
+
+
+def _served_by_gateway(port: int, model: str, version: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    found = re.findall(rf'gateway_request_duration_seconds_count{{model="{model}",version="{version}"}} (\S+)', text)
+    return sum(float(n) for n in found)
+
+
+@pytest.mark.parametrize("fault", [None, "error"])
+def test_a_canary_without_client_traffic_is_decided_on_time_by_replaying_recorded_stable_requests(
+        local_fleet, gateway, redis_client, serving_version, model_archive, unique_name, tmp_path, fault):
+    redis_client.delete(REPLAYED_KEY)
+    _first_deployment(unique_name, model_archive, serving_version, redis_client)
+    _record_stable_requests(redis_client, unique_name, 40)
+    fault_file = tmp_path / "fault"
+    v2 = serving_version(unique_name, model_archive, 1.0, fault_file=fault_file)  # answers as v1 does
+    d = services.deployment_create(SYSTEM, v2.model, v2.version, steps=[50],
+                                   **{**FAST, "min_requests": 20, "step_interval_s": STEP_S, "bake_s": BAKE_S})
+    d = _reconcile_until(d, {RolloutStatus.PROGRESSING})
+    if fault:
+        fault_file.write_text(fault)  # after the warm-up, which a failing model would never pass
+    started = d.step_started_at
+    d = _reconcile_until(d, {RolloutStatus.PROMOTED, RolloutStatus.ROLLED_BACK, RolloutStatus.PAUSED}, timeout=60)
+    decided_after = ((d.finished_at or timezone.now()) - started).total_seconds()
+    # Without replay the step would be extended for lack of requests, then paused (ROLLOUT_EXTEND_MAX_S).
+    assert decided_after <= max(STEP_S + BAKE_S, SETTLE_S) + TICK_BOUND_S, (decided_after, d.reason)
+    if fault:
+        assert d.status == RolloutStatus.ROLLED_BACK, d.reason
+        assert re.match(r"automatic rollback: 30 recorded stable requests replayed against the canary, 0 served "
+                        r"by it in the window: candidate failed 30 requests stable answered", d.reason), d.reason
+    else:
+        assert d.status == RolloutStatus.PROMOTED, d.reason
+        assert re.match(r"all steps passed: 30 recorded stable requests replayed against the canary, 0 served by "
+                        r"it in the window: answers as stable's", d.reason), d.reason
+        assert d.analysis["replay"]["agreement"] == 1.0
+    assert d.analysis["replayed"] == 30  # min_requests and a margin, at 100 a second well within the budget
+    print(f"decided {decided_after:.1f}s after the step began: {d.reason}")
+    # Replayed, never served: the gateway answered no request with version 2, and the analysis counted none.
+    assert _served_by_gateway(gateway["port"], unique_name, "2") == 0
+    assert list(AnalysisPoint.objects.filter(deployment=d).values_list("canary_requests", flat=True)) \
+        and not AnalysisPoint.objects.filter(deployment=d, canary_requests__gt=0).exists()
+    redis_client.delete(REPLAYED_KEY, SAMPLES_STREAM)
