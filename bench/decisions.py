@@ -227,6 +227,8 @@ def main(argv: list[str] | None = None) -> None:
                   str(sum(r["windows"] for r in good["rounds"])), str(previous_false)]]))
     for r in false:
         print(f"  false decision on v{r['version']}: {r['status']}: {r['reason']}")
+    print(f"client requests during the good canaries: {good['requests']}, failed {good['failed']}"
+          + (f" (first: {good['failures']})" if good["failures"] else ""))
     print(table(["bad canary", "outcome", "detect s", "to 0% canary s", "requests", "failed (not canary)",
                  "canary errors"],
                 [[b["kind"], b["status"], fmt(b["detect_s"], 2), fmt(b["to_zero_s"], 2), str(b["requests"]),
