@@ -51,12 +51,14 @@ bench: install
 	$(BIN)/python -m bench.engines
 	$(BIN)/python -m config.stack --state $(STATE)/bench exec --fresh -- $(BIN)/python -m bench.gateway
 	$(BIN)/python -m config.stack --state $(STATE)/bench exec --fresh -- $(BIN)/python -m bench.rollback
+	$(BIN)/python -m config.stack --state $(STATE)/bench exec --fresh -- $(BIN)/python -m bench.decisions
 
 bench-quick: install
 	$(BIN)/python -m config.stack --state $(STATE)/bench exec --fresh -- $(BIN)/python -m bench.registry --quick
 	$(BIN)/python -m bench.engines --quick
 	$(BIN)/python -m config.stack --state $(STATE)/bench exec --fresh -- $(BIN)/python -m bench.gateway --quick
 	$(BIN)/python -m config.stack --state $(STATE)/bench exec --fresh -- $(BIN)/python -m bench.rollback --quick
+	$(BIN)/python -m config.stack --state $(STATE)/bench exec --fresh -- $(BIN)/python -m bench.decisions --quick
 
 clean:
 	rm -rf $(STATE)/test $(STATE)/bench $(STATE)/lint
