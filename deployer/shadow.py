@@ -72,6 +72,23 @@ def recorded_requests(redis: Any, model: str, version: str, limit: int, max_age_
     return found
 
 
+def mirrored_pairs(redis: Any, model: str, shadow_version: str, limit: int, max_age_s: float = 3600.0,
+                   stream: str = SAMPLES_STREAM, scan: int = 5000) -> list[Pair]:
+    """Up to `limit` of the newest requests the gateway mirrored to `shadow_version` of `model` (its shadow
+    arm), each with stable's answer and the shadow arm's: the pairs of a live shadow."""
+    oldest_ms = int((time.time() - max_age_s) * 1000)
+    found: list[Pair] = []
+    for _id, fields in redis.xrevrange(stream, min=oldest_ms, count=scan):
+        f = {k.decode() if isinstance(k, bytes) else k: v for k, v in fields.items()}
+        if f.get("model", b"").decode() != model or f.get("shadow_version", b"").decode() != shadow_version:
+            continue
+        found.append(Pair(int(f["status"]), float(f["latency_ms"]), f.get("response", b""),
+                          int(f["shadow_status"]), float(f["shadow_latency_ms"]), f.get("shadow_response", b"")))
+        if len(found) >= limit:
+            break
+    return found
+
+
 class _Client:
     """Kept-alive connections to the nodes of one arm, round robin."""
 

@@ -97,10 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopping.set())
-    sampler = None
-    if args.sample_rate > 0:
-        sampler = Sampler(args.routes_from, args.sample_stream, args.sample_maxlen)
-        sampler.start()
+    # Always: requests mirrored to a shadow arm come back as samples whatever --sample-rate says.
+    sampler = Sampler(args.routes_from, args.sample_stream, args.sample_maxlen)
+    sampler.start()
     socket_path = args.control_socket or control_socket_path(args.host, args.port)
     try:
         dataplane = DataPlane.attach(socket_path, [
@@ -111,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             "--max-body-bytes", str(args.max_body_bytes),
             "--request-deadline-ms", str(max(1, round(args.request_deadline_s * 1000))),
             "--body-buffer-bytes", str(args.body_buffer_bytes),
-            "--max-connections", str(args.max_connections)], on_sample=sampler.offer if sampler is not None else None)
+            "--max-connections", str(args.max_connections)], on_sample=sampler.offer)
     except DataPlaneMissing as exc:
         log.error("%s", exc)
         return 2
@@ -142,9 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     watcher.stopping.set()
     watcher.join(2)  # it withdraws this gateway's announcement
     code = dataplane.stop() if stopping.is_set() else dataplane.exit_status()
-    if sampler is not None:
-        sampler.stop()
-        sampler.join(2)
+    sampler.stop()
+    sampler.join(2)
     if not stopping.is_set():
         log.error("the data plane's control connection ended (it exited with status %s)", code)
         return code or 1

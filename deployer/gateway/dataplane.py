@@ -22,16 +22,19 @@ connection is now the control connection, or b"R" (refused; payload: why) before
 control plane sends TAB-separated lines, a table applied atomically at `end`:
 
     table   <version>
-    model   <name>  <canary weight>
+    model   <name>  <canary weight>  [<shadow share>]
     arm     stable  <version>  <triton model>  <host:port>[,<host:port>...]
     arm     canary  ...
+    arm     shadow  ...     (copies of `shadow share` percent of stable's requests, after the client's answer)
     end
     dropped <n>     (between tables: samples the control plane could not take, for the metrics)
     stop            (between tables: the data plane exits)
 
 and the data plane sends frames, `<kind byte><u32 LE length><payload>`: b"A" a table applied (payload:
 its version; only to the connection that sent it), b"S" a traffic sample (payload: fields, each `<u16 LE
-name length><name><u32 LE value length><value>`).
+name length><name><u32 LE value length><value>`; a mirrored request's sample also holds the shadow arm's
+answer: shadow_version, shadow_triton_model, shadow_status (0: none came), shadow_latency_ms,
+shadow_response).
 """
 
 from __future__ import annotations
@@ -99,10 +102,14 @@ def encode_table(version: int, table: RoutingTable) -> bytes:
 
     lines = [f"table\t{version}\n"]
     for name, route in sorted(table.items()):
-        lines.append(f"model\t{name}\t{route.canary_weight if route.canary else 0}\n")
+        weight = route.canary_weight if route.canary else 0
+        share = f"\t{route.shadow_share}" if route.shadow is not None else ""
+        lines.append(f"model\t{name}\t{weight}{share}\n")
         lines.append(arm("stable", route.stable))
         if route.canary is not None:
             lines.append(arm("canary", route.canary))
+        if route.shadow is not None:
+            lines.append(arm("shadow", route.shadow))
     lines.append("end\n")
     return "".join(lines).encode()
 

@@ -40,6 +40,9 @@ class ModelRoute:
     stable: Arm
     canary: Arm | None = None
     canary_weight: int = 0  # percent of requests sent to the canary, 0..100
+    # Mirrored, after stable answered, to a candidate whose answers no client sees (the gateway's shadow arm).
+    shadow: Arm | None = None
+    shadow_share: int = 0  # percent of stable's requests mirrored, 0..100
 
 
 RoutingTable = dict[str, ModelRoute]
@@ -71,6 +74,12 @@ def _arm(model: str, role: str, data: Any) -> Arm:
     return Arm(str(version), triton_model, tuple(_node(n) for n in nodes))
 
 
+def _percent(what: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100:
+        raise ValueError(f"{what} must be an integer 0..100")
+    return value
+
+
 def parse_table(data: Any) -> RoutingTable:
     """Validate a decoded table; raises ValueError naming the first problem."""
     if not isinstance(data, Mapping):
@@ -86,10 +95,13 @@ def parse_table(data: Any) -> RoutingTable:
         canary, weight = None, 0
         if canary_data is not None:
             canary = _arm(name, "canary", canary_data)
-            weight = canary_data.get("weight", 0)
-            if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= 100:
-                raise ValueError(f"{name}.canary.weight must be an integer 0..100")
-        table[name] = ModelRoute(stable, canary, weight)
+            weight = _percent(f"{name}.canary.weight", canary_data.get("weight", 0))
+        shadow_data = entry.get("shadow")
+        shadow, share = None, 0
+        if shadow_data is not None:
+            shadow = _arm(name, "shadow", shadow_data)
+            share = _percent(f"{name}.shadow.share", shadow_data.get("share", 0))
+        table[name] = ModelRoute(stable, canary, weight, shadow, share)
     return table
 
 
@@ -97,9 +109,14 @@ def table_to_dict(table: RoutingTable) -> dict[str, Any]:
     def arm(a: Arm) -> dict[str, Any]:
         return {"version": a.version, "triton_model": a.triton_model, "nodes": list(a.nodes)}
 
-    return {name: {"stable": arm(r.stable),
-                   "canary": None if r.canary is None else {**arm(r.canary), "weight": r.canary_weight}}
-            for name, r in table.items()}
+    def route(r: ModelRoute) -> dict[str, Any]:
+        out = {"stable": arm(r.stable),
+               "canary": None if r.canary is None else {**arm(r.canary), "weight": r.canary_weight}}
+        if r.shadow is not None:  # only then: a table without one keeps the shape it always had
+            out["shadow"] = {**arm(r.shadow), "share": r.shadow_share}
+        return out
+
+    return {name: route(r) for name, r in table.items()}
 
 
 def publish_routes(client: Any, table: Mapping[str, Any] | RoutingTable) -> int:

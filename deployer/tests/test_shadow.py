@@ -7,6 +7,7 @@ import http.client
 import json
 import os
 import random
+import re
 import time
 import uuid
 
@@ -14,9 +15,9 @@ import pytest
 
 from deployer.gateway.echo_model import write_echo_model
 from deployer.gateway.routing import publish_routes
-from deployer.shadow import ReplayArm, count_replayed, recorded_requests, replay, replayed_so_far
+from deployer.shadow import ReplayArm, count_replayed, mirrored_pairs, recorded_requests, replay, replayed_so_far
 from deployer.testing import gateway_process, wait_until
-from monitoring.shadow import ShadowThresholds, judge_pairs
+from monitoring.shadow import MIRRORED_LATENCY_FLOOR_MS, ShadowThresholds, judge_pairs
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -127,3 +128,75 @@ def test_replay_stops_at_its_time_budget_and_counts_what_it_sent(recorded):
     assert replayed_so_far(client, "echo_faulty") == (len(pairs), len(pairs))
     assert replayed_so_far(client, "echo_v1") == (len(pairs), 0)
     client.delete("deployer:replayed")
+
+
+def _metric(text: str, name: str, version: str) -> float:
+    found = re.findall(rf'{name}{{model="echo",version="{version}"}} (\S+)', text)
+    return sum(float(n) for n in found)
+
+
+@pytest.mark.parametrize(("shadow", "outcome"), [("echo_same", "pass"), ("echo_double", "fail"),
+                                                 ("echo_faulty", "fail")])
+def test_the_gateway_mirrors_a_share_of_stables_requests_off_the_clients_path(triton, tmp_path, shadow, outcome):
+    """Half of stable's requests are copied to the shadow arm after the client has stable's answer; the client
+    never sees the shadow's answer (nor its failures), its latency is counted apart from the served requests,
+    and each copy comes back as a sample with both answers, which monitoring/shadow.py judges."""
+    import redis
+
+    url = os.environ["REDIS_URL"].rsplit("/", 1)[0] + "/3"
+    client = redis.Redis.from_url(url)
+    stream = f"gateway:samples:test-mirror-{uuid.uuid4().hex[:8]}"
+    node = triton.url.removeprefix("http://")
+    publish_routes(client, {"echo": {"stable": {"version": "1", "triton_model": "echo_v1", "nodes": [node]},
+                                     "canary": None,
+                                     "shadow": {"version": "2", "triton_model": shadow, "nodes": [node], "share": 50}}})
+    rng = random.Random(5)
+    try:
+        with gateway_process(url, tmp_path / "gateway.log", "--sample-rate", "0", "--sample-stream", stream,
+                             "--routes-poll-s", "0.2") as (port, _proc):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+
+            def infer(values: list[float]) -> tuple[int, str | None, list[float]]:
+                body = json.dumps({"inputs": [{"name": "x", "shape": [len(values)], "datatype": "FP32",
+                                               "data": values}]})
+                conn.request("POST", "/v2/models/echo/infer", body=body, headers={"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                data = resp.read()
+                return resp.status, resp.getheader("x-model-version"), json.loads(data)["outputs"][0]["data"]
+
+            def metrics() -> str:
+                conn.request("GET", "/metrics")
+                resp = conn.getresponse()
+                return resp.read().decode()
+
+            wait_until(lambda: "gateway_shadow_dropped_total" in metrics(), 30, "the table with a shadow arm")
+            served_before = _metric(metrics(), "gateway_request_duration_seconds_count", "1")
+            shadow_before = _metric(metrics(), "gateway_shadow_request_duration_seconds_count", "2")
+            answers = []
+            for _ in range(40):
+                values = [round(rng.uniform(0.1, 1.0), 3) for _ in range(4)]
+                status, version, data = infer(values)
+                answers.append((status, version, data == pytest.approx(values)))
+            assert answers == [(200, "1", True)] * 40  # only ever stable's answer, whatever the shadow does
+            wait_until(lambda: _metric(metrics(), "gateway_shadow_request_duration_seconds_count", "2")
+                       >= shadow_before + 20, 10, "20 mirrored requests answered")
+            text = metrics()
+            assert _metric(text, "gateway_shadow_request_duration_seconds_count", "2") == shadow_before + 20
+            assert _metric(text, "gateway_request_duration_seconds_count", "1") == served_before + 40
+            assert _metric(text, "gateway_request_duration_seconds_count", "2") == 0  # never counted as served
+            conn.close()
+            wait_until(lambda: len(mirrored_pairs(client, "echo", "2", 100, stream=stream)) >= 20, 10,
+                       "the mirrored samples")
+        pairs = mirrored_pairs(client, "echo", "2", 100, stream=stream)
+        assert len(pairs) >= 20
+        limits = ShadowThresholds(min_requests=20, latency_floor_ms=MIRRORED_LATENCY_FLOOR_MS)
+        verdict = judge_pairs(pairs[:20], limits, "mirrored")
+        assert verdict.outcome == outcome, verdict.reason
+        assert "20 mirrored requests sent to both" in verdict.reason
+        if shadow == "echo_faulty":
+            assert all(p.stable_status == 200 and p.candidate_status >= 400 for p in pairs)
+        if shadow == "echo_double":
+            assert verdict.figures["label_agreement"] == 1.0 and verdict.figures["agreement"] == 0.0
+    finally:
+        client.delete(stream)
+        client.close()

@@ -94,6 +94,11 @@ def test_a_candidate_failing_requests_stable_answered_fails():
 def test_a_slower_candidate_fails_on_the_same_requests_and_a_similar_one_never_does():
     slow = judge_pairs(pairs(30, random.Random(7), candidate_ms=5.0), ShadowThresholds(min_requests=20))
     assert slow.outcome == "fail" and "slower than stable on the same requests" in slow.reason
+    # mirrored copies timed on another path need a larger difference: 5 ms more fails, 1.8 ms more does not
+    mirrored = ShadowThresholds(min_requests=20, latency_floor_ms=2.0)
+    assert judge_pairs(pairs(30, random.Random(7), candidate_ms=5.0), mirrored).outcome == "fail"
+    assert judge_pairs(pairs(30, random.Random(7), candidate_ms=1.8), mirrored).outcome == "pass"
+    assert judge_pairs(pairs(30, random.Random(7), candidate_ms=1.8), ShadowThresholds(20)).outcome == "fail"
     for seed in range(100):  # equal latency with noise: never a failure
         verdict = judge_pairs(pairs(30, random.Random(seed)), ShadowThresholds(min_requests=20))
         assert verdict.outcome == "pass", (seed, verdict.reason)

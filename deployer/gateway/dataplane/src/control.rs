@@ -2,8 +2,11 @@
 //! whole at its `end` line.
 //!
 //!     table   <version>
-//!     model   <name>  <canary weight 0..100>
-//!     arm     stable|canary   <version>   <triton model>  <host:port>[,<host:port>...]
+//!     model   <name>  <canary weight 0..100>  [<shadow share 0..100>]
+//!     arm     stable|canary|shadow   <version>   <triton model>  <host:port>[,<host:port>...]
+//!
+//! A shadow arm gets a copy of `shadow share` of every 100 requests stable answered, after the client has
+//! its answer (shadow.rs); its answers go to nobody but the paired sample.
 //!     end
 //!
 //! and, outside a table, `dropped <n>`: samples the control plane could not take (Redis behind), counted
@@ -23,6 +26,9 @@ pub struct ModelSpec {
     pub weight: u32,
     pub stable: Option<ArmSpec>,
     pub canary: Option<ArmSpec>,
+    /// Percent of stable's requests mirrored to the shadow arm.
+    pub shadow_share: u32,
+    pub shadow: Option<ArmSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,8 +130,8 @@ impl ControlParser {
 }
 
 fn model_line(t: &mut TableSpec, f: &[&str]) -> Result<(), String> {
-    if f.len() != 3 {
-        return Err(format!("a model line has 3 fields, not {}", f.len()));
+    if f.len() != 3 && f.len() != 4 {
+        return Err(format!("a model line has 3 or 4 fields, not {}", f.len()));
     }
     let name = f[1];
     if name.is_empty() || name.contains('/') {
@@ -139,7 +145,15 @@ fn model_line(t: &mut TableSpec, f: &[&str]) -> Result<(), String> {
         .ok()
         .filter(|w| *w <= 100)
         .ok_or_else(|| format!("{name}: weight must be 0..100, not {:?}", f[2]))?;
-    t.models.push(ModelSpec { name: name.to_string(), weight, stable: None, canary: None });
+    let shadow_share = match f.get(3) {
+        None => 0,
+        Some(v) => v
+            .parse::<u32>()
+            .ok()
+            .filter(|w| *w <= 100)
+            .ok_or_else(|| format!("{name}: shadow share must be 0..100, not {v:?}"))?,
+    };
+    t.models.push(ModelSpec { name: name.to_string(), weight, stable: None, canary: None, shadow_share, shadow: None });
     Ok(())
 }
 
@@ -165,7 +179,8 @@ fn arm_line(t: &mut TableSpec, f: &[&str]) -> Result<(), String> {
     let slot = match role {
         "stable" => &mut model.stable,
         "canary" => &mut model.canary,
-        _ => return Err(format!("{}: arm role must be stable or canary, not {role:?}", model.name)),
+        "shadow" => &mut model.shadow,
+        _ => return Err(format!("{}: arm role must be stable, canary or shadow, not {role:?}", model.name)),
     };
     if slot.is_some() {
         return Err(format!("{}: two {role} arms", model.name));
@@ -185,7 +200,7 @@ mod tests {
     #[test]
     fn a_table_is_applied_at_its_end() {
         let mut p = ControlParser::default();
-        let ev = feed(&mut p, "table\t7\nmodel\techo\t10\narm\tstable\t1\techo_v1\t127.0.0.1:8000,h:9\narm\tcanary\t2\techo_v2\t127.0.0.1:8000\nmodel\tother\t55\narm\tstable\t3\tother_v3\th:1\nend\n");
+        let ev = feed(&mut p, "table\t7\nmodel\techo\t10\narm\tstable\t1\techo_v1\t127.0.0.1:8000,h:9\narm\tcanary\t2\techo_v2\t127.0.0.1:8000\nmodel\tother\t55\t30\narm\tstable\t3\tother_v3\th:1\narm\tshadow\t4\tother_v4\th:2\nend\n");
         let want = TableSpec {
             version: 7,
             models: vec![
@@ -202,6 +217,8 @@ mod tests {
                         triton_model: "echo_v2".into(),
                         nodes: vec!["127.0.0.1:8000".into()],
                     }),
+                    shadow_share: 0,
+                    shadow: None,
                 },
                 ModelSpec {
                     name: "other".into(),
@@ -212,6 +229,12 @@ mod tests {
                         nodes: vec!["h:1".into()],
                     }),
                     canary: None,
+                    shadow_share: 30,
+                    shadow: Some(ArmSpec {
+                        version: "4".into(),
+                        triton_model: "other_v4".into(),
+                        nodes: vec!["h:2".into()],
+                    }),
                 },
             ],
         };
@@ -236,6 +259,9 @@ mod tests {
             ("table\t3\nmodel\tm\t5\narm\tstable\t1\tm/1\th:1\nend", Some(3)),
             ("table\t3\nmodel\tm\t5\nmodel\tm\t5\nend", Some(3)),
             ("table\t3\nbogus\nend", Some(3)),
+            ("table\t3\nmodel\tm\t5\t101\narm\tstable\t1\tm1\th:1\nend", Some(3)),
+            ("table\t3\nmodel\tm\t5\tx\narm\tstable\t1\tm1\th:1\nend", Some(3)),
+            ("table\t3\nmodel\tm\t5\t1\t2\narm\tstable\t1\tm1\th:1\nend", Some(3)),
         ];
         for (text, version) in cases {
             let mut p = ControlParser::default();

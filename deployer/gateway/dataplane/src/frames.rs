@@ -31,11 +31,27 @@ pub struct Sample {
     pub request_head: Vec<u8>,
     pub response_head: Vec<u8>,
     pub response: Vec<u8>,
+    /// A mirrored request: the shadow arm's answer to the same request (shadow.rs).
+    pub shadow: Option<ShadowAnswer>,
+}
+
+/// The shadow arm's answer; status 0 when there was none (no node, lost, timed out).
+#[derive(Default)]
+pub struct ShadowAnswer {
+    pub version: String,
+    pub triton_model: String,
+    pub status: u16,
+    pub latency_ns: u64,
+    pub response: Vec<u8>,
 }
 
 impl Sample {
-    fn bytes(&self) -> usize {
-        self.request.len() + self.request_head.len() + self.response_head.len() + self.response.len()
+    pub fn bytes(&self) -> usize {
+        self.request.len()
+            + self.request_head.len()
+            + self.response_head.len()
+            + self.response.len()
+            + self.shadow.as_ref().map_or(0, |s| s.response.len())
     }
 }
 
@@ -83,6 +99,13 @@ pub fn encode(frame: &Frame, out: &mut Vec<u8>) {
             field(out, "request_head", &s.request_head);
             field(out, "response_head", &s.response_head);
             field(out, "response", &s.response);
+            if let Some(sh) = &s.shadow {
+                field(out, "shadow_version", sh.version.as_bytes());
+                field(out, "shadow_triton_model", sh.triton_model.as_bytes());
+                field(out, "shadow_status", sh.status.to_string().as_bytes());
+                field(out, "shadow_latency_ms", format!("{:.3}", sh.latency_ns as f64 / 1e6).as_bytes());
+                field(out, "shadow_response", &sh.response);
+            }
             b'S'
         }
     };
@@ -189,6 +212,7 @@ mod tests {
             request_head: b"POST / HTTP/1.1\r\n\r\n".to_vec(),
             response_head: b"HTTP/1.1 200 OK".to_vec(),
             response: vec![],
+            shadow: None,
         };
         encode(&Frame::Sample(Box::new(s)), &mut out);
         assert_eq!(out[0], b'S');

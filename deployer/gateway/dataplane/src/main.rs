@@ -13,6 +13,7 @@ mod metrics;
 mod proxy;
 mod routes;
 mod routing;
+mod shadow;
 
 use std::io::Write;
 use std::net::{TcpListener, ToSocketAddrs};
@@ -255,6 +256,12 @@ fn main() {
             .expect("a thread");
     };
     essential("frames", Box::new(move || frames::write_frames(rx, channel, &st.metrics.samples_dropped)));
+    let (shadow_tx, shadow_rx) = std::sync::mpsc::sync_channel(shadow::QUEUE);
+    let _ = st.shadow.set(shadow_tx);
+    let shadow_rx: &'static std::sync::Mutex<_> = Box::leak(Box::new(std::sync::Mutex::new(shadow_rx)));
+    for _ in 0..shadow::WORKERS {
+        essential("shadow", Box::new(move || shadow::work(st, shadow_rx)));
+    }
     let plane: &'static Plane = Box::leak(Box::new(Plane { st, channel }));
     essential("control", Box::new(move || channel.serve(plane)));
     essential(

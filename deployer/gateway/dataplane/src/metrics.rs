@@ -64,6 +64,10 @@ impl ArmStats {
 #[derive(Default)]
 pub struct Metrics {
     arms: Mutex<BTreeMap<(String, String), Arc<ArmStats>>>,
+    /// Shadow arms' figures, in families of their own (gateway_shadow_*): never counted as served.
+    shadow_arms: Mutex<BTreeMap<(String, String), Arc<ArmStats>>>,
+    /// Mirrored requests dropped: the shadow queue was full.
+    pub shadow_dropped: AtomicU64,
     pub samples_dropped: AtomicU64,
     pub routes_version: AtomicU64,
 }
@@ -82,6 +86,38 @@ impl Metrics {
     }
 
     /// The whole exposition text (format 0.0.4).
+    pub fn shadow_arm(&self, model: &str, version: &str) -> Arc<ArmStats> {
+        let mut arms = crate::lock(&self.shadow_arms);
+        arms.entry((model.to_string(), version.to_string())).or_default().clone()
+    }
+
+    /// The shadow families, only once a shadow arm has existed.
+    fn render_shadow(&self, s: &mut String) {
+        let arms: Vec<((String, String), Arc<ArmStats>)> = {
+            let arms = crate::lock(&self.shadow_arms);
+            arms.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        };
+        if arms.is_empty() {
+            return;
+        }
+        family(
+            s,
+            "gateway_shadow_request_duration_seconds",
+            "histogram",
+            "Mirrored (shadow) request latency, from the copy's first byte sent to the shadow arm's last byte read",
+        );
+        histograms(s, "gateway_shadow_request_duration_seconds", &arms);
+        family(
+            s,
+            "gateway_shadow_request_errors_total",
+            "counter",
+            "Mirrored (shadow) requests that failed, by reason (as gateway_request_errors_total)",
+        );
+        errors(s, "gateway_shadow_request_errors_total", &arms);
+        family(s, "gateway_shadow_dropped_total", "counter", "Requests not mirrored: the shadow queue was full");
+        let _ = writeln!(s, "gateway_shadow_dropped_total {}", int(self.shadow_dropped.load(Relaxed)));
+    }
+
     pub fn render(&self, nodes: &[NodeCount]) -> String {
         let arms: Vec<((String, String), Arc<ArmStats>)> = {
             let arms = crate::lock(&self.arms);
@@ -90,22 +126,7 @@ impl Metrics {
         let mut s = String::with_capacity(4096 + arms.len() * 2048);
         family(&mut s, "gateway_request_duration_seconds", "histogram",
                "Inference request latency through the gateway, from the request's last byte read to the response's last byte relayed");
-        for ((model, version), a) in &arms {
-            let (m, v) = (escape(model), escape(version));
-            let mut total = 0u64;
-            for (le, b) in LE.iter().zip(&a.buckets) {
-                total += b.load(Relaxed);
-                let _ = writeln!(
-                    s,
-                    "gateway_request_duration_seconds_bucket{{le=\"{le}\",model=\"{m}\",version=\"{v}\"}} {}",
-                    int(total)
-                );
-            }
-            let _ =
-                writeln!(s, "gateway_request_duration_seconds_count{{model=\"{m}\",version=\"{v}\"}} {}", int(total));
-            let sum = a.sum_ns.load(Relaxed) as f64 / 1e9;
-            let _ = writeln!(s, "gateway_request_duration_seconds_sum{{model=\"{m}\",version=\"{v}\"}} {sum:?}");
-        }
+        histograms(&mut s, "gateway_request_duration_seconds", &arms);
         family(&mut s, "gateway_requests_in_flight", "gauge", "Inference requests being served");
         for ((model, version), a) in &arms {
             let _ = writeln!(
@@ -118,21 +139,7 @@ impl Metrics {
         }
         family(&mut s, "gateway_request_errors_total", "counter",
                "Inference requests that failed, by reason: upstream_5xx (upstream status >= 500), unavailable (no node reachable), upstream_lost (the upstream connection ended mid-response), upstream_timeout (no complete response within the read timeout)");
-        for ((model, version), a) in &arms {
-            // Like prometheus_client: a reason appears once it has happened.
-            let mut by_reason: Vec<(&str, u64)> =
-                REASONS.iter().zip(&a.errors).map(|(r, n)| (*r, n.load(Relaxed))).filter(|(_, n)| *n > 0).collect();
-            by_reason.sort();
-            for (reason, n) in by_reason {
-                let _ = writeln!(
-                    s,
-                    "gateway_request_errors_total{{model=\"{}\",reason=\"{reason}\",version=\"{}\"}} {}",
-                    escape(model),
-                    escape(version),
-                    int(n)
-                );
-            }
-        }
+        errors(&mut s, "gateway_request_errors_total", &arms);
         family(
             &mut s,
             "gateway_upstream_retries_total",
@@ -164,7 +171,37 @@ impl Metrics {
         let _ = writeln!(s, "gateway_samples_dropped_total {}", int(self.samples_dropped.load(Relaxed)));
         family(&mut s, "gateway_routes_version", "gauge", "Version of the routing table in use");
         let _ = writeln!(s, "gateway_routes_version {}", int(self.routes_version.load(Relaxed)));
+        self.render_shadow(&mut s);
         s
+    }
+}
+
+/// A latency histogram per model and version.
+fn histograms(s: &mut String, name: &str, arms: &[((String, String), Arc<ArmStats>)]) {
+    for ((model, version), a) in arms {
+        let (m, v) = (escape(model), escape(version));
+        let mut total = 0u64;
+        for (le, b) in LE.iter().zip(&a.buckets) {
+            total += b.load(Relaxed);
+            let _ = writeln!(s, "{name}_bucket{{le=\"{le}\",model=\"{m}\",version=\"{v}\"}} {}", int(total));
+        }
+        let _ = writeln!(s, "{name}_count{{model=\"{m}\",version=\"{v}\"}} {}", int(total));
+        let sum = a.sum_ns.load(Relaxed) as f64 / 1e9;
+        let _ = writeln!(s, "{name}_sum{{model=\"{m}\",version=\"{v}\"}} {sum:?}");
+    }
+}
+
+/// An error counter per model, version and reason.
+fn errors(s: &mut String, name: &str, arms: &[((String, String), Arc<ArmStats>)]) {
+    for ((model, version), a) in arms {
+        // Like prometheus_client: a reason appears once it has happened.
+        let mut by_reason: Vec<(&str, u64)> =
+            REASONS.iter().zip(&a.errors).map(|(r, n)| (*r, n.load(Relaxed))).filter(|(_, n)| *n > 0).collect();
+        by_reason.sort();
+        for (reason, n) in by_reason {
+            let (m, v) = (escape(model), escape(version));
+            let _ = writeln!(s, "{name}{{model=\"{m}\",reason=\"{reason}\",version=\"{v}\"}} {}", int(n));
+        }
     }
 }
 

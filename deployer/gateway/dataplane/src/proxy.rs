@@ -132,6 +132,8 @@ pub struct State {
     pub frames: SyncSender<Frame>,
     pub connections: AtomicUsize,
     pub budget: Budget,
+    /// The shadow workers' queue (shadow.rs), once they run.
+    pub shadow: std::sync::OnceLock<SyncSender<crate::shadow::Job>>,
     /// Refused connections being lingered over (MAX_LINGERING_REFUSALS).
     lingering: AtomicUsize,
 }
@@ -149,6 +151,7 @@ impl State {
             ready: AtomicBool::new(false),
             frames,
             connections: AtomicUsize::new(0),
+            shadow: std::sync::OnceLock::new(),
         }
     }
 
@@ -329,6 +332,8 @@ struct Ask<'a> {
     to: Reply,
     body: &'a [u8],
     sampled: bool,
+    /// The shadow arm this request is copied to once stable answered (it is sampled then too).
+    mirror: Option<&'a Arc<Arm>>,
 }
 
 /// How an exchange ended.
@@ -739,7 +744,8 @@ fn exchange(st: &State, io: &mut Io, a: &Ask) -> bool {
 
 fn offer_sample(st: &State, io: &mut Io, a: &Ask, status: u16, took: u64) {
     if io.sample_overflow {
-        st.metrics.samples_dropped.fetch_add(1, Ordering::Relaxed);
+        let dropped = if a.mirror.is_some() { &st.metrics.shadow_dropped } else { &st.metrics.samples_dropped };
+        dropped.fetch_add(1, Ordering::Relaxed);
         return;
     }
     let ts_us = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
@@ -754,7 +760,16 @@ fn offer_sample(st: &State, io: &mut Io, a: &Ask, status: u16, took: u64) {
         request_head: io.fwd.clone(),
         response_head: std::mem::take(&mut io.sample_head),
         response: std::mem::take(&mut io.sample_body),
+        shadow: None,
     };
+    if let Some(arm) = a.mirror {
+        // Copied to the shadow arm now that the client has its answer; the sample leaves with both answers.
+        let job = crate::shadow::Job { arm: arm.clone(), stable_prefix_len: a.arm.prefix.len(), sample };
+        if !st.shadow.get().is_some_and(|tx| crate::shadow::offer(tx, job)) {
+            st.metrics.shadow_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        return;
+    }
     if !frames::offer(&st.frames, sample) {
         st.metrics.samples_dropped.fetch_add(1, Ordering::Relaxed);
     }
@@ -1180,10 +1195,12 @@ impl<'s> Conn<'s> {
         }
         fwd.extend_from_slice(b"\r\n");
 
+        let mirror = if kind == Kind::Infer && std::ptr::eq(arm, &model.stable) { model.mirror() } else { None };
         let sampled = kind == Kind::Infer
-            && (st.settings.sample_all
+            && (mirror.is_some()
+                || st.settings.sample_all
                 || (st.settings.sample_below > 0 && io.next_random() < st.settings.sample_below));
-        let ask = Ask { arm, model: &model.name, kind, to, body, sampled };
+        let ask = Ask { arm, model: &model.name, kind, to, body, sampled, mirror };
         exchange(st, io, &ask)
     }
 }

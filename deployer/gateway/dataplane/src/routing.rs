@@ -164,6 +164,11 @@ pub struct Model {
     /// Canary weight, 0 when there is no canary.
     pub weight: u64,
     spread: AtomicU64,
+    /// Mirrored after stable answered, never seen by a client (shadow.rs); shared with the shadow workers.
+    pub shadow: Option<Arc<Arm>>,
+    /// Percent of stable's requests mirrored, 0 when there is no shadow arm.
+    pub shadow_share: u64,
+    shadow_spread: AtomicU64,
 }
 
 impl Model {
@@ -187,6 +192,16 @@ impl Model {
         } else {
             &self.stable
         }
+    }
+}
+
+impl Model {
+    /// The shadow arm when this request, answered by stable, is to be mirrored: exactly `shadow_share` of
+    /// every 100 consecutive ones.
+    pub fn mirror(&self) -> Option<&Arc<Arm>> {
+        let shadow = self.shadow.as_ref()?;
+        let n = self.shadow_spread.fetch_add(1, Relaxed);
+        spread_to_canary(n, self.shadow_share).then_some(shadow)
     }
 }
 
@@ -224,7 +239,7 @@ impl Nodes {
     }
 }
 
-fn build_arm(model: &str, spec: &ArmSpec, nodes: &Nodes, metrics: &Metrics) -> Arm {
+fn build_arm(spec: &ArmSpec, nodes: &Nodes, stats: Arc<ArmStats>) -> Arm {
     Arm {
         version: spec.version.clone(),
         triton_model: spec.triton_model.clone(),
@@ -232,7 +247,7 @@ fn build_arm(model: &str, spec: &ArmSpec, nodes: &Nodes, metrics: &Metrics) -> A
         version_header: format!("\r\nx-model-version: {}", spec.version).into_bytes(),
         nodes: spec.nodes.iter().map(|a| nodes.get(a)).collect(),
         rr: AtomicUsize::new(0),
-        stats: metrics.arm(model, &spec.version),
+        stats,
     }
 }
 
@@ -241,13 +256,18 @@ pub fn build_table(spec: &TableSpec, nodes: &Nodes, metrics: &Metrics) -> Table 
     let mut models = HashMap::with_capacity(spec.models.len());
     for m in &spec.models {
         let Some(stable) = &m.stable else { continue };
-        let canary = m.canary.as_ref().map(|c| build_arm(&m.name, c, nodes, metrics));
+        let served = |a: &ArmSpec| build_arm(a, nodes, metrics.arm(&m.name, &a.version));
+        let canary = m.canary.as_ref().map(served);
+        let shadow = m.shadow.as_ref().map(|a| Arc::new(build_arm(a, nodes, metrics.shadow_arm(&m.name, &a.version))));
         let model = Model {
             name: m.name.clone(),
-            stable: build_arm(&m.name, stable, nodes, metrics),
+            stable: served(stable),
             weight: if canary.is_some() { u64::from(m.weight) } else { 0 },
             canary,
             spread: AtomicU64::new(0),
+            shadow_share: if shadow.is_some() { u64::from(m.shadow_share) } else { 0 },
+            shadow,
+            shadow_spread: AtomicU64::new(0),
         };
         models.insert(m.name.as_bytes().into(), model);
     }
@@ -264,9 +284,11 @@ pub fn describe(spec: &TableSpec) -> String {
         .iter()
         .map(|m| {
             let stable = m.stable.as_ref().map_or("?", |a| a.version.as_str());
+            let shadow =
+                m.shadow.as_ref().map_or(String::new(), |s| format!(" (shadow {} @ {}%)", s.version, m.shadow_share));
             match &m.canary {
-                Some(c) => format!("{}={} / {} @ {}%", m.name, stable, c.version, m.weight),
-                None => format!("{}={}", m.name, stable),
+                Some(c) => format!("{}={} / {} @ {}%{shadow}", m.name, stable, c.version, m.weight),
+                None => format!("{}={}{shadow}", m.name, stable),
             }
         })
         .collect();
@@ -311,7 +333,14 @@ mod tests {
         };
         TableSpec {
             version: 1,
-            models: vec![ModelSpec { name: "m".into(), weight, stable: Some(arm("1")), canary: Some(arm("2")) }],
+            models: vec![ModelSpec {
+                name: "m".into(),
+                weight,
+                stable: Some(arm("1")),
+                canary: Some(arm("2")),
+                shadow_share: 25,
+                shadow: Some(arm("3")),
+            }],
         }
     }
 
@@ -333,6 +362,12 @@ mod tests {
         assert!((0..10).all(|_| t100.models[&b"m"[..]].pick(Some(b"x")).version == "2"));
         assert_eq!(t.models[&b"m"[..]].stable.prefix, b"/v2/models/m_v1");
         assert_eq!(t.models[&b"m"[..]].canary.as_ref().unwrap().version_header, b"\r\nx-model-version: 2");
+        // a quarter of the requests mirrored, evenly spaced; the shadow arm's latencies are kept apart
+        let mirrored: Vec<bool> = (0..400).map(|_| m.mirror().is_some()).collect();
+        assert_eq!(mirrored.iter().filter(|x| **x).count(), 100);
+        assert_eq!(&mirrored[..8], [false, false, false, true, false, false, false, true]);
+        assert!(!Arc::ptr_eq(&m.shadow.as_ref().unwrap().stats, &metrics.arm("m", "3")));
+        assert!(Arc::ptr_eq(&m.shadow.as_ref().unwrap().stats, &metrics.shadow_arm("m", "3")));
     }
 
     #[test]
