@@ -12,7 +12,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from deployer import selectors, services
-from deployer.models import ACTIVE_ROLLOUT_STATES, AnalysisPoint, Deployment, Endpoint, RolloutStatus
+from deployer.models import ACTIVE_ROLLOUT_STATES, AnalysisPoint, Deployment, Endpoint, RolloutMode, RolloutStatus
 from pipelines.models import Target
 from registry.api.views import BaseView, actor_of, model_or_404
 from registry.roles import Cap
@@ -30,6 +30,10 @@ class DeploymentIn(serializers.Serializer):
     max_error_rate = serializers.FloatField(min_value=0, max_value=1, required=False)
     min_requests = serializers.IntegerField(min_value=1, required=False)
     require_approval = serializers.BooleanField(default=False)
+    mode = serializers.ChoiceField(choices=RolloutMode.choices, default=RolloutMode.CANARY,
+                                   help_text="canary: client traffic in steps; shadow: mirrored requests only")
+    shadow_share = serializers.IntegerField(min_value=1, max_value=100, required=False,
+                                            help_text="shadow mode: percent of stable's requests mirrored (50)")
 
 
 class PointOut(serializers.ModelSerializer):
@@ -50,9 +54,9 @@ class DeploymentOut(serializers.ModelSerializer):
     class Meta:
         model = Deployment
         fields = ["id", "model", "version", "previous_version", "target", "engine", "triton_model", "status",
-                  "active", "steps", "step_index", "weight", "step_interval_s", "bake_s", "max_p99_ms",
-                  "max_error_rate", "min_requests", "require_approval", "analysis", "reason", "requested_by",
-                  "decided_by", "step_started_at", "created_at", "updated_at", "finished_at"]
+                  "active", "mode", "shadow_share", "steps", "step_index", "weight", "step_interval_s", "bake_s",
+                  "max_p99_ms", "max_error_rate", "min_requests", "require_approval", "analysis", "reason",
+                  "requested_by", "decided_by", "step_started_at", "created_at", "updated_at", "finished_at"]
 
 
 class DeploymentDetailOut(DeploymentOut):

@@ -37,6 +37,11 @@ class RolloutStatus(models.TextChoices):
     ROLLED_BACK = "rolled_back", "Rolled back"
 
 
+class RolloutMode(models.TextChoices):
+    CANARY = "canary", "Canary (client traffic in steps)"
+    SHADOW = "shadow", "Shadow (mirrored requests, no client sees its answers)"
+
+
 ACTIVE_ROLLOUT_STATES = {RolloutStatus.PENDING, RolloutStatus.PROGRESSING, RolloutStatus.PAUSED,
                          RolloutStatus.AWAITING_APPROVAL}
 # States in which the canary takes traffic (and is analysed).
@@ -76,6 +81,10 @@ class Deployment(models.Model):
     max_error_rate = models.FloatField(default=0.01)
     min_requests = models.PositiveIntegerField(default=20, help_text="canary requests a window needs to be judged")
     require_approval = models.BooleanField(default=False)
+    # A shadow rollout sends the candidate no client traffic: the gateway mirrors shadow_share percent of
+    # stable's requests to it, and it is judged on its answers to them against stable's (monitoring/shadow.py).
+    mode = models.CharField(max_length=8, choices=RolloutMode.choices, default=RolloutMode.CANARY)
+    shadow_share = models.PositiveSmallIntegerField(default=50, help_text="percent of stable's requests mirrored")
     status = models.CharField(max_length=24, choices=RolloutStatus.choices, default=RolloutStatus.PENDING)
     step_index = models.IntegerField(default=-1, help_text="-1 until the canary takes traffic")
     weight = models.PositiveSmallIntegerField(default=0, help_text="canary traffic percent now")

@@ -36,6 +36,7 @@ from deployer.models import (
     AnalysisPoint,
     Deployment,
     Endpoint,
+    RolloutMode,
     RolloutStatus,
 )
 from monitoring import canary
@@ -125,13 +126,27 @@ def deployment_create(actor: Actor, model: RegisteredModel, version_number: int,
                       steps: list[int] | None = None, step_interval_s: int | None = None,
                       bake_s: int | None = None, max_p99_ms: float | None = None,
                       max_error_rate: float | None = None, min_requests: int | None = None,
-                      require_approval: bool = False) -> Deployment:
+                      require_approval: bool = False, mode: str = RolloutMode.CANARY,
+                      shadow_share: int | None = None) -> Deployment:
     """Start rolling a version out. Refused (409) while the model has another active rollout, when the
-    version is not ready, has no kept engine for the target, or already is the stable version."""
+    version is not ready, has no kept engine for the target, or already is the stable version. In shadow
+    mode the candidate takes no client traffic (one step at weight 0) while the gateway mirrors
+    `shadow_share` percent of stable's requests to it."""
     if target not in Target.values:
         raise DeployError(f"target must be one of {', '.join(Target.values)}, not {target!r}")
+    if mode not in RolloutMode.values:
+        raise DeployError(f"mode must be one of {', '.join(RolloutMode.values)}, not {mode!r}")
+    if mode == RolloutMode.SHADOW and steps is not None:
+        raise DeployError("steps: a shadow rollout takes no client traffic; give shadow_share instead")
+    if mode != RolloutMode.SHADOW and shadow_share is not None:
+        raise DeployError("shadow_share: only a shadow rollout mirrors requests")
+    share = _positive("shadow_share", shadow_share, 50)
+    if isinstance(share, float) or share > 100:
+        raise DeployError(f"shadow_share is a whole percent 1..100, got {share!r}")
     limits = {
-        "steps": _check_steps(list(steps) if steps is not None else list(_setting("ROLLOUT_STEPS"))),
+        "steps": [0] if mode == RolloutMode.SHADOW else
+        _check_steps(list(steps) if steps is not None else list(_setting("ROLLOUT_STEPS"))),
+        "mode": mode, "shadow_share": share,
         "step_interval_s": _positive("step_interval_s", step_interval_s, _setting("ROLLOUT_STEP_INTERVAL_S")),
         "bake_s": _positive("bake_s", bake_s, _setting("ROLLOUT_BAKE_S"), allow_zero=True),
         "max_p99_ms": _positive("max_p99_ms", max_p99_ms, _setting("ROLLOUT_MAX_P99_MS")),
@@ -382,6 +397,8 @@ def analyse(d: Deployment, now: float) -> canary.Verdict:
     if now < settled_at:
         return canary.waiting(f"settling for {settle_s:g}s after the weight change to {d.weight}% "
                               "(PLATFORM_ROLLOUT_SETTLE_S)")
+    if d.mode == RolloutMode.SHADOW:
+        return _shadow_verdict(d, redis, max(settled_at, now - window_s), now)
     gateways = [g["metrics"] for g in live_gateways(redis).values() if g.get("metrics")]
     snap = canary.scrape(d.model.name, {d.triton_model}, gateways, fleet().metrics_urls())
     # Triton counts replayed requests too: the deployer's own count of them is kept beside Triton's, and
@@ -401,6 +418,15 @@ def analyse(d: Deployment, now: float) -> canary.Verdict:
     return canary.judge(win, str(d.version.version), d.triton_model,
                         None if stable is None else str(stable),
                         canary.Thresholds(d.max_p99_ms, d.max_error_rate, d.min_requests), snap.t - base.t)
+
+
+def _shadow_verdict(d: Deployment, redis: Any, since: float, now: float) -> canary.Verdict:
+    """A shadow rollout's window: the requests the gateways mirrored to the candidate since `since`, each
+    with stable's answer and the candidate's, judged pair by pair."""
+    pairs = shadow.mirrored_pairs(redis, d.model.name, str(d.version.version), limit=5000, max_age_s=now - since)
+    limits = shadow_analysis.ShadowThresholds(d.min_requests,
+                                              latency_floor_ms=shadow_analysis.MIRRORED_LATENCY_FLOOR_MS)
+    return shadow_analysis.judge_pairs(pairs, limits, "mirrored")
 
 
 REPLAY_CLAIM_KEY = "deployer:replay:{deployment}"
@@ -477,7 +503,10 @@ def fleet_converge() -> dict[str, Any]:
         d = active.get(ep.model_id)
         if d is not None:
             canary_nodes = place(_placement(d.triton_model, d.engine, d.target))
-            if d.status in SERVING_ROLLOUT_STATES and d.weight > 0 and canary_nodes:
+            if d.mode == RolloutMode.SHADOW and d.status in SERVING_ROLLOUT_STATES and canary_nodes:
+                entry["shadow"] = {"version": str(d.version.version), "triton_model": d.triton_model,
+                                   "nodes": canary_nodes, "share": d.shadow_share}
+            elif d.status in SERVING_ROLLOUT_STATES and d.weight > 0 and canary_nodes:
                 entry["canary"] = {"version": str(d.version.version), "triton_model": d.triton_model,
                                    "nodes": canary_nodes, "weight": d.weight}
         table[name] = entry

@@ -42,6 +42,17 @@ def test_a_deployment_starts_pending_with_the_default_steps_and_the_fp32_engine(
     assert Endpoint.objects.filter(model__name=unique_name).exists()
 
 
+def test_a_shadow_deployment_has_one_step_at_no_traffic_and_its_mirrored_share(manager, unique_name):
+    _model(unique_name)
+    resp = manager.post("/api/v1/deployments/", {"model": unique_name, "version": 2, "mode": "shadow",
+                                                 "shadow_share": 20}, format="json")
+    assert resp.status_code == 201, resp.content
+    body = resp.json()
+    assert (body["mode"], body["shadow_share"], body["steps"], body["weight"]) == ("shadow", 20, [0], 0)
+    d = manager.get(f"/api/v1/deployments/{body['id']}/").json()
+    assert d["mode"] == "shadow"
+
+
 @pytest.mark.parametrize(("body", "status", "says"), [
     ({"version": 9}, 404, "has no version 9"),
     ({"version": 1, "steps": [50, 10]}, 400, "weights must increase"),
@@ -49,6 +60,10 @@ def test_a_deployment_starts_pending_with_the_default_steps_and_the_fp32_engine(
     ({"version": 1, "steps": []}, 400, "at least one"),
     ({"version": 1, "max_error_rate": 2}, 400, "max_error_rate"),
     ({"version": 1, "target": "tpu"}, 400, "target"),
+    ({"version": 1, "mode": "blue-green"}, 400, "mode"),
+    ({"version": 1, "mode": "shadow", "steps": [10]}, 400, "a shadow rollout takes no client traffic"),
+    ({"version": 1, "shadow_share": 20}, 400, "only a shadow rollout mirrors requests"),
+    ({"version": 1, "mode": "shadow", "shadow_share": 101}, 400, "shadow_share"),
 ])
 def test_bad_deployment_requests_are_refused_saying_what_is_wrong(manager, unique_name, body, status, says):
     _model(unique_name)

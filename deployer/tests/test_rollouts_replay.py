@@ -1,6 +1,8 @@
-"""Low-traffic canaries on the real local fleet behind the real gateway: a step whose time is up without enough
-client requests to judge replays recorded stable requests against the canary, and is decided on them on time
-(promoted when good, rolled back when faulty); the replayed requests are never counted as served."""
+"""Low-traffic canaries and shadow rollouts on the real local fleet behind the real gateway. A canary step whose
+time is up without enough client requests to judge replays recorded stable requests against the canary, and is
+decided on them on time (promoted when good, rolled back when faulty); the replayed requests are never counted as
+served. A shadow rollout sends the candidate no client request: the gateway mirrors stable's, and the candidate
+is judged on its answers to them."""
 
 from __future__ import annotations
 
@@ -15,10 +17,12 @@ from django.utils import timezone
 
 from deployer import services
 from deployer.gateway.sampling import SAMPLES_STREAM
-from deployer.models import AnalysisPoint, RolloutStatus
+from deployer.models import AnalysisPoint, RolloutMode, RolloutStatus
 from deployer.shadow import REPLAYED_KEY
-from deployer.tests.test_rollouts import FAST, _first_deployment, _reconcile_until
+from deployer.testing import Load, wait_until
+from deployer.tests.test_rollouts import FAST, _first_deployment, _reconcile_until, _routed
 from registry.audit import SYSTEM
+from registry.models import AuditEvent
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(300)]
 
@@ -90,3 +94,46 @@ def test_a_canary_without_client_traffic_is_decided_on_time_by_replaying_recorde
     assert list(AnalysisPoint.objects.filter(deployment=d).values_list("canary_requests", flat=True)) \
         and not AnalysisPoint.objects.filter(deployment=d, canary_requests__gt=0).exists()
     redis_client.delete(REPLAYED_KEY, SAMPLES_STREAM)
+
+
+@pytest.mark.parametrize(("factor", "outcome"), [(1.0, RolloutStatus.PROMOTED), (-1.0, RolloutStatus.ROLLED_BACK)])
+def test_a_shadow_rollout_is_judged_on_mirrored_requests_while_every_client_gets_stables_answer(
+        local_fleet, gateway, redis_client, serving_version, model_archive, unique_name, factor, outcome):
+    _first_deployment(unique_name, model_archive, serving_version, redis_client)
+    v2 = serving_version(unique_name, model_archive, factor)
+    routes_seen = set()
+
+    def watch() -> None:
+        services.rollouts_reconcile()
+        route = _routed(redis_client, unique_name)
+        if route is not None and route.stable.version == "1":
+            routes_seen.add((route.canary is not None, route.shadow.version if route.shadow else None,
+                             route.shadow_share))
+
+    with Load(gateway["port"], unique_name) as load:
+        d = services.deployment_create(SYSTEM, v2.model, v2.version, mode=RolloutMode.SHADOW, shadow_share=50,
+                                       **{**FAST, "min_requests": 20, "step_interval_s": STEP_S, "bake_s": BAKE_S})
+        assert d.steps == [0]
+
+        def decided() -> bool:
+            d.refresh_from_db()
+            return d.status in {RolloutStatus.PROMOTED, RolloutStatus.ROLLED_BACK, RolloutStatus.PAUSED}
+
+        wait_until(decided, 90, "the shadow rollout decided", every=watch, interval=0.3)
+        seen_at_decision = load.by_version()
+    assert d.status == outcome, d.reason
+    assert routes_seen >= {(False, "2", 50)} and all(not canary for canary, _, _ in routes_seen), routes_seen
+    if outcome == RolloutStatus.ROLLED_BACK:
+        assert re.match(r"automatic rollback: candidate answers differ from stable's", d.reason), d.reason
+        # no client ever got the candidate's answer: every answer is version 1's, x * 1
+        assert set(seen_at_decision) == {"1"}
+        assert {f for (_, _, f) in load.outcomes} == {1.0}
+    else:
+        assert re.match(r"all steps passed: answers as stable's .* \d+ mirrored requests sent to both", d.reason), \
+            d.reason
+    assert load.failures == [], load.failures[:5]
+    assert d.analysis["shadow_requests"] >= 20 and d.analysis["shadow_source"] == "mirrored"
+    actions = list(AuditEvent.objects.filter(target_type="deployment", target_id=str(d.pk))
+                   .order_by("id").values_list("action", flat=True))
+    assert actions == ["deployment.create", "deployment.progressing",
+                       "deployment.promoted" if outcome == RolloutStatus.PROMOTED else "deployment.rolled_back"]

@@ -106,6 +106,15 @@ def test_the_deployment_page_shows_state_steps_thresholds_verdict_and_history(br
     assert "pausing, aborting or promoting it needs" in html
 
 
+def test_a_shadow_deployment_page_says_what_share_is_mirrored_and_that_no_client_sees_its_answers(
+        browser_as, unique_name):
+    d = rollout(unique_name, mode="shadow", shadow_share=30, steps=[0], weight=0)
+    html = browser_as(Role.DATA_SCIENTIST).get(f"/deployments/{d.pk}/").content.decode()
+    assert "shadow: 30% of stable's requests mirrored to v2, its answers seen by no client" in html
+    plain = rollout(unique_name + "-c").pk
+    assert 'id="shadow-share"' not in browser_as(Role.DATA_SCIENTIST).get(f"/deployments/{plain}/").content.decode()
+
+
 def test_a_finished_deployment_page_does_not_poll(browser_as, unique_name):
     d = rollout(unique_name, RolloutStatus.PROMOTED, weight=100, step_index=1)
     html = browser_as(Role.RELEASE_MANAGER).get(f"/deployments/{d.pk}/live/").content.decode()
