@@ -96,6 +96,34 @@ def test_a_canary_without_client_traffic_is_decided_on_time_by_replaying_recorde
     redis_client.delete(REPLAYED_KEY, SAMPLES_STREAM)
 
 
+def test_requests_replayed_against_a_canary_are_never_judged_as_served_in_later_windows(
+        local_fleet, gateway, redis_client, serving_version, model_archive, unique_name):
+    # Too few recorded requests to pass (10 of 20): the replay leaves the step inconclusive and it goes on, while
+    # Triton has counted the 10 replayed requests to the canary's model; the windows after it must not.
+    redis_client.delete(REPLAYED_KEY)
+    _first_deployment(unique_name, model_archive, serving_version, redis_client)
+    _record_stable_requests(redis_client, unique_name, 10)
+    v2 = serving_version(unique_name, model_archive, 1.0)
+    d = services.deployment_create(SYSTEM, v2.model, v2.version, steps=[50],
+                                   **{**FAST, "min_requests": 20, "step_interval_s": STEP_S, "bake_s": BAKE_S})
+    d = _reconcile_until(d, {RolloutStatus.PROGRESSING})
+
+    def replayed() -> bool:
+        d.refresh_from_db()
+        return d.analysis.get("replayed") == 10
+
+    wait_until(replayed, 60, "a replay of the 10 recorded requests", every=services.rollouts_reconcile, interval=0.3)
+    assert d.analysis["outcome"] == "inconclusive" and "10 of 20 replayed requests compared" in d.reason, d.reason
+    replayed_at = timezone.now()
+    wait_until(lambda: AnalysisPoint.objects.filter(deployment=d, at__gt=replayed_at).count() >= 8, 30,
+               "windows after the replay", every=services.rollouts_reconcile, interval=0.3)
+    d.refresh_from_db()
+    assert d.status == RolloutStatus.PROGRESSING, d.reason
+    assert set(AnalysisPoint.objects.filter(deployment=d).values_list("canary_requests", flat=True)) == {0}
+    services.deployment_abort(SYSTEM, d)
+    redis_client.delete(REPLAYED_KEY, SAMPLES_STREAM)
+
+
 @pytest.mark.parametrize(("factor", "outcome"), [(1.0, RolloutStatus.PROMOTED), (-1.0, RolloutStatus.ROLLED_BACK)])
 def test_a_shadow_rollout_is_judged_on_mirrored_requests_while_every_client_gets_stables_answer(
         local_fleet, gateway, redis_client, serving_version, model_archive, unique_name, factor, outcome):
