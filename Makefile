@@ -46,12 +46,14 @@ lint: install
 	$(BIN)/python -m config.stack --state $(STATE)/lint exec -- $(BIN)/mypy
 
 # Benchmarks print a table and one JSON line each; bench.engines needs no servers.
+# bench.chaos starts a whole platform of its own (config.stack run) under the state folder it is given.
 bench: install
 	$(BIN)/python -m config.stack --state $(STATE)/bench exec --fresh -- $(BIN)/python -m bench.registry
 	$(BIN)/python -m bench.engines
 	$(BIN)/python -m config.stack --state $(STATE)/bench exec --fresh -- $(BIN)/python -m bench.gateway
 	$(BIN)/python -m config.stack --state $(STATE)/bench exec --fresh -- $(BIN)/python -m bench.rollback
 	$(BIN)/python -m config.stack --state $(STATE)/bench exec --fresh -- $(BIN)/python -m bench.decisions
+	$(BIN)/python -m bench.chaos --state $(STATE)/bench/chaos
 
 bench-quick: install
 	$(BIN)/python -m config.stack --state $(STATE)/bench exec --fresh -- $(BIN)/python -m bench.registry --quick
@@ -59,6 +61,7 @@ bench-quick: install
 	$(BIN)/python -m config.stack --state $(STATE)/bench exec --fresh -- $(BIN)/python -m bench.gateway --quick
 	$(BIN)/python -m config.stack --state $(STATE)/bench exec --fresh -- $(BIN)/python -m bench.rollback --quick
 	$(BIN)/python -m config.stack --state $(STATE)/bench exec --fresh -- $(BIN)/python -m bench.decisions --quick
+	$(BIN)/python -m bench.chaos --quick --state $(STATE)/bench/chaos
 
 clean:
 	rm -rf $(STATE)/test $(STATE)/bench $(STATE)/lint
