@@ -238,11 +238,14 @@ CELERY_BROKER_CONNECTION_TIMEOUT = 2
 CELERY_BROKER_TRANSPORT_OPTIONS = {"socket_connect_timeout": 2, "socket_timeout": 10}
 CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_BEAT_SCHEDULE = {
-    "registry-reconcile": {"task": "registry.tasks.registry_reconcile", "schedule": 60.0},
+    "registry-reconcile": {"task": "registry.tasks.registry_reconcile", "schedule": 60.0,
+                           "options": {"queue": "reconcile"}},
+    # The reconcilers have a queue of their own (the deployer's worker takes it too), so a worker busy
+    # with validations and builds never holds back the pass that takes over what a dead worker left.
     "validations-reconcile": {"task": "registry.tasks.validations_reconcile", "schedule": 5.0,
-                              "options": {"expires": 5.0}},
+                              "options": {"queue": "reconcile", "expires": 5.0}},
     "engine-builds-reconcile": {"task": "pipelines.tasks.engine_builds_reconcile", "schedule": 5.0,
-                                "options": {"expires": 5.0}},
+                                "options": {"queue": "reconcile", "expires": 5.0}},
     "rollouts-reconcile": {"task": "deployer.tasks.rollouts_reconcile", "schedule": PLATFORM["ROLLOUT_TICK_S"],
                            "options": {"queue": "deployer", "expires": PLATFORM["ROLLOUT_TICK_S"] * 2}},
 }

@@ -27,7 +27,7 @@ from registry import confinement, locks, mlflow_store
 from registry.archives import uses_pickle
 from registry.models import ModelVersion
 from registry.samples import load_sample
-from registry.services import TransitionError, model_download
+from registry.services import DATABASE_UNAVAILABLE, TransitionError, model_download
 
 SANDBOX = Path(__file__).resolve().parent / "build_sandbox.py"
 OPSET = 17
@@ -125,6 +125,8 @@ def _execute(build_id: int, worker: str) -> str:
         return "claimed by another worker"
     try:
         return _run(EngineBuild.objects.select_related("version__model").get(pk=build_id))
+    except DATABASE_UNAVAILABLE:
+        raise  # not the build's fault: its task tries again once the database is back
     except Exception as exc:  # noqa: BLE001 - recorded on the build; the task does not retry blindly
         build_transition(build_id, BuildStatus.FAILED, error=f"{type(exc).__name__}: {exc}"[:4000])
         return BuildStatus.FAILED

@@ -14,13 +14,17 @@ from pipelines.services import build_enqueue, build_transition, engine_builds_re
 from registry import locks
 from registry.audit import SYSTEM
 from registry.models import ModelVersion, VersionStatus
-from registry.services import TransitionError
+from registry.services import DATABASE_UNAVAILABLE, TransitionError
 
 
 @shared_task(bind=True, acks_late=True)
 def engine_build_run(self, build_id: int) -> str:  # type: ignore[no-untyped-def]
-    # The task id is the claim token: a redelivery of this same task may take over its own build.
-    return engine_build_execute(build_id, worker=self.request.id or "local")
+    # The task id is the claim token: a redelivery (or retry) of this same task may take over its own build.
+    # A database that goes away mid-build is waited out, never recorded as the build's failure.
+    try:
+        return engine_build_execute(build_id, worker=self.request.id or "local")
+    except DATABASE_UNAVAILABLE as exc:
+        raise self.retry(exc=exc, countdown=2, max_retries=30) from exc
 
 
 @shared_task

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, InterfaceError, OperationalError, transaction
 from django.db.models import F
 from django.db.models.functions import Greatest
 
@@ -26,6 +26,11 @@ from registry.outbox import outbox_enqueue
 from registry.signals import version_ready
 
 log = logging.getLogger(__name__)
+
+
+# The database went away (restarting, unreachable, a connection cut): transient, so a request answers
+# 503 and a task tries again, rather than recording a failure that did not happen.
+DATABASE_UNAVAILABLE = (OperationalError, InterfaceError)
 
 
 class RegistryError(Exception):

@@ -18,11 +18,15 @@ from registry.models import ModelVersion, VersionStatus
 @shared_task(bind=True, max_retries=5, acks_late=True)
 def version_validate(self, version_id: int) -> str:  # type: ignore[no-untyped-def]
     """Open the version's model in the isolated sandbox (registry.inspection); it becomes ready or
-    invalid. The model is never loaded in this process: pickles run code."""
-    with locks.claim("version.validate", version_id) as mine:
-        if not mine:
-            return "being validated by another worker"
-        return _validate(self, version_id)
+    invalid. The model is never loaded in this process: pickles run code. A database that goes away
+    meanwhile is waited out (a retry in 2 s), never recorded as the model's failure."""
+    try:
+        with locks.claim("version.validate", version_id) as mine:
+            if not mine:
+                return "being validated by another worker"
+            return _validate(self, version_id)
+    except services.DATABASE_UNAVAILABLE as exc:
+        raise self.retry(exc=exc, countdown=2, max_retries=30) from exc
 
 
 def _validate(self, version_id: int) -> str:  # type: ignore[no-untyped-def]

@@ -7,7 +7,6 @@ import logging
 from typing import Any
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
-from django.db import InterfaceError, OperationalError
 from django.http import Http404, JsonResponse
 from rest_framework import exceptions, status
 from rest_framework.response import Response
@@ -15,7 +14,7 @@ from rest_framework.views import exception_handler as drf_handler
 
 from registry.api import idempotency
 from registry.archives import ArchiveError, PolicyError
-from registry.services import RegistryError
+from registry.services import DATABASE_UNAVAILABLE, RegistryError
 from registry.tokens import TokenError
 
 log = logging.getLogger(__name__)
@@ -33,9 +32,8 @@ def error_response(status_code: int, code: str, message: str, details: Any = Non
     return Response(error_body(status_code, code, message, details), status=status_code, headers=headers)
 
 
-# The database went away (restarting, unreachable, a connection cut): nothing was committed, or the
+# A database that went away (registry.services.DATABASE_UNAVAILABLE): nothing was committed, or the
 # caller cannot know; a retry is the answer, with the same Idempotency-Key for a POST.
-DATABASE_UNAVAILABLE = (OperationalError, InterfaceError)
 RETRY_AFTER_S = 2
 
 
