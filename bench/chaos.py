@@ -802,27 +802,34 @@ class Drill:
 
 
 def account(registrations: list[Registration], platform_versions: list[dict[str, Any]],
-            mlflow_versions: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
-    """Per trial: registrations made, lost, duplicated, unanswered (see the module's docstring)."""
-    in_platform: dict[str, int] = {}
+            mlflow_versions: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per trial: registrations made, lost, duplicated, unanswered, refused (see the module's docstring),
+    and what each lost or duplicated one was."""
+    in_platform: dict[str, list[dict[str, Any]]] = {}
     for v in platform_versions:
-        key = v["tags"].get("chaos.id", "")
-        in_platform[key] = in_platform.get(key, 0) + 1
-    in_mlflow: dict[str, int] = {}
+        in_platform.setdefault(v["tags"].get("chaos.id", ""), []).append(v)
+    in_mlflow: dict[str, list[str]] = {}
     for v in mlflow_versions:
         tags = {t["key"]: t["value"] for t in v.get("tags", [])}
-        in_mlflow[tags.get("chaos.id", "")] = in_mlflow.get(tags.get("chaos.id", ""), 0) + 1
-    out: dict[str, dict[str, int]] = {}
+        in_mlflow.setdefault(tags.get("chaos.id", ""), []).append(str(v["version"]))
+    out: dict[str, dict[str, Any]] = {}
     for reg in registrations:
         row = out.setdefault(reg.trial, {"registrations": 0, "lost": 0, "duplicated": 0, "unanswered": 0,
-                                         "refused": 0})
+                                         "refused": 0, "registration_detail": []})
         row["registrations"] += 1
         told = 1 if reg.outcome == "created" else 0
-        found = in_platform.get(reg.id, 0)
-        row["lost"] += int(reg.outcome in ("created", "unanswered") and found == 0)
-        row["duplicated"] += max(0, max(found, in_mlflow.get(reg.id, 0)) - told)
+        found, in_ml = in_platform.get(reg.id, []), in_mlflow.get(reg.id, [])
+        lost = int(reg.outcome in ("created", "unanswered") and not found)
+        extra = max(0, max(len(found), len(in_ml)) - told)
+        row["lost"] += lost
+        row["duplicated"] += extra
         row["unanswered"] += int(reg.outcome == "unanswered")
         row["refused"] += int(reg.outcome == "refused")
+        if lost or extra:
+            row["registration_detail"].append({
+                "id": reg.id, "answer": reg.outcome, "version": reg.version, "error": reg.detail,
+                "attempts": reg.attempts, "mlflow_versions": in_ml,
+                "platform_versions": {str(v["version"]): v["origin"] for v in found}})
     return out
 
 
@@ -897,7 +904,7 @@ def run_drills(state: Path, faults: tuple[str, ...] = FAULTS, trials: int = 1, r
             drill.tear_down()
     for r in results:
         r.update(per_trial.get(r["trial"], {"registrations": 0, "lost": 0, "duplicated": 0, "unanswered": 0,
-                                            "refused": 0}))
+                                            "refused": 0, "registration_detail": []}))
     return summarize(results, trials)
 
 
@@ -977,7 +984,7 @@ def report(summary: dict[str, Any]) -> str:
             if _missed(r):
                 lines.append(f"  {r['trial']}: " + json.dumps({k: r.get(k) for k in (
                     "error", "killed", "back_s", "recovery_parts", "background_s", "not_recovered", "first_failures",
-                    "stuck_detail", "rollout", "rollout_reason") if r.get(k) is not None}))
+                    "registration_detail", "stuck_detail", "rollout", "rollout_reason") if r.get(k) not in (None, [])}))
     return "\n".join(lines)
 
 
