@@ -30,8 +30,10 @@ Measured per trial:
   after recovery; rollouts stuck: the trial's rollout still active STUCK_AFTER_S after recovery;
 - recovery: seconds from "back" (above) until all of: no inference request fails any more; a
   registration sent at that moment is answered 201; both Celery workers answer a ping through the broker;
-  the rollout reconciler runs a pass (a new analysis point, or the rollout ended); and every validation
-  or build that a worker had claimed when the kill came is claimed again by a live worker or finished.
+  the rollout reconciler runs a pass (its analysis is stamped, or the rollout ended); and every validation
+  or build that a worker had claimed when the kill came is taken over: claimed again by a live worker, in
+  line again (a build requeued, a validation sent again) or finished. Waiting in line for a busy worker
+  is capacity, not recovery, and is not counted.
 
 Targets (the issue's): 0 failed inference requests for every fault but the loss of the last Triton node
 (here one node of two dies, so 0 there too), 0 lost, duplicated or stuck, 0 rollouts stuck, recovery
@@ -62,6 +64,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -625,14 +628,19 @@ class Drill:
                                  "and objsubid = 2 and granted and classid::int = any(%s)", kinds)
         return {(r[0], r[1]): r[2] for r in rows}
 
-    def _finished(self, kind: int, key: int) -> bool:
+    def _resumed(self, kind: int, key: int, since_wall: float) -> bool:
+        """Whether the validation or build is no longer left behind: finished, or in line again (a build
+        requeued, a validation sent again: the reconcilers stamp it), or claimed by a live worker."""
         from registry.locks import KINDS
 
+        if (kind, key) in self.claims():
+            return True
         if kind == KINDS["version.validate"]:
-            rows = self.platform.sql("select status from registry_modelversion where id = %s", key)
-            return not rows or rows[0][0] != "validating"
+            rows = self.platform.sql("select status, extract(epoch from updated_at) from registry_modelversion "
+                                     "where id = %s", key)
+            return not rows or rows[0][0] != "validating" or float(rows[0][1]) >= since_wall
         rows = self.platform.sql("select status from pipelines_enginebuild where id = %s", key)
-        return not rows or rows[0][0] not in ("queued", "running")
+        return not rows or rows[0][0] != "running"
 
     def _running_build(self, number: int) -> dict[str, Any] | None:
         return next((b for b in self._builds(REGISTERED, number) if b["status"] == "running"), None)
@@ -647,7 +655,7 @@ class Drill:
         rollout, version = self._arrange(fault, label, result)
         claimed = self.claims()
         target = TARGETS[fault](self.platform)
-        killed = time.monotonic()
+        killed_wall, killed = time.time(), time.monotonic()
         for pid in target.pids:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -660,7 +668,7 @@ class Drill:
             result["back_s"] = round(time.monotonic() - killed, 2)
         except AssertionError:
             result.update(back_s=None, note=f"not back within {BACK_TIMEOUT_S:.0f}s")
-        self._watch_recovery(label, rollout, claimed, result)
+        self._watch_recovery(label, rollout, claimed, killed_wall, result)
         self.stream.pause()  # no more registrations in this trial: its work and its rollout must finish
         settle_until = time.monotonic() + STUCK_AFTER_S
         final = self._rollout_end(rollout, settle_until)
@@ -695,12 +703,12 @@ class Drill:
             result["build_running_at_kill"] = self._running_build(number) is not None
         return rollout, version
 
-    def _watch_recovery(self, label: str, rollout: int, claimed: dict[tuple[int, int], int],
+    def _watch_recovery(self, label: str, rollout: int, claimed: dict[tuple[int, int], int], killed_wall: float,
                         result: dict[str, Any]) -> None:
         """From "back": when each check first passed, each on its own clock. A registration sent at once
         (in a thread of its own: it may be retried for a while); both Celery workers consuming; the rollout
-        reconciler ticking; the work in progress at the kill taken over (claimed again by a live worker)
-        or finished. The database is read directly, so a web server still failing hides none of the rest."""
+        reconciler ticking; the work in progress at the kill taken over (claimed again by a live worker, in
+        line again, or finished). The database is read directly, so a failing web server hides none of it."""
         assert self.traffic is not None
         back_wall, back = time.time(), time.monotonic()
         probe: list[Registration] = []
@@ -711,7 +719,8 @@ class Drill:
             "workers answer a ping": self.platform.workers_answer,
             "a rollout reconciler pass": lambda: self._reconciled_since(rollout, back_wall),
             # a claim is held only by a live worker: the database drops a dead one's with its connection
-            **{f"{TAKEN_OVER}{self._claim_name(kind)} {key}": self._taken_over(kind, key) for kind, key in claimed},
+            **{f"{TAKEN_OVER}{self._claim_name(kind)} {key}": partial(self._resumed, kind, key, killed_wall)
+               for kind, key in claimed},
         }
         seen: dict[str, float] = {}
         while len(seen) < len(checks) and time.monotonic() < back + STUCK_AFTER_S:
@@ -742,9 +751,6 @@ class Drill:
         from registry.locks import KINDS
 
         return "validation" if kind == KINDS["version.validate"] else "build"
-
-    def _taken_over(self, kind: int, key: int) -> Callable[[], bool]:
-        return lambda: (kind, key) in self.claims() or self._finished(kind, key)
 
     def _reconciled_since(self, deployment_id: int, since_wall: float) -> bool:
         """Whether the rollout reconciler has passed over the deployment since then (each pass records its
