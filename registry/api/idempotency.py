@@ -19,6 +19,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.core.files.uploadedfile import UploadedFile
+from django.core.serializers.json import DjangoJSONEncoder
 from django.db import IntegrityError, transaction
 from django.http.response import HttpResponseBase
 from django.utils import timezone
@@ -119,6 +120,8 @@ def finish(request: Request, response: HttpResponseBase, secret_fields: tuple[st
         body = getattr(response, "data", None)
         if isinstance(body, dict) and any(f in body for f in secret_fields):
             body = {**{k: v for k, v in body.items() if k not in secret_fields}, _SECRET_WITHHELD: True}
+        # As the client got it: datetimes, decimals and UUIDs in their JSON form (a deployment's answer has them).
+        body = json.loads(json.dumps(body, cls=DjangoJSONEncoder))
         IdempotencyRecord.objects.filter(pk=record.pk).update(status_code=response.status_code, body=body)
     else:
         transaction.set_rollback(True)

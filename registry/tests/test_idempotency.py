@@ -154,3 +154,23 @@ def test_a_retried_token_creation_never_shows_or_keeps_the_secret_again(scientis
     assert "shown only once" in message and f'"id": {token.json()["id"]}' in message
     assert token.json()["token"] not in again.content.decode()
     assert ApiToken.objects.filter(name="ci").count() == 1
+
+
+def test_an_answer_holding_datetimes_is_kept_and_replayed(scientist, unique_name, monkeypatch):
+    """A deployment's answer has datetimes (bench/chaos found its POST with a key answered 500)."""
+    from datetime import UTC, datetime
+
+    from rest_framework.response import Response
+
+    from registry.api import views
+
+    def created(self: object, request: object) -> Response:
+        return Response({"name": unique_name, "at": datetime(2026, 11, 29, 18, 0, tzinfo=UTC)}, status=201)
+
+    monkeypatch.setattr(views.ModelListView, "post", created)
+    k = key()
+    first = scientist.post("/api/v1/models/", {"name": unique_name}, format="json", HTTP_IDEMPOTENCY_KEY=k)
+    assert first.status_code == 201, first.content
+    again = scientist.post("/api/v1/models/", {"name": unique_name}, format="json", HTTP_IDEMPOTENCY_KEY=k)
+    assert again.status_code == 201 and again["Idempotent-Replayed"] == "true"
+    assert again.json() == first.json() == {"name": unique_name, "at": "2026-11-29T18:00:00Z"}
