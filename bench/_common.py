@@ -183,6 +183,23 @@ def _phase(clients: list[_Client], make_request: Callable[[int], Request], durat
 
 # ---- servers ------------------------------------------------------------------------------------
 
+def stack_bench_args(prog: str, description: str | None, quick_help: str,
+                     argv: list[str] | None) -> Any:
+    """Arguments of a benchmark that runs beside the stack's servers (`--quick`), once Django is set up
+    on them; exits with how to run it when they are not there."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog=f"python -m {prog}", description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    args = parser.parse_args(argv)
+    if not os.environ.get("REDIS_URL") or not os.environ.get("DATABASE_URL"):
+        sys.exit(f"run under `python -m config.stack exec --fresh -- python -m {prog}`")
+    setup_django()
+    return args
+
+
 def setup_django() -> None:
     """Django on the stack's database (`config.stack exec`), migrated, with MLflow's store ready."""
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")

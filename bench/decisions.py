@@ -23,7 +23,6 @@ Prints a table and ends with one line of JSON. Timings are reported, never asser
 
 from __future__ import annotations
 
-import argparse
 import http.client
 import json
 import os
@@ -178,15 +177,9 @@ def busy_cores(n: int) -> list[subprocess.Popen[bytes]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.decisions", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="5 good canaries and one of each bad (default: 20, 3)")
-    args = parser.parse_args(argv)
-    if not os.environ.get("REDIS_URL") or not os.environ.get("DATABASE_URL"):
-        sys.exit("run under `python -m config.stack exec --fresh -- python -m bench.decisions`")
-    from bench._common import fmt, setup_django, start_serving, stop_server, table
+    from bench._common import fmt, stack_bench_args, start_serving, stop_server, table
 
-    setup_django()
+    args = stack_bench_args("bench.decisions", __doc__, "5 good canaries and one of each bad (default: 20, 3)", argv)
     from django.conf import settings
 
     from registry.management.commands.seed_demo import train_demo_model

@@ -19,9 +19,7 @@ Prints a table and ends with one line of JSON. Timings are reported, never asser
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -84,15 +82,9 @@ def _baseline(name: str, archive: Path, work: Path, gateway_port: int, seconds: 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.rollback", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one round per fault (default: three)")
-    args = parser.parse_args(argv)
-    if not os.environ.get("REDIS_URL") or not os.environ.get("DATABASE_URL"):
-        sys.exit("run under `python -m config.stack exec --fresh -- python -m bench.rollback`")
-    from bench._common import fmt, setup_django, start_server, start_serving, stop_server, table
+    from bench._common import fmt, stack_bench_args, start_server, start_serving, stop_server, table
 
-    setup_django()
+    args = stack_bench_args("bench.rollback", __doc__, "one round per fault (default: three)", argv)
     from django.conf import settings
 
     from registry.management.commands.seed_demo import train_demo_model
