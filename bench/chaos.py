@@ -71,6 +71,7 @@ from typing import Any
 import requests
 
 from bench._common import fmt, free_port, table
+from config.stack import env_for_own_servers
 from deployer.testing import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,7 +83,6 @@ GIVE_UP_S = 180.0  # a registration with no definite answer after this long coun
 SERVING = "chaos-serving"  # the model taking traffic and being rolled out
 REGISTERED = "chaos-registrations"  # the model the registration stream adds versions to
 ROLLOUT = {"steps": [20, 50], "step_interval_s": 8, "bake_s": 0, "max_p99_ms": 2000.0}
-STACK_VARIABLES = {"DATABASE_URL", "REDIS_URL", "MLFLOW_BACKEND_STORE_URI", "PLATFORM_STATE_DIR"}
 RETRYABLE = {502, 503, 504}
 REGISTERED_AGAIN = "a registration answered 201"
 TAKEN_OVER = "taken over: "  # a validation or build claimed when the kill came, claimed again or finished
@@ -116,7 +116,7 @@ class Platform:
 
     @classmethod
     def start(cls, state: Path, timeout_s: float = 420.0) -> Platform:
-        env = {k: v for k, v in os.environ.items() if k not in STACK_VARIABLES}
+        env = env_for_own_servers()
         web_port, gateway_port = free_port(), free_port()
         env.update(PLATFORM_PORT=str(web_port), PLATFORM_GATEWAY_PORT=str(gateway_port))
         proc = subprocess.Popen([sys.executable, "-m", "config.stack", "--state", str(state), "run", "--no-demo"],
@@ -845,7 +845,7 @@ def account(registrations: list[Registration], platform_versions: list[dict[str,
 @contextmanager
 def _training(work: Path) -> Iterator[subprocess.Popen[str]]:
     """Train the demo model while the platform starts: it needs Django's settings, not their database."""
-    env = {k: v for k, v in os.environ.items() if k not in STACK_VARIABLES}
+    env = env_for_own_servers()
     env.update(DATABASE_URL="postgresql://unused@127.0.0.1:1/unused", PLATFORM_STATE_DIR=str(work / "training"),
                DJANGO_SETTINGS_MODULE="config.settings")
     proc = subprocess.Popen([sys.executable, "-c", TRAIN, str(work)], cwd=REPO, env=env, stdout=subprocess.PIPE,

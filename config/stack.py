@@ -31,6 +31,16 @@ REPO = Path(__file__).resolve().parent.parent
 PROCESSES_FILE = REPO / "platform" / "processes.conf"
 
 
+# The variables that point a stack at external servers (and its state folder).
+EXTERNAL_VARIABLES = ("DATABASE_URL", "REDIS_URL", "MLFLOW_BACKEND_STORE_URI", "PLATFORM_STATE_DIR")
+
+
+def env_for_own_servers() -> dict[str, str]:
+    """This process's environment without EXTERNAL_VARIABLES: a stack started with it (from a test or a
+    benchmark that itself runs beside a stack) starts embedded servers of its own."""
+    return {k: v for k, v in os.environ.items() if k not in EXTERNAL_VARIABLES}
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -3,7 +3,6 @@ never both send the periodic tasks."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -11,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from config.stack import env_for_own_servers
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -97,8 +98,7 @@ def _own_stack(script: str) -> subprocess.CompletedProcess[str]:
     import uuid
 
     state = REPO / ".state" / f"faults-test-{uuid.uuid4().hex[:8]}"  # 'nobody' (PostgreSQL) must reach it
-    env = {k: v for k, v in os.environ.items()
-           if k not in {"DATABASE_URL", "REDIS_URL", "MLFLOW_BACKEND_STORE_URI", "PLATFORM_STATE_DIR"}}
+    env = env_for_own_servers()  # embedded servers of its own, not the test run's
     try:
         return subprocess.run([sys.executable, "-m", "config.stack", "--state", str(state), "exec", "--fresh", "--",
                                sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,

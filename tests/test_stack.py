@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -11,12 +10,13 @@ from pathlib import Path
 
 import requests
 
+from config.stack import env_for_own_servers
+
 REPO = Path(__file__).resolve().parent.parent
 
 
 def _start(state: Path, port: int) -> tuple[subprocess.Popen[str], list[str]]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in {"DATABASE_URL", "REDIS_URL", "MLFLOW_BACKEND_STORE_URI", "PLATFORM_STATE_DIR"}}
+    env = env_for_own_servers()  # embedded servers of its own, not the test run's
     env["PLATFORM_PORT"] = str(port)
     proc = subprocess.Popen([sys.executable, "-m", "config.stack", "--state", str(state), "run", "--no-demo"],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
