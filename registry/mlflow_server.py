@@ -26,6 +26,7 @@ from registry import archives, services
 from registry.api.guard import url_problem
 from registry.audit import Actor
 from registry.auth import authenticate_header
+from registry.mlflow_store import REGISTRATION_TAG
 from registry.models import ModelVersion, VersionStatus
 from registry.roles import Cap, roles_allow
 from registry.tokens import effective_roles
@@ -205,6 +206,14 @@ class MlflowGate:
             return _json_error(start_response, "400 Bad Request", "INVALID_PARAMETER_VALUE", str(exc))
         except archives.PolicyError as exc:
             return _json_error(start_response, "422 Unprocessable Entity", "INVALID_PARAMETER_VALUE", str(exc))
+        tags = data.get("tags", [])
+        if isinstance(tags, list):  # marked as the platform's (see mlflow_store.REGISTRATION_TAG)
+            if any(isinstance(t, dict) and t.get("key") == REGISTRATION_TAG for t in tags):
+                return _json_error(start_response, "400 Bad Request", "INVALID_PARAMETER_VALUE",
+                                   f"tag key {REGISTRATION_TAG!r} is the platform's own (it marks the versions it "
+                                   "registers)")
+            data["tags"] = [*tags, {"key": REGISTRATION_TAG, "value": "mlflow-client"}]
+            body = json.dumps(data).encode()
         reply: dict[str, Any] = {}
 
         def forward() -> int | None:

@@ -19,6 +19,11 @@ from django.conf import settings
 
 ARTIFACT_SCHEME = "mlflow-artifacts:"
 UPLOAD_EXPERIMENT = "platform-registrations"
+# Written on every version the platform creates, in the same insert (its value: "api" or "mlflow-client").
+# A version in MLflow that carries it and that the platform never recorded was cut off between MLflow's
+# commit and the platform's: its caller got an error, or no answer, so it must not stay behind
+# (services.registry_reconcile deletes it). The platform's own record of the version's tags leaves it out.
+REGISTRATION_TAG = "platform.registration"
 
 
 class MlflowError(Exception):
@@ -280,15 +285,37 @@ def delete_run(run_id: str) -> None:
     tracking_store().delete_run(run_id)
 
 
-def create_model_version(name: str, source: str, run_id: str | None, description: str = "") -> int:
+def create_model_version(name: str, source: str, run_id: str | None, description: str = "",
+                         tags: dict[str, str] | None = None) -> int:
+    """A new version, its tags written in the same insert (see REGISTRATION_TAG)."""
+    from mlflow.entities.model_registry import ModelVersionTag
     from mlflow.exceptions import MlflowException
 
     try:
         mv = registry_store().create_model_version(name, source, run_id=run_id or None,
+                                                   tags=[ModelVersionTag(k, v) for k, v in (tags or {}).items()],
                                                    description=description or None)
     except MlflowException as exc:
         raise MlflowError(exc.message) from exc
     return int(mv.version)
+
+
+def registration_tag_and_run(name: str, version: int) -> tuple[str | None, str]:
+    """A version's REGISTRATION_TAG (None when an mlflow client wrote it to MLflow directly) and run id."""
+    mv = registry_store().get_model_version(name, str(version))
+    return (mv.tags or {}).get(REGISTRATION_TAG), mv.run_id or ""
+
+
+def is_upload_run(run_id: str) -> bool:
+    """Whether the run is one the platform made to hold an uploaded archive (create_upload_run)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = tracking_store().get_run(run_id)
+    except MlflowException:
+        return False
+    experiment = tracking_store().get_experiment(run.info.experiment_id)
+    return bool(experiment and experiment.name == UPLOAD_EXPERIMENT)
 
 
 def delete_model_version(name: str, version: int) -> None:
@@ -391,8 +418,10 @@ def version_lineage(name: str, version: int) -> Lineage:
     except MlflowException as exc:
         raise SourceNotFound(exc.message) from exc
     location = registry_store().get_model_version_download_uri(name, str(version))
+    tags = dict(mv.tags or {})
+    tags.pop(REGISTRATION_TAG, None)
     lineage = Lineage(source=mv.source, storage_location=location, run_id=mv.run_id or "",
-                      description=mv.description or "", tags=dict(mv.tags or {}))
+                      description=mv.description or "", tags=tags)
     if mv.run_id:
         from_run = run_lineage(mv.run_id)
         lineage.experiment_id = from_run.experiment_id

@@ -18,7 +18,7 @@ from django.db import IntegrityError, InterfaceError, OperationalError, transact
 from django.db.models import F
 from django.db.models.functions import Greatest
 
-from registry import archives, samples, selectors
+from registry import archives, locks, samples, selectors
 from registry import mlflow_store as mlflow
 from registry.audit import SYSTEM, Actor, audit_record
 from registry.models import VERSION_TRANSITIONS, ModelVersion, RegisteredModel, VersionOrigin, VersionStatus
@@ -55,6 +55,8 @@ def _clean_tags(tags: Any) -> dict[str, str]:
     for key, value in tags.items():
         if not isinstance(key, str) or not key or len(key) > 250:
             raise RegistryError(f"tag key {key!r} must be a non-empty string of at most 250 characters")
+        if key == mlflow.REGISTRATION_TAG:
+            raise RegistryError(f"tag key {key!r} is the platform's own (it marks the versions it registers)")
         if not isinstance(value, (str, int, float, bool)):
             raise RegistryError(f"tag {key!r} must have a string value")
         out[key] = str(value)[:5000]
@@ -124,8 +126,11 @@ def _model_row(actor: Actor, name: str) -> Iterator[RegisteredModel]:
     """The model's row, inside the transaction that records a version. No lock of ours: MLflow
     numbers versions as max+1 after updating the registered model's row in the same transaction,
     so its own row lock serialises creators and numbers come out gap-free and unique (proved by
-    registry/tests/test_concurrency.py); the platform records each number once (unique per model)."""
+    registry/tests/test_concurrency.py); the platform records each number once (unique per model).
+    The transaction holds the model's registration lock, shared (registrations do not wait for each
+    other): while it is held, registry_reconcile leaves the model's unrecorded versions alone."""
     with transaction.atomic():
+        locks.hold_shared_until_commit("model.register", locks.name_key(name))
         model = RegisteredModel.objects.filter(name=name).first()
         yield model if model is not None else _get_or_create_model_row(actor, name)[0]
 
@@ -208,9 +213,8 @@ def _create_version(actor: Actor, model_name: str, source: str, run_id: str, ori
         with _model_row(actor, model_name) as model:
             if model.version_count == 0:  # a model the platform has not registered a version of yet
                 created_model = mlflow.ensure_registered_model(model_name)
-            number = mlflow.create_model_version(model_name, source, run_id, description)
-            if tags:
-                mlflow.set_model_version_tags(model_name, number, {}, tags)
+            number = mlflow.create_model_version(model_name, source, run_id, description,
+                                                 {**tags, mlflow.REGISTRATION_TAG: "api"})
             return _record_version(actor, model, number, origin, lineage, files, description, tags, sample)
     except mlflow.MlflowError as exc:
         raise RegistryError(f"MLflow refused the version: {exc}") from exc
@@ -407,17 +411,42 @@ def version_transition(version_id: int, to: str, actor: Actor = SYSTEM, detail: 
 
 
 def registry_reconcile() -> int:
-    """Record every MLflow version the platform does not know yet (e.g. the web process died between
-    MLflow's write and ours). Returns how many it recorded."""
-    recorded = 0
+    """Settle MLflow versions the platform never recorded. One the platform created (it carries
+    mlflow.REGISTRATION_TAG) was cut off between MLflow's commit and the platform's (a web worker killed
+    there): its caller got an error or no answer, and may have registered again, so it is deleted. One
+    an mlflow client wrote to MLflow directly is recorded, as `discovered`. Returns how many versions it
+    recorded or deleted."""
+    settled = 0
     for name in mlflow.model_names():
         if not archives.MODEL_NAME_RE.match(name):
             continue
         known = set(ModelVersion.objects.filter(model__name=name).values_list("version", flat=True))
         for number in sorted(set(mlflow.version_numbers(name)) - known):
-            version_record_from_mlflow(SYSTEM, name, number, VersionOrigin.DISCOVERED)
-            recorded += 1
-    return recorded
+            marked, run_id = mlflow.registration_tag_and_run(name, number)
+            if marked is None:
+                version_record_from_mlflow(SYSTEM, name, number, VersionOrigin.DISCOVERED)
+                settled += 1
+            elif _delete_cut_off_version(name, number, marked, run_id):
+                settled += 1
+    return settled
+
+
+def _delete_cut_off_version(name: str, number: int, marked: str, run_id: str) -> bool:
+    with transaction.atomic():
+        if not locks.try_exclusive_until_commit("model.register", locks.name_key(name)):
+            return False  # a registration of this model is still open: it may yet record this version
+        if ModelVersion.objects.filter(model__name=name, version=number).exists():
+            return False  # it committed before the lock was free
+        mlflow.delete_model_version(name, number)
+        if run_id and mlflow.is_upload_run(run_id) and not ModelVersion.objects.filter(run_id=run_id).exists():
+            _undo_run(run_id)
+        log.warning("deleted MLflow version %s/%s: registered through the platform (%s), cut off before the "
+                    "platform recorded it", name, number, marked)
+        audit_record(SYSTEM, "version.cut_off_deleted", "model_version", f"{name}/{number}",
+                     before={"mlflow_version": number, "registered_through": marked, "run_id": run_id},
+                     after={"detail": "the registration was cut off between MLflow's commit and the platform's; "
+                                      "its caller got an error or no answer"})
+    return True
 
 
 def model_download(version: ModelVersion, into: Path) -> Path:

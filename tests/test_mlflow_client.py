@@ -58,6 +58,10 @@ def test_a_model_logged_with_the_mlflow_client_is_recorded_with_its_lineage(mlfl
     assert version.signature is not None and version.input_example is not None
     assert version.created_by == user
     assert AuditEvent.objects.filter(action="version.register", via="mlflow", target_id=f"{unique_name}/1").exists()
+    # MLflow's copy is marked as registered through the platform (see registry_reconcile); the platform's is not.
+    mv = mlflow.MlflowClient().get_model_version(unique_name, "1")
+    assert mv.tags.get("platform.registration") == "mlflow-client"
+    assert "platform.registration" not in version.tags
 
     # and the plain client loads it back through the artifact proxy
     loaded = mlflow.sklearn.load_model(f"models:/{unique_name}/1")
