@@ -44,9 +44,10 @@ from monitoring import shadow as shadow_analysis
 from pipelines.models import BuildStatus, EngineBuild, Precision, Runtime, Target
 from registry import locks, mlflow_store
 from registry.audit import SYSTEM, Actor, audit_record
+from registry.errors import RegistryError, TransitionError
+from registry.lifecycle import Lifecycle
 from registry.models import ModelVersion, RegisteredModel, VersionStatus
 from registry.outbox import nudge
-from registry.services import RegistryError, TransitionError
 
 log = logging.getLogger("deployer")
 
@@ -205,27 +206,19 @@ def _positive(name: str, value: Any, default: Any, allow_zero: bool = False) -> 
 # ---- the state machine -----------------------------------------------------------------------------------
 
 
+DEPLOYMENTS: Lifecycle[Deployment] = Lifecycle(
+    Deployment, ROLLOUT_TRANSITIONS, action="deployment", target_type="deployment", target_id=lambda d: d.pk,
+    describe=lambda d: f"deployment {d.pk}", view=_view, related=("version", "model"),
+    stamps={"finished_at": {RolloutStatus.PROMOTED, RolloutStatus.ROLLED_BACK}},
+    # a reconciler pass after commit, so the fleet and the routes follow at once
+    after_commit=lambda d: [enqueue_reconcile])
+
+
 def deployment_transition(deployment_id: int, to: str, actor: Actor = SYSTEM, only_from: set[str] | None = None,
                           **fields: Any) -> Deployment:
-    """The one way a deployment changes status (or step): a conditional UPDATE, its audit row, and a
-    reconciler pass after commit so the fleet and the routes follow at once."""
-    allowed = {state for state, targets in ROLLOUT_TRANSITIONS.items() if to in targets}
-    if only_from is not None:
-        allowed &= only_from
-    with transaction.atomic():
-        current = Deployment.objects.select_related("version", "model").get(pk=deployment_id)
-        now = timezone.now()
-        if to in (RolloutStatus.PROMOTED, RolloutStatus.ROLLED_BACK):
-            fields.setdefault("finished_at", now)
-        changed = Deployment.objects.filter(pk=deployment_id, status__in=allowed).update(
-            status=to, updated_at=now, **fields)
-        if not changed:
-            raise TransitionError(f"deployment {deployment_id} is {current.status}; it cannot become {to}")
-        after = Deployment.objects.select_related("version", "model").get(pk=deployment_id)
-        audit_record(actor, f"deployment.{to}", "deployment", deployment_id, before=_view(current),
-                     after={**_view(after), **({"reason": after.reason[:500]} if after.reason else {})})
-        transaction.on_commit(enqueue_reconcile)
-    return after
+    """The one way a deployment changes status (or step): registry/lifecycle.py."""
+    note = {"reason": str(fields["reason"])[:500]} if fields.get("reason") else None
+    return DEPLOYMENTS.move(deployment_id, to, actor, only_from=only_from, note=note, **fields)
 
 
 def _promote(d: Deployment, actor: Actor, reason: str, only_from: set[str] | None = None) -> Deployment:

@@ -25,9 +25,10 @@ from pipelines.models import BuildStatus, EngineBuild
 from pipelines.services import build_append_log, build_transition, thresholds_for
 from registry import confinement, locks, mlflow_store
 from registry.archives import uses_pickle
+from registry.errors import TransitionError
 from registry.models import ModelVersion
 from registry.samples import load_sample
-from registry.services import DATABASE_UNAVAILABLE, TransitionError, model_download
+from registry.services import DATABASE_UNAVAILABLE, model_download
 
 SANDBOX = Path(__file__).resolve().parent / "build_sandbox.py"
 OPSET = 17

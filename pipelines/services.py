@@ -11,9 +11,10 @@ from django.utils import timezone
 
 from pipelines.models import BUILD_TRANSITIONS, BuildStatus, EngineBuild, Precision, Runtime, Target
 from registry.audit import SYSTEM, Actor, audit_record
+from registry.errors import RegistryError
+from registry.lifecycle import Lifecycle
 from registry.models import ModelVersion, VersionStatus
 from registry.outbox import outbox_enqueue
-from registry.services import RegistryError, TransitionError
 
 # Parity thresholds per precision. Classification: share of identical labels (at least) and largest
 # probability difference (at most). Regression: errors relative to the mean |reference output|.
@@ -92,27 +93,18 @@ def engine_builds_request(actor: Actor, version: ModelVersion,
     return builds
 
 
+BUILDS: Lifecycle[EngineBuild] = Lifecycle(
+    EngineBuild, BUILD_TRANSITIONS, action="build", target_type="engine_build", target_id=lambda b: b.pk,
+    describe=lambda b: f"build {b.pk} ({b.variant})", view=lambda b: {"status": b.status, "variant": b.variant},
+    related=("version__model",), stamps={
+        "started_at": {BuildStatus.RUNNING},
+        "finished_at": {BuildStatus.SUCCEEDED, BuildStatus.REJECTED, BuildStatus.FAILED}})
+
+
 def build_transition(build_id: int, to: str, actor: Actor = SYSTEM, only_from: set[str] | None = None,
                      **fields: Any) -> EngineBuild:
-    allowed = {state for state, targets in BUILD_TRANSITIONS.items() if to in targets}
-    if only_from is not None:
-        allowed &= only_from
-    with transaction.atomic():
-        current = EngineBuild.objects.select_related("version__model").get(pk=build_id)
-        now = timezone.now()
-        if to == BuildStatus.RUNNING:
-            fields.setdefault("started_at", now)
-        if to in (BuildStatus.SUCCEEDED, BuildStatus.REJECTED, BuildStatus.FAILED):
-            fields.setdefault("finished_at", now)
-        claimed = EngineBuild.objects.filter(pk=build_id, status__in=allowed).update(status=to, updated_at=now,
-                                                                                   **fields)
-        if not claimed:
-            raise TransitionError(f"build {build_id} ({current.variant}) is {current.status}; it cannot become {to}")
-        audit_record(actor, f"build.{to}", "engine_build", build_id, before={"status": current.status},
-                     after={"status": to, "variant": current.variant,
-                            **({"error": fields["error"][:500]} if fields.get("error") else {})})
-    current.refresh_from_db()
-    return current
+    note = {"error": fields["error"][:500]} if fields.get("error") else None
+    return BUILDS.move(build_id, to, actor, only_from=only_from, note=note, **fields)
 
 
 def build_append_log(build_id: int, lines: list[str], step: str | None = None) -> None:

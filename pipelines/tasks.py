@@ -13,8 +13,9 @@ from pipelines.models import BuildStatus, EngineBuild
 from pipelines.services import build_enqueue, build_transition, engine_builds_request
 from registry import locks
 from registry.audit import SYSTEM
+from registry.errors import TransitionError
 from registry.models import ModelVersion, VersionStatus
-from registry.services import DATABASE_UNAVAILABLE, TransitionError
+from registry.services import DATABASE_UNAVAILABLE
 
 
 @shared_task(bind=True, acks_late=True)

@@ -10,8 +10,8 @@ from django.core.exceptions import ValidationError
 from django.db import transaction
 
 from registry.audit import Actor, audit_record
+from registry.errors import RegistryError
 from registry.models import Profile
-from registry.services import RegistryError
 from registry.tokens import forget_cached_tokens
 
 

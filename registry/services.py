@@ -21,6 +21,8 @@ from django.db.models.functions import Greatest
 from registry import archives, locks, samples, selectors
 from registry import mlflow_store as mlflow
 from registry.audit import SYSTEM, Actor, audit_record
+from registry.errors import RegistryError
+from registry.lifecycle import Lifecycle
 from registry.models import VERSION_TRANSITIONS, ModelVersion, RegisteredModel, VersionOrigin, VersionStatus
 from registry.outbox import outbox_enqueue
 from registry.signals import version_ready
@@ -31,19 +33,6 @@ log = logging.getLogger(__name__)
 # The database went away (restarting, unreachable, a connection cut): transient, so a request answers
 # 503 and a task tries again, rather than recording a failure that did not happen.
 DATABASE_UNAVAILABLE = (OperationalError, InterfaceError)
-
-
-class RegistryError(Exception):
-    status_code = 400
-
-    def __init__(self, message: str, status_code: int | None = None) -> None:
-        super().__init__(message)
-        if status_code is not None:
-            self.status_code = status_code
-
-
-class TransitionError(RegistryError):
-    status_code = 409
 
 
 def _clean_tags(tags: Any) -> dict[str, str]:
@@ -384,30 +373,27 @@ def version_update(actor: Actor, version: ModelVersion, description: str | None 
     return locked
 
 
+def _version_followups(v: ModelVersion) -> list[Callable[[], None]]:
+    if v.status == VersionStatus.READY:
+        return [lambda: version_ready.send(sender=ModelVersion, version_id=v.pk)]
+    return []
+
+
+VERSIONS: Lifecycle[ModelVersion] = Lifecycle(
+    ModelVersion, VERSION_TRANSITIONS, action="version", target_type="model_version",
+    target_id=lambda v: f"{v.model.name}/{v.version}", describe=lambda v: f"{v.model.name} v{v.version}",
+    view=lambda v: {"status": v.status, "detail": v.status_detail}, related=("model",),
+    after_commit=_version_followups)
+
+
 def version_transition(version_id: int, to: str, actor: Actor = SYSTEM, detail: str = "",
                        inspection: dict[str, Any] | None = None,
                        on_commit: Callable[[], None] | None = None) -> ModelVersion:
-    """Move a version to `to` if its current state allows it; a conditional UPDATE claims the change,
-    so two workers racing cannot both perform it."""
-    allowed_from = [state for state, targets in VERSION_TRANSITIONS.items() if to in targets]
-    with transaction.atomic():
-        current = ModelVersion.objects.select_related("model").get(pk=version_id)
-        fields: dict[str, Any] = {"status": to, "status_detail": detail}
-        if inspection is not None:
-            fields["inspection"] = inspection
-        claimed = ModelVersion.objects.filter(pk=version_id, status__in=allowed_from).update(**fields)
-        if not claimed:
-            raise TransitionError(
-                f"{current.model.name} v{current.version} is {current.status}; it cannot become {to}"
-            )
-        audit_record(actor, f"version.{to}", "model_version", f"{current.model.name}/{current.version}",
-                     before={"status": current.status}, after={"status": to, "detail": detail})
-        if on_commit is not None:
-            transaction.on_commit(on_commit)
-        if to == VersionStatus.READY:
-            transaction.on_commit(lambda: version_ready.send(sender=ModelVersion, version_id=version_id))
-    current.refresh_from_db()
-    return current
+    """Move a version to `to` if its current state allows it (registry/lifecycle.py)."""
+    fields: dict[str, Any] = {"status_detail": detail}
+    if inspection is not None:
+        fields["inspection"] = inspection
+    return VERSIONS.move(version_id, to, actor, on_commit=on_commit, **fields)
 
 
 def registry_reconcile() -> int:

@@ -11,6 +11,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from registry import locks, services
+from registry.errors import TransitionError
 from registry.mlflow_store import MlflowError
 from registry.models import ModelVersion, VersionStatus
 
@@ -56,7 +57,7 @@ def _validate(self, version_id: int) -> str:  # type: ignore[no-untyped-def]
     try:
         services.version_transition(version_id, VersionStatus.READY if ok else VersionStatus.INVALID,
                                     detail=detail, inspection=report)
-    except services.TransitionError:  # another run of this task (or an archive) got there first
+    except TransitionError:  # another run of this task (or an archive) got there first
         return "nothing to do"
     return "ready" if ok else "invalid"
 

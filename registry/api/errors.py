@@ -14,7 +14,8 @@ from rest_framework.views import exception_handler as drf_handler
 
 from registry.api import idempotency
 from registry.archives import ArchiveError, PolicyError
-from registry.services import DATABASE_UNAVAILABLE, RegistryError
+from registry.errors import RegistryError
+from registry.services import DATABASE_UNAVAILABLE
 from registry.tokens import TokenError
 
 log = logging.getLogger(__name__)
