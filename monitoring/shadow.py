@@ -17,7 +17,6 @@ words with the figures, as the canary's is.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from monitoring.canary import (
     SLOWER_EFFECT,
     Verdict,
 )
+from monitoring.kserve import outputs
 
 DEFAULT_MIN_AGREEMENT = 0.99
 DEFAULT_MAX_PROB_DIFF = 0.05
@@ -61,15 +61,6 @@ class ShadowThresholds:
     min_agreement: float = DEFAULT_MIN_AGREEMENT
     max_prob_diff: float = DEFAULT_MAX_PROB_DIFF
     latency_floor_ms: float = LATENCY_FLOOR_MS
-
-
-def outputs(body: bytes) -> dict[str, list[Any]] | None:
-    """The outputs of a KServe v2 JSON inference response, by name (data flattened); None if it is not one."""
-    try:
-        doc = json.loads(body)
-        return {str(o["name"]): list(o["data"]) for o in doc["outputs"]}
-    except (ValueError, TypeError, KeyError):
-        return None
 
 
 def _label(values: list[Any]) -> Any:
