@@ -223,6 +223,20 @@ def validation_set(sample, rows: int = 256, seed: int = 0):
     return np.concatenate([sample, (picks + jitter).astype(np.float32)])
 
 
+def write_reference(path: Path, input_name: str, sample, original: dict) -> None:
+    """The reference set drift is judged against: the sample's rows (named as the engine's input) and the
+    original model's prediction for each (its label, or its value when it has one per row)."""
+    import numpy as np
+
+    predicted = original.get("label", original.get("value"))
+    prediction = None
+    if predicted is not None:
+        column = np.asarray(predicted).reshape(len(sample), -1)
+        if column.shape[1] == 1:
+            prediction = column[:, 0].tolist()
+    path.write_text(json.dumps({"input": input_name, "rows": sample.tolist(), "prediction": prediction}))
+
+
 def engine_outputs(session, x) -> dict:
     import numpy as np
 
@@ -379,6 +393,7 @@ def build(spec: dict) -> dict:
         verdict["passed"] = False
         verdict["failures"].append("nothing to quantize (no MatMul): identical to the fp32 engine, not kept")
     log(f"parity on {len(x)} rows: {json.dumps(verdict['figures'])} -> {'pass' if verdict['passed'] else 'MISS'}")
+    write_reference(out_dir / "reference.json", io["inputs"][0]["name"], sample, reference(sample))
     for stale in (exported, variant):
         stale.unlink()
     return {"ok": True, "io": describe_io(engine), "parity": verdict, "toolchain": toolchain(), "kind": kind,

@@ -33,6 +33,7 @@ from registry.services import DATABASE_UNAVAILABLE, model_download
 SANDBOX = Path(__file__).resolve().parent / "build_sandbox.py"
 OPSET = 17
 TOOLCHAIN_PACKAGES = ("onnx", "onnxruntime", "skl2onnx", "onnxconverter-common", "torch", "scikit-learn")
+REFERENCES = "mlflow-artifacts:/references"  # reference sets (sample rows and the original model's predictions)
 
 
 def toolchain_versions() -> dict[str, str]:
@@ -191,6 +192,7 @@ def _package_and_store(build: EngineBuild, key: str, out: Path, result: dict[str
     report = {"model": version.model.name, "version": version.version, "variant": build.variant,
               "content_key": key, "triton_model_name": name, "engine_sha256": sha, **result}
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    _store_reference(version, out / "reference.json")
     uri = f"mlflow-artifacts:/engines/{key}"
     build_append_log(build.pk, [f"storing in {uri}"], step="store")
     mlflow_store.upload_artifacts(out, uri, "")
@@ -207,6 +209,25 @@ def _package_and_store(build: EngineBuild, key: str, out: Path, result: dict[str
         error="" if passed else "missed the parity gate: " + "; ".join(result["parity"]["failures"]),
     )
     return status
+
+
+def _store_reference(version: ModelVersion, path: Path) -> None:
+    """The version's reference set (the sample and the original model's predictions on it, written by the
+    build), content-addressed in the artifact store; the version keeps the first one."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    path.unlink()  # not a file of the engine
+    with tempfile.TemporaryDirectory(prefix="reference-") as tmp:
+        name = f"{hashlib.sha256(data).hexdigest()}.json"
+        (Path(tmp) / name).write_bytes(data)
+        mlflow_store.upload_artifacts(Path(tmp), REFERENCES, "")
+    ModelVersion.objects.filter(pk=version.pk, reference_uri="").update(reference_uri=f"{REFERENCES}/{name}")
+
+
+def _same_sample(a: ModelVersion, b: ModelVersion) -> bool:
+    return a.reference_sample_uri == b.reference_sample_uri and (
+        a.reference_sample_uri != "" or a.input_example == b.input_example)
 
 
 def _reuse(build: EngineBuild, key: str) -> str | None:
@@ -237,6 +258,8 @@ def _reuse(build: EngineBuild, key: str) -> str | None:
             (out / "COMPLETE").write_text(json.dumps({"engine_sha256": done.sha256}))
             mlflow_store.upload_artifacts(out, uri, "")
         build_append_log(build.pk, [f"Triton entries written for {name} in {uri}"])
+    if done.version.reference_uri and _same_sample(version, done.version):  # the same model on the same rows
+        ModelVersion.objects.filter(pk=version.pk, reference_uri="").update(reference_uri=done.version.reference_uri)
     build_transition(build.pk, done.status, step="done", io=io, parity=done.parity, size_bytes=done.size_bytes,
                      sha256=done.sha256, build_seconds=0.0, engine_uri=uri, reused_from=done, error=done.error)
     return done.status

@@ -100,6 +100,9 @@ class ModelVersion(models.Model):
     inspection = models.JSONField(default=dict, blank=True, help_text="What the isolated inspection found")
     reference_sample_uri = models.TextField(blank=True, default="", help_text="Rows given at registration")
     reference_sample_rows = models.PositiveIntegerField(default=0)
+    reference_uri = models.TextField(blank=True, default="", help_text=(
+        "The reference set drift is judged against: the sample's rows (its reference sample, else its input "
+        "example) with the original model's predictions, written by its first engine build"))
     description = models.TextField(blank=True, default="")
     tags = models.JSONField(default=dict, blank=True)
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,

@@ -197,6 +197,28 @@ def test_a_reference_sample_given_at_registration_is_what_parity_is_checked_on(m
     engine_build_execute(fp32.pk, "w")
     fp32.refresh_from_db()
     assert "sample 300 rows x 64 features" in fp32.log and "parity on 256 rows" in fp32.log
+    # The reference set drift is judged against: those rows, and the original model's prediction for each.
+    import json
+
+    import mlflow.sklearn
+
+    version.refresh_from_db()
+    folder, _, name = version.reference_uri.rpartition("/")
+    reference = json.loads(mlflow_store.read_artifact_text(folder, name))
+    assert reference["input"] == fp32.io["inputs"][0]["name"] and len(reference["rows"]) == 300
+    with tempfile.TemporaryDirectory() as tmp:
+        original = mlflow.sklearn.load_model(str(mlflow_store.download_model(version.storage_location, Path(tmp))))
+    assert reference["prediction"] == original.predict(X).tolist()
+    assert scientist.get(f"/api/v1/models/{unique_name}/versions/1/").json()["lineage"]["reference_uri"] == \
+        version.reference_uri
+    # A version of the same model bytes on the same rows reuses the engine, and the reference set with it.
+    with open(model_archive, "rb") as archive, open(csv_path, "rb") as sample:
+        scientist.post(f"/api/v1/models/{unique_name}-again/versions/",
+                       {"archive": archive, "reference_sample": sample}, format="multipart")
+    again = version_transition(_version_id(f"{unique_name}-again"), VersionStatus.READY)
+    engine_build_execute(next(b for b in _builds(again) if b.precision == "fp32").pk, "w")
+    again.refresh_from_db()
+    assert again.reference_uri == version.reference_uri
 
 
 def _version_id(name: str) -> int:

@@ -90,6 +90,9 @@ class LineageOut(serializers.Serializer):
     flavors = serializers.DictField()
     reference_sample_uri = serializers.CharField()
     reference_sample_rows = serializers.IntegerField()
+    reference_uri = serializers.CharField(help_text="The reference set drift is judged against (written by the "
+                                                    "first engine build): sample rows and the original model's "
+                                                    "predictions")
     signature = serializers.JSONField(allow_null=True)
     input_example = serializers.JSONField(allow_null=True)
 
