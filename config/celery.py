@@ -7,8 +7,42 @@ from typing import Any
 
 from celery import Celery
 from celery.signals import beat_init
+from kombu.transport import redis as kombu_redis
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+
+# A worker must outlive a restart of Redis (the stack restarts it within a second or two). With kombu 5.7
+# and celery 5.7 it did not: when Redis went away while the worker held an unacknowledged message (acks_late),
+# the worker died with AttributeError: 'NoneType' object has no attribute 'hostname'. Why:
+#  1. kombu's Redis Channel.close() first reads the reply of the BRPOP in flight (kombu PR #1733, so that
+#     a message Redis popped is not lost). On a dead socket that read raises ConnectionError, and close()
+#     stops there: nothing is closed and the unacknowledged messages are not restored.
+#  2. celery's consumer, on losing the broker, calls Connection.collect(), which ignores that error and
+#     detaches the transport from the connection (transport.client = None), then Connection.close()
+#     (celery PR #10242). That closes the half-closed channel again; its restore of the unacknowledged
+#     messages now builds a Redis pool from transport.client, which is None: AttributeError, which is not
+#     a connection error, so it escapes celery's handling and the worker exits (the same symptom as
+#     kombu issues #582 and #970). Neither the settings nor the transport options avoid it.
+# The fix: when that first read fails on the dead socket (it has cleared _in_poll), close() closes the rest
+# of the channel at once, while the transport is still attached, as kombu means it to. The restore then
+# fails as a connection error (Redis is down), which the callers ignore, and the messages stay in Redis's
+# `unacked` hash: a task still running acks its message through the same channel once Redis is back, and a
+# message left unacked is restored after the visibility timeout as usual (acks_late guarantees kept).
+# Harmless once kombu closes such a channel by itself: the first close() then does not raise.
+# tests/test_broker_loss.py kills a worker's Redis and checks it carries on.
+_kombu_redis_channel_close = kombu_redis.Channel.close
+
+
+def _redis_channel_close(self: kombu_redis.Channel) -> None:
+    try:
+        _kombu_redis_channel_close(self)
+    except self.connection_errors:
+        if self.closed:  # failed later on (restoring): kombu's own outcome, the callers ignore it
+            raise
+        _kombu_redis_channel_close(self)  # the BRPOP read failed before anything was closed: close now
+
+
+kombu_redis.Channel.close = _redis_channel_close  # type: ignore[method-assign]
 
 app = Celery("platform")
 app.config_from_object("django.conf:settings", namespace="CELERY")
