@@ -191,6 +191,10 @@ PLATFORM: dict[str, Any] = {
     "ROLLOUT_REPLAY_RATE": env_float("PLATFORM_ROLLOUT_REPLAY_RATE", 50.0),
     "ROLLOUT_REPLAY_BUDGET_S": env_float("PLATFORM_ROLLOUT_REPLAY_BUDGET_S", 5.0),
     "ROLLOUT_REPLAY_MAX_AGE_S": env_float("PLATFORM_ROLLOUT_REPLAY_MAX_AGE_S", 3600.0),
+    # Monitoring: the gateway's samples become captured rows every CAPTURE_S; every serving version's
+    # window is checked for drift every DRIFT_INTERVAL_S (monitoring/).
+    "CAPTURE_S": env_float("PLATFORM_CAPTURE_S", 2.0),
+    "DRIFT_INTERVAL_S": env_float("PLATFORM_DRIFT_INTERVAL_S", 300.0),
 }
 
 REST_FRAMEWORK = {
@@ -248,6 +252,11 @@ CELERY_BEAT_SCHEDULE = {
                                 "options": {"queue": "reconcile", "expires": 5.0}},
     "rollouts-reconcile": {"task": "deployer.tasks.rollouts_reconcile", "schedule": PLATFORM["ROLLOUT_TICK_S"],
                            "options": {"queue": "deployer", "expires": PLATFORM["ROLLOUT_TICK_S"] * 2}},
+    "capture-ingest": {"task": "monitoring.tasks.capture_ingest", "schedule": PLATFORM["CAPTURE_S"],
+                       "options": {"expires": PLATFORM["CAPTURE_S"] * 2}},
+    "capture-forget": {"task": "monitoring.tasks.capture_forget", "schedule": 3600.0},
+    "drift-checks": {"task": "monitoring.tasks.drift_checks", "schedule": PLATFORM["DRIFT_INTERVAL_S"],
+                     "options": {"expires": PLATFORM["DRIFT_INTERVAL_S"]}},
 }
 
 LOGGING = {

@@ -6,6 +6,7 @@ urlpatterns = [
     path("api/v1/", include(("registry.api.urls", "api"), namespace="api")),
     path("api/v1/", include(("pipelines.urls", "pipelines"), namespace="pipelines-api")),
     path("api/v1/", include(("deployer.urls", "deployer"), namespace="deployer-api")),
+    path("api/v1/", include(("monitoring.urls", "monitoring"), namespace="monitoring-api")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
     path("admin/", admin.site.urls),

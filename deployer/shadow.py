@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from deployer.gateway.sampling import SAMPLES_STREAM
+from monitoring import kserve
 from monitoring.shadow import Pair
 
 log = logging.getLogger("deployer.shadow")
@@ -50,11 +51,6 @@ def _headers(head: bytes) -> dict[str, str]:
     return out
 
 
-def _is_inference(head: bytes) -> bool:
-    method, _, rest = head.partition(b" ")
-    return method == b"POST" and rest.split(b" ", 1)[0].split(b"?", 1)[0].endswith(b"/infer")
-
-
 def recorded_requests(redis: Any, model: str, version: str, limit: int, max_age_s: float = 3600.0,
                       stream: str = SAMPLES_STREAM, scan: int = 5000) -> list[Recorded]:
     """Up to `limit` of the newest inference requests that `version` of `model` answered with 200, sampled
@@ -64,7 +60,8 @@ def recorded_requests(redis: Any, model: str, version: str, limit: int, max_age_
     for _id, fields in redis.xrevrange(stream, min=oldest_ms, count=scan):
         f = {k.decode() if isinstance(k, bytes) else k: v for k, v in fields.items()}
         if f.get("model", b"").decode() != model or f.get("version", b"").decode() != version \
-                or f.get("status") != b"200" or not f.get("request") or not _is_inference(f.get("request_head", b"")):
+                or f.get("status") != b"200" or not f.get("request") \
+                or not kserve.is_inference(f.get("request_head", b"")):
             continue
         found.append(Recorded(f["request"], _headers(f.get("request_head", b""))))
         if len(found) >= limit:

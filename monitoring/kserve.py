@@ -30,6 +30,24 @@ class Tensor:
     values: list[Any]  # flattened, row-major
 
 
+def is_inference(head: bytes) -> bool:
+    """Whether an HTTP request head (as the gateway samples it) is a KServe v2 inference call."""
+    method, _, rest = head.partition(b" ")
+    return method == b"POST" and rest.split(b" ", 1)[0].split(b"?", 1)[0].endswith(b"/infer")
+
+
+def header_length(head: bytes) -> int | None:
+    """The Inference-Header-Content-Length of an HTTP head (request or response), None without one."""
+    for line in head.split(b"\r\n")[1:]:
+        name, sep, value = line.partition(b":")
+        if sep and name.strip().lower() == b"inference-header-content-length":
+            try:
+                return int(value.strip())
+            except ValueError:
+                raise DecodeError(f"Inference-Header-Content-Length {value.strip()!r} is not a number") from None
+    return None
+
+
 def _header(body: bytes, header_length: int | None) -> tuple[dict[str, Any], bytes]:
     if header_length is None:
         head, rest = body, b""
