@@ -9,7 +9,7 @@ DATAPLANE := $(BIN)/mlops-gateway-dataplane
 DATAPLANE_CRATE := deployer/gateway/dataplane
 CARGO_FLAGS := --offline --manifest-path $(DATAPLANE_CRATE)/Cargo.toml --target-dir $(VENV)/cargo-target
 
-.PHONY: install run test test-fast lint bench bench-quick browser clean
+.PHONY: install run test test-fast lint bench bench-quick debian-tools clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@command -v $(PY) >/dev/null 2>&1 || { echo "Python 3.11 is required ($(PY) not found)"; exit 1; }
@@ -24,19 +24,23 @@ $(DATAPLANE): $(STAMP) $(DATAPLANE_CRATE)/Cargo.toml $(wildcard $(DATAPLANE_CRAT
 
 install: $(STAMP) $(DATAPLANE)
 
-# Debian's Chromium for the browser tests (Playwright's own browser download does not work offline).
-browser:
-	@if [ ! -x /usr/bin/chromium ]; then \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    (apt-get install -y -qq chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)) \
-	      || echo "could not install chromium: browser tests will be skipped"; \
-	  else echo "chromium not installed and not root: browser tests will be skipped"; fi; \
-	fi
+# Debian packages some tests need (Playwright's browser download does not work offline; promtool and
+# Prometheus for the monitoring rules): installed when root, else the tests that need them skip, saying why.
+DEBIAN_TOOLS = chromium:/usr/bin/chromium prometheus:/usr/bin/promtool
+debian-tools:
+	@for pair in $(DEBIAN_TOOLS); do pkg=$${pair%%:*}; bin=$${pair#*:}; \
+	  if [ ! -x $$bin ]; then \
+	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	      (apt-get install -y -qq $$pkg >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq $$pkg >/dev/null)) \
+	        || echo "could not install $$pkg: the tests that need it will be skipped"; \
+	    else echo "$$pkg not installed and not root: the tests that need it will be skipped"; fi; \
+	  fi; \
+	done
 
 run: install
 	$(BIN)/python -m config.stack --state $(STATE) run
 
-test: install browser
+test: install debian-tools
 	cargo test --quiet --release $(CARGO_FLAGS)
 	$(BIN)/python -m config.stack --state $(STATE)/test exec --fresh -- $(BIN)/python -m pytest $(PYTEST_ARGS)
 

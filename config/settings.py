@@ -195,6 +195,16 @@ PLATFORM: dict[str, Any] = {
     # window is checked for drift every DRIFT_INTERVAL_S (monitoring/).
     "CAPTURE_S": env_float("PLATFORM_CAPTURE_S", 2.0),
     "DRIFT_INTERVAL_S": env_float("PLATFORM_DRIFT_INTERVAL_S", 300.0),
+    # An alert resolves by itself once its condition has been clear this long; a firing one nobody
+    # acknowledged is notified again this often.
+    "ALERT_RESOLVE_AFTER_S": env_float("PLATFORM_ALERT_RESOLVE_AFTER_S", 900.0),
+    "ALERT_RENOTIFY_S": env_float("PLATFORM_ALERT_RENOTIFY_S", 3600.0),
+    # SLO burn rates: each serving version is sampled at every gateway this often (monitoring/slo.py); with
+    # PROMETHEUS_URL set the figures come from that Prometheus instead.
+    "SLO_SAMPLE_S": env_float("PLATFORM_SLO_SAMPLE_S", 60.0),
+    "PROMETHEUS_URL": env_str("PROMETHEUS_URL", ""),
+    # Where people reach the web UI (links in notifications); make run sets it.
+    "BASE_URL": env_str("PLATFORM_BASE_URL", ""),
 }
 
 REST_FRAMEWORK = {
@@ -255,6 +265,9 @@ CELERY_BEAT_SCHEDULE = {
     "capture-ingest": {"task": "monitoring.tasks.capture_ingest", "schedule": PLATFORM["CAPTURE_S"],
                        "options": {"expires": PLATFORM["CAPTURE_S"] * 2}},
     "capture-forget": {"task": "monitoring.tasks.capture_forget", "schedule": 3600.0},
+    "slo-tick": {"task": "monitoring.tasks.slo_tick", "schedule": PLATFORM["SLO_SAMPLE_S"],
+                 "options": {"expires": PLATFORM["SLO_SAMPLE_S"]}},
+    "alerts-tick": {"task": "monitoring.tasks.alerts_tick", "schedule": 60.0, "options": {"expires": 60.0}},
     "drift-checks": {"task": "monitoring.tasks.drift_checks", "schedule": PLATFORM["DRIFT_INTERVAL_S"],
                      "options": {"expires": PLATFORM["DRIFT_INTERVAL_S"]}},
 }

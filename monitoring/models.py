@@ -3,6 +3,7 @@ named inputs and the prediction answered), and each drift check with its evidenc
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.db import models
 
 from registry.models import ModelVersion, RegisteredModel
@@ -25,6 +26,11 @@ class MonitorPolicy(models.Model):
     drift_method = models.CharField(max_length=64, blank=True, default="", help_text=(
         "An Evidently stattest name (ks, psi, wasserstein, ...); blank: Evidently's choice per column"))
     drift_threshold = models.FloatField(null=True, blank=True)
+    # SLOs of each serving version: `slo_latency_target` of requests answered within `slo_latency_ms` (0.99:
+    # a p99 at that budget), and `slo_availability` of requests answered without an error.
+    slo_latency_ms = models.FloatField(default=250.0)
+    slo_latency_target = models.FloatField(default=0.99)
+    slo_availability = models.FloatField(default=0.999)
     # Captured rows older than this are deleted.
     retention_hours = models.PositiveIntegerField(default=72)
     updated_at = models.DateTimeField(auto_now=True)
@@ -58,6 +64,25 @@ class CaptureCursor(models.Model):
 
     def __str__(self) -> str:
         return f"{self.stream} read up to {self.last_id}"
+
+
+class SloSample(models.Model):
+    """A serving version's cumulative counts at one gateway, as its /metrics showed them at `at`: requests,
+    errors and requests slower than the latency objective (burn rates are increases between samples)."""
+
+    version = models.ForeignKey(ModelVersion, on_delete=models.CASCADE, related_name="+")
+    source = models.CharField(max_length=300, help_text="The gateway's metrics URL")
+    at = models.DateTimeField()
+    requests = models.FloatField()
+    errors = models.FloatField()
+    slow = models.FloatField()
+    latency_ms = models.FloatField(help_text="The objective `slow` was counted against")
+
+    class Meta:
+        indexes = [models.Index(fields=["version", "at"], name="slo_version_at")]
+
+    def __str__(self) -> str:
+        return f"SLO sample of version {self.version_id} from {self.source} at {self.at:%H:%M:%S}"
 
 
 class DriftOutcome(models.TextChoices):
@@ -102,3 +127,59 @@ class DriftReport(models.Model):
 
     def __str__(self) -> str:
         return f"report of drift check {self.drift_check_id}"
+
+
+class AlertKind(models.TextChoices):
+    DRIFT = "drift", "Input or prediction drift"
+    LATENCY = "latency", "Latency SLO burning"
+    ERRORS = "errors", "Error budget burning"
+
+
+class AlertStatus(models.TextChoices):
+    FIRING = "firing", "Firing"
+    ACKNOWLEDGED = "acknowledged", "Acknowledged"
+    RESOLVED = "resolved", "Resolved"
+
+
+# Firing until someone acknowledges it or its condition has been clear for a while; resolved is final (the
+# condition coming back raises a new alert).
+ALERT_TRANSITIONS: dict[str, set[str]] = {
+    AlertStatus.FIRING: {AlertStatus.ACKNOWLEDGED, AlertStatus.RESOLVED},
+    AlertStatus.ACKNOWLEDGED: {AlertStatus.RESOLVED},
+    AlertStatus.RESOLVED: set(),
+}
+
+
+class Alert(models.Model):
+    """A condition on a model version that needs a person: one open alert per fingerprint (model, version,
+    kind), however often the condition is seen again."""
+
+    fingerprint = models.CharField(max_length=300)
+    model = models.ForeignKey(RegisteredModel, on_delete=models.CASCADE, related_name="alerts")
+    version = models.ForeignKey(ModelVersion, on_delete=models.CASCADE, related_name="alerts")
+    kind = models.CharField(max_length=16, choices=AlertKind.choices)
+    severity = models.CharField(max_length=8, default="page", help_text="page (someone now) or ticket")
+    status = models.CharField(max_length=16, choices=AlertStatus.choices, default=AlertStatus.FIRING)
+    title = models.CharField(max_length=300)
+    summary = models.TextField(help_text="The evidence in words, as last seen")
+    evidence = models.JSONField(default=dict, help_text="Figures, and the check or window behind them")
+    runbook = models.TextField()
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                              related_name="+")
+    silenced_until = models.DateTimeField(null=True, blank=True)
+    silence_reason = models.TextField(blank=True, default="")
+    first_seen_at = models.DateTimeField(auto_now_add=True)
+    last_seen_at = models.DateTimeField()
+    clear_since = models.DateTimeField(null=True, blank=True, help_text="When its condition was last seen clear")
+    last_notified_at = models.DateTimeField(null=True, blank=True)
+    resolved_at = models.DateTimeField(null=True, blank=True)
+    resolution = models.TextField(blank=True, default="")
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-last_seen_at"]
+        constraints = [models.UniqueConstraint(fields=["fingerprint"], condition=~models.Q(status="resolved"),
+                                               name="one_open_alert_per_fingerprint")]
+
+    def __str__(self) -> str:
+        return f"{self.kind} alert on {self.fingerprint} ({self.status})"

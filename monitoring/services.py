@@ -14,9 +14,9 @@ import pandas as pd
 from django.utils import timezone
 
 from deployer.models import SERVING_ROLLOUT_STATES, Deployment, Endpoint
-from monitoring import drift
+from monitoring import alerts, drift
 from monitoring.capture import policy_for
-from monitoring.models import CapturedRow, DriftCheck, DriftOutcome, DriftReport, MonitorPolicy
+from monitoring.models import AlertKind, CapturedRow, DriftCheck, DriftOutcome, DriftReport, MonitorPolicy
 from registry import locks, mlflow_store
 from registry.models import ModelVersion
 
@@ -109,9 +109,27 @@ def drift_check(version: ModelVersion) -> DriftCheck:
         drifted_share=result.drifted_share, columns=result.as_dict()["columns"], summary=result.summary(),
         seconds=round(seconds, 3))
     DriftReport.objects.create(drift_check=check, html_gz=gzip.compress(drift.html(snapshot).encode(), 6))
+    _alert_on(check, label)
     stale = DriftReport.objects.filter(drift_check__version=version).order_by("-drift_check__created_at")[REPORTS_KEPT:]
     DriftReport.objects.filter(pk__in=list(stale.values_list("pk", flat=True))).delete()
     return check
+
+
+def _alert_on(check: DriftCheck, label: str) -> None:
+    """A drifted window raises (or refreshes) the version's drift alert; a clear one lets it resolve."""
+    version = check.version
+    if check.outcome != DriftOutcome.DRIFT:
+        alerts.alert_clear(version, AlertKind.DRIFT)
+        return
+    what = "its inputs and predictions" if check.dataset_drift and check.prediction_drift else \
+        "its predictions" if check.prediction_drift else "its inputs"
+    drifted = [c for c in check.columns if c["drifted"]]
+    alerts.alert_seen(version, AlertKind.DRIFT, f"{label}: drift in {what}", check.summary, {
+        "drift_check": check.pk, "checked_at": check.created_at.isoformat(), "current_rows": check.current_rows,
+        "reference_rows": check.reference_rows, "drifted_share": check.drifted_share, "drift_share": check.drift_share,
+        "prediction_drift": check.prediction_drift,
+        "drifted_columns": [{k: c[k] for k in ("column", "method", "threshold", "score")} for c in drifted[:20]],
+        "report": f"/api/v1/models/{version.model.name}/versions/{version.version}/drift/{check.pk}/report/"})
 
 
 def drift_checks() -> int:
