@@ -8,12 +8,15 @@ from pathlib import Path
 
 from celery import shared_task
 from django.conf import settings
+from django.db.models import Q
 from django.utils import timezone
 
 from registry import locks, services
 from registry.errors import TransitionError
 from registry.mlflow_store import MlflowError
 from registry.models import ModelVersion, VersionStatus
+
+VALIDATING_ON = "being validated on "  # the status detail a worker writes when it takes a validation
 
 
 @shared_task(bind=True, max_retries=5, acks_late=True)
@@ -25,6 +28,10 @@ def version_validate(self, version_id: int) -> str:  # type: ignore[no-untyped-d
         with locks.claim("version.validate", version_id) as mine:
             if not mine:
                 return "being validated by another worker"
+            # Said on the version (people see it), and how the reconciler tells a validation cut off by its
+            # worker's death from one still waiting in line: it sends the first again at once.
+            ModelVersion.objects.filter(pk=version_id, status=VersionStatus.VALIDATING).update(
+                status_detail=f"{VALIDATING_ON}{self.request.hostname or 'a worker'}", updated_at=timezone.now())
             return _validate(self, version_id)
     except services.DATABASE_UNAVAILABLE as exc:
         raise self.retry(exc=exc, countdown=2, max_retries=30) from exc
@@ -74,18 +81,19 @@ def registry_reconcile() -> int:
 
 @shared_task
 def validations_reconcile() -> int:
-    """Send again the validation of every `validating` version that no live worker holds and that was
-    last sent more than PLATFORM_REDISPATCH_S ago: its message was lost (a broker that died with it,
-    a worker killed mid-task). A duplicate is harmless: the claim and the conditional transition let
-    one run do the work."""
+    """Send again the validation of every `validating` version that no live worker holds and that a
+    worker had taken (that worker died mid-task), or that was last sent more than PLATFORM_REDISPATCH_S
+    ago (its message was lost with a broker or a worker). A duplicate is harmless: the claim and the
+    conditional transition let one run do the work."""
     now = timezone.now()
     stale = now - timedelta(seconds=settings.PLATFORM["REDISPATCH_S"])
     sent = 0
-    for version_id in ModelVersion.objects.filter(status=VersionStatus.VALIDATING, updated_at__lt=stale) \
+    started = Q(status_detail__startswith=VALIDATING_ON)  # a worker took it: no claim now means it died
+    for version_id in ModelVersion.objects.filter(Q(updated_at__lt=stale) | started, status=VersionStatus.VALIDATING) \
             .values_list("pk", flat=True):
         if locks.claimed_elsewhere("version.validate", version_id):
             continue
-        ModelVersion.objects.filter(pk=version_id).update(updated_at=now)
+        ModelVersion.objects.filter(pk=version_id).update(updated_at=now, status_detail="")
         version_validate.delay(version_id)
         sent += 1
     return sent

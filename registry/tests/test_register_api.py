@@ -114,3 +114,23 @@ def test_the_reconciler_validates_again_a_version_whose_message_was_lost_unless_
     # That worker died (its connection ended): sent again, once per quiet period.
     assert tasks.validations_reconcile() == 1 and sent == [version.pk]
     assert tasks.validations_reconcile() == 0 and sent == [version.pk]
+
+
+def test_a_validation_whose_worker_died_is_sent_again_at_once_not_after_the_redispatch_delay(
+        scientist, model_archive, unique_name, monkeypatch):
+    from registry import tasks
+    from registry.tests.conftest import held_by_another_worker
+
+    upload(scientist, unique_name, model_archive)
+    version = ModelVersion.objects.get(model__name=unique_name, version=1)
+    sent = []
+    monkeypatch.setattr(tasks.version_validate, "delay", sent.append)
+    assert tasks.validations_reconcile() == 0  # just sent: waiting in line is not lost
+    # A worker took it (it says so on the version) and is at work: left alone.
+    ModelVersion.objects.filter(pk=version.pk).update(status_detail=f"{tasks.VALIDATING_ON}worker@a")
+    with held_by_another_worker("version.validate", version.pk):
+        assert tasks.validations_reconcile() == 0
+    # Its worker died (the claim went with its connection): sent again now, once.
+    assert tasks.validations_reconcile() == 1 and sent == [version.pk]
+    assert ModelVersion.objects.get(pk=version.pk).status_detail == ""
+    assert tasks.validations_reconcile() == 0 and sent == [version.pk]
