@@ -12,6 +12,7 @@ from deployer.gateway.routing import (
     ROUTES_KEY,
     ROUTES_VERSION_KEY,
     Arm,
+    Capture,
     ModelRoute,
     load_routes,
     parse_table,
@@ -19,5 +20,5 @@ from deployer.gateway.routing import (
 )
 from deployer.gateway.sampling import SAMPLES_STREAM
 
-__all__ = ["ROUTES_CHANNEL", "ROUTES_KEY", "ROUTES_VERSION_KEY", "SAMPLES_STREAM", "Arm", "ModelRoute", "load_routes",
-           "parse_table", "publish_routes"]
+__all__ = ["ROUTES_CHANNEL", "ROUTES_KEY", "ROUTES_VERSION_KEY", "SAMPLES_STREAM", "Arm", "Capture", "ModelRoute",
+           "load_routes", "parse_table", "publish_routes"]

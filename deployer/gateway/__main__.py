@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--control-socket", type=Path,
                         help="the data plane's control socket: a data plane listening there is adopted, else one is "
                              "started (default: $PLATFORM_STATE_DIR/gateway-<host>-<port>.sock)")
-    parser.add_argument("--sample-rate", type=float, default=0.01, help="fraction of inference requests sampled")
+    parser.add_argument("--sample-rate", type=float, default=0.01,
+                        help="fraction of inference requests sampled, for models whose route has no capture of its own")
     parser.add_argument("--sample-stream", default=SAMPLES_STREAM)
     parser.add_argument("--sample-maxlen", type=int, default=100_000)
     parser.add_argument("--node-down-s", type=float, default=5.0,

@@ -19,13 +19,15 @@ it never blocks its successor).
 
 Protocol. First the data plane sends one frame: b"H" (hello; payload: its process id) when the
 connection is now the control connection, or b"R" (refused; payload: why) before it closes. Then the
-control plane sends TAB-separated lines, a table applied atomically at `end`:
+control plane sends TAB-separated lines, a table applied atomically at `end`; `arm` and `capture` lines
+belong to the `model` line before them (one capture line at most):
 
     table   <version>
     model   <name>  <canary weight>  [<shadow share>]
     arm     stable  <version>  <triton model>  <host:port>[,<host:port>...]
     arm     canary  ...
     arm     shadow  ...     (copies of `shadow share` percent of stable's requests, after the client's answer)
+    capture <fraction>  <floor per second>      (the model's own sampling, in place of --sample-rate)
     end
     dropped <n>     (between tables: samples the control plane could not take, for the metrics)
     stop            (between tables: the data plane exits)
@@ -105,6 +107,8 @@ def encode_table(version: int, table: RoutingTable) -> bytes:
         weight = route.canary_weight if route.canary else 0
         share = f"\t{route.shadow_share}" if route.shadow is not None else ""
         lines.append(f"model\t{name}\t{weight}{share}\n")
+        if route.capture is not None:
+            lines.append(f"capture\t{route.capture.fraction!r}\t{route.capture.floor_per_s}\n")
         lines.append(arm("stable", route.stable))
         if route.canary is not None:
             lines.append(arm("canary", route.canary))

@@ -3,9 +3,11 @@
     {"<logical model>": {"stable": {"version": "3", "triton_model": "digits_v3", "nodes": ["127.0.0.1:8000"]},
                          "canary": {"version": "4", "triton_model": "digits_v4", "nodes": [...], "weight": 10}}}
 
-`canary` may be absent or null. The table lives under ROUTES_KEY as JSON; ROUTES_VERSION_KEY is a counter
-bumped with every publication (in the same transaction) and ROUTES_CHANNEL carries a notice, so a gateway
-picks a change up at once and, should it miss the notice, on its next cheap poll of the counter.
+`canary` may be absent or null; so may `shadow` (an arm with a "share") and `capture`, a model's own traffic
+sampling, {"fraction": 0.05, "floor_per_s": 20} (see Capture). The table lives under ROUTES_KEY as JSON;
+ROUTES_VERSION_KEY is a counter bumped with every publication (in the same transaction) and ROUTES_CHANNEL
+carries a notice, so a gateway picks a change up at once and, should it miss the notice, on its next cheap
+poll of the counter.
 """
 
 from __future__ import annotations
@@ -35,6 +37,20 @@ class Arm:
     nodes: tuple[str, ...]
 
 
+# A guard against a slip (a floor of millions): the control plane writes at most about 1,000 samples a second to
+# Redis anyway (batches of up to 100 every 0.1 s), dropping and counting what does not fit.
+MAX_CAPTURE_FLOOR_PER_S = 10_000
+
+
+@dataclass(frozen=True)
+class Capture:
+    """A model's own traffic sampling, in place of the gateway's --sample-rate: every inference request of the
+    model is sampled while fewer than `floor_per_s` of its requests have been sampled in the current second;
+    past that, each with probability `fraction`."""
+    fraction: float  # 0..1
+    floor_per_s: int  # 0..MAX_CAPTURE_FLOOR_PER_S
+
+
 @dataclass(frozen=True)
 class ModelRoute:
     stable: Arm
@@ -43,6 +59,7 @@ class ModelRoute:
     # Mirrored, after stable answered, to a candidate whose answers no client sees (the gateway's shadow arm).
     shadow: Arm | None = None
     shadow_share: int = 0  # percent of stable's requests mirrored, 0..100
+    capture: Capture | None = None  # None: sampled at the gateway's --sample-rate
 
 
 RoutingTable = dict[str, ModelRoute]
@@ -80,6 +97,22 @@ def _percent(what: str, value: Any) -> int:
     return value
 
 
+def _capture(model: str, data: Any) -> Capture:
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{model}.capture must be an object with fraction and floor_per_s")
+    unknown = sorted(str(k) for k in data if k not in ("fraction", "floor_per_s"))
+    if unknown:
+        raise ValueError(f"{model}.capture takes fraction and floor_per_s only, not {', '.join(unknown)}")
+    fraction, floor = data.get("fraction"), data.get("floor_per_s")
+    # NaN fails the range check; bool is an int to Python but not a number here.
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 <= fraction <= 1:
+        raise ValueError(f"{model}.capture.fraction must be a number 0..1, not {fraction!r}")
+    if isinstance(floor, bool) or not isinstance(floor, int) or not 0 <= floor <= MAX_CAPTURE_FLOOR_PER_S:
+        raise ValueError(f"{model}.capture.floor_per_s must be a whole number of requests a second, 0 to at most "
+                         f"{MAX_CAPTURE_FLOOR_PER_S}, not {floor!r}")
+    return Capture(float(fraction), floor)
+
+
 def parse_table(data: Any) -> RoutingTable:
     """Validate a decoded table; raises ValueError naming the first problem."""
     if not isinstance(data, Mapping):
@@ -101,7 +134,9 @@ def parse_table(data: Any) -> RoutingTable:
         if shadow_data is not None:
             shadow = _arm(name, "shadow", shadow_data)
             share = _percent(f"{name}.shadow.share", shadow_data.get("share", 0))
-        table[name] = ModelRoute(stable, canary, weight, shadow, share)
+        capture_data = entry.get("capture")
+        capture = None if capture_data is None else _capture(name, capture_data)
+        table[name] = ModelRoute(stable, canary, weight, shadow, share, capture)
     return table
 
 
@@ -114,6 +149,8 @@ def table_to_dict(table: RoutingTable) -> dict[str, Any]:
                "canary": None if r.canary is None else {**arm(r.canary), "weight": r.canary_weight}}
         if r.shadow is not None:  # only then: a table without one keeps the shape it always had
             out["shadow"] = {**arm(r.shadow), "share": r.shadow_share}
+        if r.capture is not None:  # likewise
+            out["capture"] = {"fraction": r.capture.fraction, "floor_per_s": r.capture.floor_per_s}
         return out
 
     return {name: route(r) for name, r in table.items()}

@@ -449,6 +449,89 @@ def test_a_table_whose_names_hold_control_characters_is_refused(redis_client):
         publish_routes(redis_client, {"m": {"stable": {"version": "1\n", "triton_model": "m", "nodes": ["h:1"]}}})
 
 
+def _with_capture(capture) -> dict:
+    return {"m": {"stable": {"version": "1", "triton_model": "m_v1", "nodes": ["h:1"]}, "capture": capture}}
+
+
+def test_a_capture_setting_is_refused_unless_it_is_a_fraction_and_a_bounded_floor():
+    from deployer.gateway.routing import parse_table
+
+    fraction = "m.capture.fraction must be a number 0..1"
+    floor = "m.capture.floor_per_s must be a whole number of requests a second, 0 to at most 10000"
+    for capture, message in [
+        (5, "m.capture must be an object with fraction and floor_per_s"),
+        ([0.1, 5], "m.capture must be an object with fraction and floor_per_s"),
+        ({"fraction": 0.1, "floor_per_s": 5, "floor": 5}, "m.capture takes fraction and floor_per_s only, not floor"),
+        ({"floor_per_s": 5}, f"{fraction}, not None"),
+        ({"fraction": 1.5, "floor_per_s": 5}, f"{fraction}, not 1.5"),
+        ({"fraction": -0.1, "floor_per_s": 5}, f"{fraction}, not -0.1"),
+        ({"fraction": float("nan"), "floor_per_s": 5}, f"{fraction}, not nan"),
+        ({"fraction": "0.5", "floor_per_s": 5}, f"{fraction}, not '0.5'"),
+        ({"fraction": True, "floor_per_s": 5}, f"{fraction}, not True"),
+        ({"fraction": 0.1}, f"{floor}, not None"),
+        ({"fraction": 0.1, "floor_per_s": -1}, f"{floor}, not -1"),
+        ({"fraction": 0.1, "floor_per_s": 10_001}, f"{floor}, not 10001"),
+        ({"fraction": 0.1, "floor_per_s": 2.5}, f"{floor}, not 2.5"),
+        ({"fraction": 0.1, "floor_per_s": True}, f"{floor}, not True"),
+    ]:
+        with pytest.raises(ValueError) as refused:
+            parse_table(_with_capture(capture))
+        assert str(refused.value) == message, capture
+
+
+def test_a_capture_setting_is_kept_through_the_table_and_sent_to_the_data_plane_only_where_set():
+    from deployer.gateway.dataplane import encode_table
+    from deployer.gateway.routing import Capture, parse_table, table_to_dict
+
+    for capture, kept in [({"fraction": 0, "floor_per_s": 0}, Capture(0.0, 0)),
+                          ({"fraction": 1, "floor_per_s": 10_000}, Capture(1.0, 10_000)),
+                          ({"fraction": 0.05, "floor_per_s": 20}, Capture(0.05, 20))]:
+        table = parse_table(_with_capture(capture))
+        assert table["m"].capture == kept
+        assert table_to_dict(table)["m"]["capture"] == capture
+        assert parse_table(table_to_dict(table)) == table
+    assert encode_table(3, table).decode().splitlines()[1:3] == ["model\tm\t0", "capture\t0.05\t20"]
+    # A table without one keeps the shape it always had, and the data plane gets no capture line.
+    for plain in [_with_capture(None), {"m": {"stable": _with_capture(None)["m"]["stable"]}}]:
+        table = parse_table(plain)
+        assert table["m"].capture is None
+        assert set(table_to_dict(table)["m"]) == {"stable", "canary"}
+        assert b"capture" not in encode_table(3, table)
+
+
+def test_a_models_capture_floor_samples_each_of_its_requests_whatever_the_sample_rate(own_routes, triton, tmp_path):
+    """--sample-rate 0. A model whose capture floor is above its traffic (fraction 0) has every request
+    sampled; one with floor 0 and fraction 0 has none, as has a model without a capture (the global rate)."""
+    url, routes = own_routes
+    stream = f"gateway:samples:test-{uuid.uuid4().hex[:8]}"
+    stable = {"version": "1", "triton_model": "echo_v1", "nodes": [triton.url]}
+    table = {"every": {"stable": stable, "capture": {"fraction": 0, "floor_per_s": 10_000}},
+             "never": {"stable": stable, "capture": {"fraction": 0, "floor_per_s": 0}},
+             "plain": {"stable": stable}}
+    body = b'{"inputs":[{"name":"x","shape":[2],"datatype":"FP32","data":[1,2]}]}'
+    n = 30
+    try:
+        with gateway_process(url, tmp_path / "gateway.log", "--sample-rate", "0", "--sample-stream", stream,
+                             "--routes-poll-s", "0.2") as (port, _):
+            _wait_applied(port, publish_routes(routes, table))
+            # "every" last: samples reach the stream in order, so any of the others' would be there before its.
+            for model in ("never", "plain", "every"):
+                for _ in range(n):
+                    assert _call(port, "POST", f"/v2/models/{model}/infer", body)[0] == 200
+
+            def sampled() -> list[bytes]:
+                return [e[b"model"] for _, e in routes.xrange(stream)]
+
+            wait_until(lambda: len(sampled()) >= n, 10, f"{n} samples in the stream", interval=0.05)
+            assert sampled() == [b"every"] * n
+            text = _metrics(port)
+            assert f'gateway_samples_total{{model="every",version="1"}} {n}.0' in text
+            assert 'gateway_samples_total{model="never",version="1"} 0.0' in text
+            assert 'gateway_samples_total{model="plain",version="1"} 0.0' in text
+    finally:
+        routes.delete(stream)
+
+
 def test_samples_the_control_plane_drops_are_counted_by_the_data_plane(triton):
     from deployer.gateway.routing import parse_table
     from deployer.gateway.sampling import Sampler

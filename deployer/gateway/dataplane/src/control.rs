@@ -4,14 +4,23 @@
 //!     table   <version>
 //!     model   <name>  <canary weight 0..100>  [<shadow share 0..100>]
 //!     arm     stable|canary|shadow   <version>   <triton model>  <host:port>[,<host:port>...]
-//!
-//! A shadow arm gets a copy of `shadow share` of every 100 requests stable answered, after the client has
-//! its answer (shadow.rs); its answers go to nobody but the paired sample.
+//!     capture <fraction 0..1>  <floor per second 0..10000>
 //!     end
+//!
+//! `arm` and `capture` lines belong to the model line before them, in any order; a model has one arm of
+//! each role at most and one capture line at most. A shadow arm gets a copy of `shadow share` of every 100
+//! requests stable answered, after the client has its answer (shadow.rs); its answers go to nobody but the
+//! paired sample. A capture line gives the model its own sampling in place of --sample-rate: every
+//! inference request is sampled while fewer than `floor per second` of the model's have been this second,
+//! past that each with probability `fraction` (routing::Capture).
 //!
 //! and, outside a table, `dropped <n>`: samples the control plane could not take (Redis behind), counted
 //! with the data plane's own in gateway_samples_dropped_total; `stop`: the data plane exits (its control
 //! plane is stopping; a control plane that merely goes leaves it serving).
+
+/// The highest capture floor taken, as the control plane's routing.py: a guard against a slip, already far
+/// above the samples a second the control plane writes to Redis.
+pub const MAX_CAPTURE_FLOOR_PER_S: u32 = 10_000;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ArmSpec {
@@ -20,7 +29,14 @@ pub struct ArmSpec {
     pub nodes: Vec<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A model's own sampling (a `capture` line).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CaptureSpec {
+    pub fraction: f64,
+    pub floor_per_s: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
 pub struct ModelSpec {
     pub name: String,
     pub weight: u32,
@@ -29,15 +45,17 @@ pub struct ModelSpec {
     /// Percent of stable's requests mirrored to the shadow arm.
     pub shadow_share: u32,
     pub shadow: Option<ArmSpec>,
+    /// None: the model is sampled at --sample-rate.
+    pub capture: Option<CaptureSpec>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TableSpec {
     pub version: u64,
     pub models: Vec<ModelSpec>,
 }
 
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq)]
 pub enum Event {
     None,
     Apply(TableSpec),
@@ -104,12 +122,17 @@ impl ControlParser {
                 _ => Event::Reject(None, format!("bad dropped line {line:?}")),
             },
             "stop" if self.cur.is_none() && f.len() == 1 => Event::Stop,
-            "model" | "arm" => {
+            "model" | "arm" | "capture" => {
                 let Some((table, err)) = self.cur.as_mut() else {
                     return Event::Reject(None, format!("{} line outside a table", f[0]));
                 };
                 if err.is_none() {
-                    if let Err(why) = if f[0] == "model" { model_line(table, &f) } else { arm_line(table, &f) } {
+                    let read = match f[0] {
+                        "model" => model_line(table, &f),
+                        "arm" => arm_line(table, &f),
+                        _ => capture_line(table, &f),
+                    };
+                    if let Err(why) = read {
                         *err = Some(why);
                     }
                 }
@@ -153,7 +176,15 @@ fn model_line(t: &mut TableSpec, f: &[&str]) -> Result<(), String> {
             .filter(|w| *w <= 100)
             .ok_or_else(|| format!("{name}: shadow share must be 0..100, not {v:?}"))?,
     };
-    t.models.push(ModelSpec { name: name.to_string(), weight, stable: None, canary: None, shadow_share, shadow: None });
+    t.models.push(ModelSpec {
+        name: name.to_string(),
+        weight,
+        stable: None,
+        canary: None,
+        shadow_share,
+        shadow: None,
+        capture: None,
+    });
     Ok(())
 }
 
@@ -189,6 +220,29 @@ fn arm_line(t: &mut TableSpec, f: &[&str]) -> Result<(), String> {
     Ok(())
 }
 
+fn capture_line(t: &mut TableSpec, f: &[&str]) -> Result<(), String> {
+    let Some(model) = t.models.last_mut() else {
+        return Err("a capture line before any model line".into());
+    };
+    if f.len() != 3 {
+        return Err(format!("{}: a capture line has 3 fields, not {}", model.name, f.len()));
+    }
+    if model.capture.is_some() {
+        return Err(format!("{}: two capture lines", model.name));
+    }
+    // The range check also refuses NaN and the infinities, which parse.
+    let fraction = f[1]
+        .parse::<f64>()
+        .ok()
+        .filter(|x| (0.0..=1.0).contains(x))
+        .ok_or_else(|| format!("{}: capture fraction must be a number 0..1, not {:?}", model.name, f[1]))?;
+    let floor_per_s = f[2].parse::<u32>().ok().filter(|n| *n <= MAX_CAPTURE_FLOOR_PER_S).ok_or_else(|| {
+        format!("{}: capture floor must be 0..{MAX_CAPTURE_FLOOR_PER_S} a second, not {:?}", model.name, f[2])
+    })?;
+    model.capture = Some(CaptureSpec { fraction, floor_per_s });
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,6 +273,7 @@ mod tests {
                     }),
                     shadow_share: 0,
                     shadow: None,
+                    capture: None,
                 },
                 ModelSpec {
                     name: "other".into(),
@@ -235,6 +290,7 @@ mod tests {
                         triton_model: "other_v4".into(),
                         nodes: vec!["h:2".into()],
                     }),
+                    capture: None,
                 },
             ],
         };
@@ -272,6 +328,49 @@ mod tests {
         let ev = feed(&mut p, "table\t1\nmodel\tm\t0\ntable\t2\nmodel\tm\t0\narm\tstable\t1\tm1\th:1\nend");
         assert!(matches!(&ev[..], [Event::Reject(Some(1), _), Event::Apply(t)] if t.version == 2), "{ev:?}");
         assert!(matches!(&feed(&mut ControlParser::default(), "end")[..], [Event::Reject(None, _)]));
+    }
+
+    #[test]
+    fn a_capture_line_sets_the_sampling_of_the_model_before_it() {
+        let mut p = ControlParser::default();
+        let ev = feed(&mut p, "table\t4\nmodel\ta\t0\ncapture\t0.05\t20\narm\tstable\t1\ta1\th:1\nmodel\tb\t10\narm\tstable\t1\tb1\th:1\ncapture\t1e-3\t0\narm\tcanary\t2\tb2\th:1\nmodel\tc\t0\narm\tstable\t1\tc1\th:1\nmodel\td\t0\narm\tstable\t1\td1\th:1\ncapture\t1\t10000\nend");
+        let [Event::Apply(t)] = &ev[..] else { panic!("{ev:?}") };
+        let captures: Vec<Option<CaptureSpec>> = t.models.iter().map(|m| m.capture).collect();
+        assert_eq!(
+            captures,
+            [
+                Some(CaptureSpec { fraction: 0.05, floor_per_s: 20 }),
+                Some(CaptureSpec { fraction: 0.001, floor_per_s: 0 }),
+                None,
+                Some(CaptureSpec { fraction: 1.0, floor_per_s: 10_000 }),
+            ]
+        );
+        assert!(t.models[1].canary.is_some()); // arm lines after a capture line still belong to its model
+    }
+
+    #[test]
+    fn bad_capture_lines_reject_the_table_with_the_reason() {
+        let cases = [
+            ("capture\t0.1\t5\nmodel\tm\t0", "a capture line before any model line"),
+            ("model\tm\t0\ncapture\t0.1", "m: a capture line has 3 fields, not 2"),
+            ("model\tm\t0\ncapture\t0.1\t5\t6", "m: a capture line has 3 fields, not 4"),
+            ("model\tm\t0\ncapture\t0.1\t5\ncapture\t0.2\t5", "m: two capture lines"),
+            ("model\tm\t0\ncapture\t1.5\t5", "m: capture fraction must be a number 0..1, not \"1.5\""),
+            ("model\tm\t0\ncapture\t-0.1\t5", "m: capture fraction must be a number 0..1, not \"-0.1\""),
+            ("model\tm\t0\ncapture\tNaN\t5", "m: capture fraction must be a number 0..1, not \"NaN\""),
+            ("model\tm\t0\ncapture\tinf\t5", "m: capture fraction must be a number 0..1, not \"inf\""),
+            ("model\tm\t0\ncapture\t\t5", "m: capture fraction must be a number 0..1, not \"\""),
+            ("model\tm\t0\ncapture\t0.1\t10001", "m: capture floor must be 0..10000 a second, not \"10001\""),
+            ("model\tm\t0\ncapture\t0.1\t-1", "m: capture floor must be 0..10000 a second, not \"-1\""),
+            ("model\tm\t0\ncapture\t0.1\t2.5", "m: capture floor must be 0..10000 a second, not \"2.5\""),
+        ];
+        for (lines, why) in cases {
+            let text = format!("table\t5\n{lines}\narm\tstable\t1\tm1\th:1\nend");
+            let ev = feed(&mut ControlParser::default(), &text);
+            assert_eq!(ev, [Event::Reject(Some(5), why.to_string())], "{text:?}");
+        }
+        let ev = feed(&mut ControlParser::default(), "capture\t0.1\t5");
+        assert_eq!(ev, [Event::Reject(None, "capture line outside a table".to_string())]);
     }
 
     #[test]

@@ -47,6 +47,8 @@ pub struct ArmStats {
     pub in_flight: AtomicI64,
     errors: [AtomicU64; 4],
     pub retries: AtomicU64,
+    /// Inference exchanges sampled (those dropped on the way to Redis included).
+    pub samples: AtomicU64,
 }
 
 impl ArmStats {
@@ -164,6 +166,22 @@ impl Metrics {
         }
         family(
             &mut s,
+            "gateway_samples_total",
+            "counter",
+            "Answered inference requests sampled (by the model's capture, else the sample rate; mirrored ones always), \
+             those then dropped included",
+        );
+        for ((model, version), a) in &arms {
+            let _ = writeln!(
+                s,
+                "gateway_samples_total{{model=\"{}\",version=\"{}\"}} {}",
+                escape(model),
+                escape(version),
+                int(a.samples.load(Relaxed))
+            );
+        }
+        family(
+            &mut s,
             "gateway_samples_dropped_total",
             "counter",
             "Sampled requests dropped: the sampling queue was full, or no control plane was connected",
@@ -248,6 +266,7 @@ mod tests {
         a.observe(300_000_000);
         a.error(Reason::UpstreamTimeout);
         a.error(Reason::Upstream5xx);
+        a.samples.fetch_add(2, Relaxed);
         m.routes_version.store(3, Relaxed);
         let text = m.render(&[
             NodeCount { addr: "127.0.0.1:1".into(), marked_down: 1 },
@@ -288,6 +307,9 @@ gateway_upstream_retries_total{model=\"echo\",version=\"1\"} 0.0
 # HELP gateway_node_marked_down_total Times a node was taken out after a failure
 # TYPE gateway_node_marked_down_total counter
 gateway_node_marked_down_total{node=\"127.0.0.1:1\"} 1.0
+# HELP gateway_samples_total Answered inference requests sampled (by the model's capture, else the sample rate; mirrored ones always), those then dropped included
+# TYPE gateway_samples_total counter
+gateway_samples_total{model=\"echo\",version=\"1\"} 2.0
 # HELP gateway_samples_dropped_total Sampled requests dropped: the sampling queue was full, or no control plane was connected
 # TYPE gateway_samples_dropped_total counter
 gateway_samples_dropped_total 0.0

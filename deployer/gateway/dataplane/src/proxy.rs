@@ -17,7 +17,7 @@ use crate::frames::{self, Frame, Sample};
 use crate::http::{self, ChunkError, Chunked, HeadError, Reply, RequestHead, MAX_HEAD};
 use crate::metrics::{Metrics, Reason};
 use crate::routes::{self, Call, Local, Route};
-use crate::routing::{self, now_ns, Arm, Nodes, Table, UpConn};
+use crate::routing::{self, now_ns, Arm, Nodes, Rate, Table, UpConn};
 
 /// Largest request body taken by default (--max-body-bytes): a Triton infer request of a few large tensors.
 pub const DEFAULT_MAX_BODY: u64 = 64 << 20;
@@ -33,9 +33,8 @@ pub struct Settings {
     pub read_timeout: Duration,
     pub connect_timeout: Duration,
     pub node_down: Duration,
-    /// A request is sampled when a uniform u64 is below this (u64::MAX with `sample_all`).
-    pub sample_below: u64,
-    pub sample_all: bool,
+    /// The share of inference requests sampled, for models without a capture of their own.
+    pub sample: Rate,
     pub pool_max_idle: usize,
     pub max_connections: usize,
     /// A client connection silent this long is closed.
@@ -69,8 +68,7 @@ impl Settings {
             read_timeout,
             connect_timeout,
             node_down,
-            sample_below: if sample_rate <= 0.0 { 0 } else { (sample_rate * 18_446_744_073_709_551_616.0) as u64 },
-            sample_all: sample_rate >= 1.0,
+            sample: Rate::new(sample_rate),
             pool_max_idle,
             max_connections,
             client_idle,
@@ -743,6 +741,7 @@ fn exchange(st: &State, io: &mut Io, a: &Ask) -> bool {
 }
 
 fn offer_sample(st: &State, io: &mut Io, a: &Ask, status: u16, took: u64) {
+    a.arm.stats.samples.fetch_add(1, Ordering::Relaxed);
     if io.sample_overflow {
         let dropped = if a.mirror.is_some() { &st.metrics.shadow_dropped } else { &st.metrics.samples_dropped };
         dropped.fetch_add(1, Ordering::Relaxed);
@@ -1196,10 +1195,14 @@ impl<'s> Conn<'s> {
         fwd.extend_from_slice(b"\r\n");
 
         let mirror = if kind == Kind::Infer && std::ptr::eq(arm, &model.stable) { model.mirror() } else { None };
+        // A mirrored request is always sampled (its sample carries both answers) and takes nothing from
+        // the model's capture floor.
         let sampled = kind == Kind::Infer
             && (mirror.is_some()
-                || st.settings.sample_all
-                || (st.settings.sample_below > 0 && io.next_random() < st.settings.sample_below));
+                || match &model.capture {
+                    Some(capture) => capture.take(|| io.next_random()),
+                    None => st.settings.sample.hit(|| io.next_random()),
+                });
         let ask = Ask { arm, model: &model.name, kind, to, body, sampled, mirror };
         exchange(st, io, &ask)
     }

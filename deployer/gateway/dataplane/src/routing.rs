@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::control::{ArmSpec, TableSpec};
+use crate::control::{ArmSpec, CaptureSpec, TableSpec};
 use crate::metrics::{ArmStats, Metrics, NodeCount};
 
 /// zlib.crc32 (IEEE, reflected): request keys land in the same bucket on every gateway, Python's too.
@@ -157,6 +157,81 @@ impl Arm {
     }
 }
 
+/// A probability as a threshold for a uniform random u64 (no float arithmetic on the request path).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rate {
+    below: u64,
+    all: bool,
+}
+
+impl Rate {
+    pub fn new(fraction: f64) -> Rate {
+        Rate {
+            below: if fraction <= 0.0 { 0 } else { (fraction * 18_446_744_073_709_551_616.0) as u64 },
+            all: fraction >= 1.0,
+        }
+    }
+
+    /// Whether an event of this probability happens; `random` (a uniform u64) is only drawn when the
+    /// rate is neither 0 nor 1.
+    pub fn hit(self, random: impl FnOnce() -> u64) -> bool {
+        self.all || (self.below > 0 && random() < self.below)
+    }
+}
+
+/// A model's own traffic capture (its table entry's `capture`), in place of the global --sample-rate:
+/// every inference request is sampled while fewer than `floor_per_s` of the model's have been in this
+/// second (of the data plane's monotonic clock), past that each with probability `fraction`.
+pub struct Capture {
+    floor_per_s: u64,
+    fraction: Rate,
+    /// The second counted (high 32 bits) and the requests taken by the floor in it (low 32 bits), in one
+    /// word so that a new second and its first count are one compare-and-swap: no lock, no count lost to
+    /// a race with the reset.
+    window: AtomicU64,
+}
+
+impl Capture {
+    pub fn new(spec: &CaptureSpec) -> Capture {
+        Capture {
+            floor_per_s: u64::from(spec.floor_per_s),
+            fraction: Rate::new(spec.fraction),
+            window: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether this request is sampled (a clock read only when there is a floor).
+    pub fn take(&self, random: impl FnOnce() -> u64) -> bool {
+        self.take_in(|| now_ns() / 1_000_000_000, random)
+    }
+
+    /// The same, `second` telling the time.
+    fn take_in(&self, second: impl FnOnce() -> u64, random: impl FnOnce() -> u64) -> bool {
+        (self.floor_per_s > 0 && self.within_floor(second())) || self.fraction.hit(random)
+    }
+
+    /// Counts a request into `second`'s floor; false when the floor of that second is full.
+    fn within_floor(&self, second: u64) -> bool {
+        let second = second & 0xffff_ffff; // 136 years of seconds
+        let mut window = self.window.load(Relaxed);
+        loop {
+            let (counted, taken) = (window >> 32, window & 0xffff_ffff);
+            // A thread that read the clock just before another moved the window on counts in the new second.
+            let next = if second > counted {
+                (second << 32) | 1
+            } else if taken < self.floor_per_s {
+                window + 1
+            } else {
+                return false;
+            };
+            match self.window.compare_exchange_weak(window, next, Relaxed, Relaxed) {
+                Ok(_) => return true,
+                Err(now) => window = now,
+            }
+        }
+    }
+}
+
 pub struct Model {
     pub name: String,
     pub stable: Arm,
@@ -169,6 +244,8 @@ pub struct Model {
     /// Percent of stable's requests mirrored, 0 when there is no shadow arm.
     pub shadow_share: u64,
     shadow_spread: AtomicU64,
+    /// None: sampled at the global --sample-rate.
+    pub capture: Option<Capture>,
 }
 
 impl Model {
@@ -268,6 +345,7 @@ pub fn build_table(spec: &TableSpec, nodes: &Nodes, metrics: &Metrics) -> Table 
             shadow_share: if shadow.is_some() { u64::from(m.shadow_share) } else { 0 },
             shadow,
             shadow_spread: AtomicU64::new(0),
+            capture: m.capture.as_ref().map(Capture::new),
         };
         models.insert(m.name.as_bytes().into(), model);
     }
@@ -284,11 +362,14 @@ pub fn describe(spec: &TableSpec) -> String {
         .iter()
         .map(|m| {
             let stable = m.stable.as_ref().map_or("?", |a| a.version.as_str());
-            let shadow =
+            let mut extra =
                 m.shadow.as_ref().map_or(String::new(), |s| format!(" (shadow {} @ {}%)", s.version, m.shadow_share));
+            if let Some(c) = &m.capture {
+                extra += &format!(" (capture {}/s, then {})", c.floor_per_s, c.fraction);
+            }
             match &m.canary {
-                Some(c) => format!("{}={} / {} @ {}%{shadow}", m.name, stable, c.version, m.weight),
-                None => format!("{}={}{shadow}", m.name, stable),
+                Some(c) => format!("{}={} / {} @ {}%{extra}", m.name, stable, c.version, m.weight),
+                None => format!("{}={}{extra}", m.name, stable),
             }
         })
         .collect();
@@ -340,6 +421,7 @@ mod tests {
                 canary: Some(arm("2")),
                 shadow_share: 25,
                 shadow: Some(arm("3")),
+                capture: None,
             }],
         }
     }
@@ -368,6 +450,72 @@ mod tests {
         assert_eq!(&mirrored[..8], [false, false, false, true, false, false, false, true]);
         assert!(!Arc::ptr_eq(&m.shadow.as_ref().unwrap().stats, &metrics.arm("m", "3")));
         assert!(Arc::ptr_eq(&m.shadow.as_ref().unwrap().stats, &metrics.shadow_arm("m", "3")));
+    }
+
+    #[test]
+    fn a_capture_takes_its_floor_in_each_second_then_its_fraction() {
+        let c = Capture::new(&CaptureSpec { fraction: 0.25, floor_per_s: 10 });
+        // Within the floor every request is taken, and no random number is drawn for it.
+        assert!((0..10).all(|_| c.take_in(|| 7, || unreachable!())));
+        // Past it, a quarter: of these four randoms only 0 is below a quarter of 2^64.
+        let mut n = 0u64;
+        let taken = (0..40)
+            .filter(|_| {
+                c.take_in(
+                    || 7,
+                    || {
+                        n += 1;
+                        (n % 4) << 62
+                    },
+                )
+            })
+            .count();
+        assert_eq!(taken, 10);
+        // A new second has its floor again; a clock read late, from the second before, counts in it.
+        assert!((0..9).all(|_| c.take_in(|| 8, || u64::MAX)));
+        assert!(c.take_in(|| 7, || u64::MAX));
+        assert!(!c.take_in(|| 8, || u64::MAX));
+        assert!((0..10).all(|_| c.take_in(|| 100, || u64::MAX)));
+    }
+
+    #[test]
+    fn a_capture_at_fraction_0_takes_nothing_past_its_floor() {
+        let c = Capture::new(&CaptureSpec { fraction: 0.0, floor_per_s: 3 });
+        let taken: Vec<bool> = (0..100).map(|_| c.take_in(|| 1, || 0)).collect();
+        assert_eq!(taken.iter().filter(|t| **t).count(), 3);
+        assert!(taken[..3].iter().all(|t| *t));
+        assert_eq!((0..100).filter(|_| c.take_in(|| 2, || 0)).count(), 3);
+        // Without a floor either: nothing at all, with neither the clock nor a random number read.
+        let none = Capture::new(&CaptureSpec { fraction: 0.0, floor_per_s: 0 });
+        assert!((0..100).all(|_| !none.take_in(|| unreachable!(), || unreachable!())));
+        let all = Capture::new(&CaptureSpec { fraction: 1.0, floor_per_s: 0 });
+        assert!((0..100).all(|_| all.take_in(|| unreachable!(), || unreachable!())));
+    }
+
+    #[test]
+    fn a_captures_floor_is_exact_under_concurrent_requests() {
+        let c = Capture::new(&CaptureSpec { fraction: 0.0, floor_per_s: 1000 });
+        let taken = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    let n = (0..1000).filter(|_| c.take_in(|| 3, || 0)).count();
+                    taken.fetch_add(n, Relaxed);
+                });
+            }
+        });
+        assert_eq!(taken.load(Relaxed), 1000);
+    }
+
+    #[test]
+    fn models_without_a_capture_have_none_and_those_with_one_keep_it() {
+        let (nodes, metrics) = (Nodes::default(), Metrics::default());
+        let mut with = spec(0, &["h:1"]);
+        with.models[0].capture = Some(CaptureSpec { fraction: 0.0, floor_per_s: 2 });
+        let m = &build_table(&with, &nodes, &metrics).models[&b"m"[..]];
+        let c = m.capture.as_ref().unwrap();
+        assert_eq!((0..5).filter(|_| c.take_in(|| 1, || 0)).count(), 2);
+        assert!(build_table(&spec(0, &["h:1"]), &nodes, &metrics).models[&b"m"[..]].capture.is_none());
     }
 
     #[test]

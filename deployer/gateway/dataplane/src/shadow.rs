@@ -212,6 +212,7 @@ mod tests {
                     triton_model: "m_v2_long".into(),
                     nodes: vec!["h:1".into()],
                 }),
+                capture: None,
             }],
         };
         let t = crate::routing::build_table(&spec, &nodes, &metrics);
