@@ -37,6 +37,11 @@ def policy_for(model_id: int) -> MonitorPolicy:
     return MonitorPolicy.objects.filter(model_id=model_id).first() or DEFAULT_POLICY
 
 
+def capture_policies(model_ids: list[int]) -> dict[int, MonitorPolicy]:
+    """The policies of these models that have one (the others have DEFAULT_POLICY), in one query."""
+    return {p.model_id: p for p in MonitorPolicy.objects.filter(model_id__in=model_ids)}
+
+
 def predictions(outputs: list[kserve.Tensor], rows: int) -> list[Any]:
     """The prediction per row, as the engine builds compare them (pipelines/build_sandbox.engine_outputs):
     a `label` output; else the argmax of a float output with one score per class; else the single value."""
