@@ -191,6 +191,15 @@ PLATFORM: dict[str, Any] = {
     "ROLLOUT_REPLAY_RATE": env_float("PLATFORM_ROLLOUT_REPLAY_RATE", 50.0),
     "ROLLOUT_REPLAY_BUDGET_S": env_float("PLATFORM_ROLLOUT_REPLAY_BUDGET_S", 5.0),
     "ROLLOUT_REPLAY_MAX_AGE_S": env_float("PLATFORM_ROLLOUT_REPLAY_MAX_AGE_S", 3600.0),
+    # Notifications (monitoring/notify.py): each webhook delivery is tried at most WEBHOOK_ATTEMPTS times,
+    # waiting WEBHOOK_BACKOFF_S after the first failure, doubling, at most WEBHOOK_BACKOFF_MAX_S (also the
+    # most a receiver's Retry-After is honoured); one attempt waits WEBHOOK_CONNECT_TIMEOUT_S to connect and
+    # WEBHOOK_READ_TIMEOUT_S for each read of the answer.
+    "WEBHOOK_ATTEMPTS": env_int("PLATFORM_WEBHOOK_ATTEMPTS", 6),
+    "WEBHOOK_BACKOFF_S": env_float("PLATFORM_WEBHOOK_BACKOFF_S", 5.0),
+    "WEBHOOK_BACKOFF_MAX_S": env_float("PLATFORM_WEBHOOK_BACKOFF_MAX_S", 300.0),
+    "WEBHOOK_CONNECT_TIMEOUT_S": env_float("PLATFORM_WEBHOOK_CONNECT_TIMEOUT_S", 3.0),
+    "WEBHOOK_READ_TIMEOUT_S": env_float("PLATFORM_WEBHOOK_READ_TIMEOUT_S", 5.0),
     # Monitoring: the gateway's samples become captured rows every CAPTURE_S; every serving version's
     # window is checked for drift every DRIFT_INTERVAL_S (monitoring/).
     "CAPTURE_S": env_float("PLATFORM_CAPTURE_S", 2.0),
@@ -260,6 +269,9 @@ CELERY_BEAT_SCHEDULE = {
                               "options": {"queue": "reconcile", "expires": 5.0}},
     "engine-builds-reconcile": {"task": "pipelines.tasks.engine_builds_reconcile", "schedule": 5.0,
                                 "options": {"queue": "reconcile", "expires": 5.0}},
+    # Webhook deliveries due whose message was lost (a broker or worker gone with a retry's countdown).
+    "deliveries-reconcile": {"task": "monitoring.tasks.deliveries_reconcile", "schedule": 5.0,
+                             "options": {"queue": "reconcile", "expires": 5.0}},
     "rollouts-reconcile": {"task": "deployer.tasks.rollouts_reconcile", "schedule": PLATFORM["ROLLOUT_TICK_S"],
                            "options": {"queue": "deployer", "expires": PLATFORM["ROLLOUT_TICK_S"] * 2}},
     "capture-ingest": {"task": "monitoring.tasks.capture_ingest", "schedule": PLATFORM["CAPTURE_S"],

@@ -1,10 +1,14 @@
 """What monitoring keeps: each model's policy, the captured traffic of its serving versions (rows of
-named inputs and the prediction answered), and each drift check with its evidence."""
+named inputs and the prediction answered), each drift check with its evidence, and the notification
+receivers with every delivery made to them."""
 
 from __future__ import annotations
 
 from django.conf import settings
+from django.core.serializers.json import DjangoJSONEncoder
+from django.core.validators import URLValidator
 from django.db import models
+from django.utils import timezone
 
 from registry.models import ModelVersion, RegisteredModel
 
@@ -183,3 +187,73 @@ class Alert(models.Model):
 
     def __str__(self) -> str:
         return f"{self.kind} alert on {self.fingerprint} ({self.status})"
+# ---- notifications (monitoring/notify.py) ------------------------------------------------------------------
+
+
+class ReceiverKind(models.TextChoices):
+    SLACK = "slack", "Slack-compatible (incoming webhook)"
+    JSON = "json", "Generic JSON"
+
+
+class Receiver(models.Model):
+    """Where notifications go: a URL that gets every event as a signed POST (Standard Webhooks). The secret
+    signs; it is shown once, in the answer that created the receiver."""
+
+    name = models.CharField(max_length=100, unique=True)
+    kind = models.CharField(max_length=8, choices=ReceiverKind.choices)
+    url = models.URLField(max_length=2000, validators=[URLValidator(schemes=["http", "https"])])
+    secret = models.CharField(max_length=120, help_text="whsec_<base64 of the key bytes>; never shown again")
+    enabled = models.BooleanField(default=True)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                   related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"receiver {self.name} ({self.kind})"
+
+
+class DeliveryStatus(models.TextChoices):
+    PENDING = "pending", "Pending"
+    DELIVERED = "delivered", "Delivered"
+    FAILED = "failed", "Failed"
+
+
+# pending -> delivered | failed; a redelivery sends a delivered or failed one again.
+DELIVERY_TRANSITIONS: dict[str, set[str]] = {
+    DeliveryStatus.PENDING: {DeliveryStatus.DELIVERED, DeliveryStatus.FAILED},
+    DeliveryStatus.DELIVERED: {DeliveryStatus.PENDING},
+    DeliveryStatus.FAILED: {DeliveryStatus.PENDING},
+}
+
+
+class Delivery(models.Model):
+    """One event for one receiver, and every attempt to send it (`log`: when, status code or error,
+    seconds). `event_id` is the `webhook-id` header: the same on every attempt and redelivery, so a
+    receiver can drop what it has already seen."""
+
+    receiver = models.ForeignKey(Receiver, on_delete=models.CASCADE, related_name="deliveries")
+    event_type = models.CharField(max_length=64)
+    event_id = models.CharField(max_length=64, unique=True)
+    payload = models.JSONField(encoder=DjangoJSONEncoder)
+    status = models.CharField(max_length=16, choices=DeliveryStatus.choices, default=DeliveryStatus.PENDING)
+    attempts = models.PositiveIntegerField(default=0, help_text="Attempts of the current round (a redelivery "
+                                                                "starts a new one); the log keeps them all")
+    last_status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    last_error = models.TextField(blank=True, default="")
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    log = models.JSONField(default=list, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(auto_now=True)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name_plural = "deliveries"
+        indexes = [
+            models.Index(fields=["status", "next_attempt_at"], name="delivery_due"),
+            models.Index(fields=["receiver", "-created_at"], name="delivery_receiver_created"),
+            models.Index(fields=["-created_at"], name="delivery_created"),
+        ]
+
+    def __str__(self) -> str:
+        return f"delivery {self.pk} ({self.event_type}): {self.status}"

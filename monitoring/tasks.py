@@ -1,11 +1,12 @@
-"""Monitoring's periodic work (config/settings.py's beat schedule)."""
+"""Monitoring's periodic work (config/settings.py's beat schedule) and the sending of webhook deliveries."""
 
 from __future__ import annotations
 
 from celery import shared_task
 
 from deployer.services import redis_client
-from monitoring import alerts, capture, services, slo
+from monitoring import alerts, capture, notify, services, slo
+from registry.services import DATABASE_UNAVAILABLE
 
 
 @shared_task
@@ -36,3 +37,17 @@ def slo_tick() -> int:
 
     gateways = [info["metrics"] for info in live_gateways(redis_client()).values() if info.get("metrics")]
     return slo.slo_tick(gateways, services.serving_versions())
+@shared_task(bind=True, acks_late=True)
+def deliver(self, delivery_id: int) -> str:  # type: ignore[no-untyped-def]
+    """One attempt at a webhook delivery (monitoring/notify.py); safe to run twice. A database that goes
+    away is waited out (the reconciler also sends whatever is left due)."""
+    try:
+        return notify.delivery_send(delivery_id)
+    except DATABASE_UNAVAILABLE as exc:
+        raise self.retry(exc=exc, countdown=2, max_retries=30) from exc
+
+
+@shared_task
+def deliveries_reconcile() -> int:
+    """Send again the deliveries due whose message was lost."""
+    return notify.deliveries_reconcile()

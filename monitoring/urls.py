@@ -11,4 +11,10 @@ urlpatterns = [
     path("alerts/<int:alert_id>/acknowledge/", api.AlertAcknowledgeView.as_view(), name="alert-acknowledge"),
     path("alerts/<int:alert_id>/resolve/", api.AlertResolveView.as_view(), name="alert-resolve"),
     path("alerts/<int:alert_id>/silence/", api.AlertSilenceView.as_view(), name="alert-silence"),
+    path("receivers/", api.ReceiverListView.as_view(), name="receiver-list"),
+    path("receivers/<int:receiver_id>/", api.ReceiverDetailView.as_view(), name="receiver-detail"),
+    path("receivers/<int:receiver_id>/test/", api.ReceiverTestView.as_view(), name="receiver-test"),
+    path("deliveries/", api.DeliveryListView.as_view(), name="delivery-list"),
+    path("deliveries/<int:delivery_id>/", api.DeliveryDetailView.as_view(), name="delivery-detail"),
+    path("deliveries/<int:delivery_id>/redeliver/", api.DeliveryRedeliverView.as_view(), name="delivery-redeliver"),
 ]

@@ -10,7 +10,8 @@ from registry.roles import CAPABILITIES, Cap, Role, roles_allow
 
 pytestmark = pytest.mark.django_db
 
-# (method, path template, capability, body). {m} is a model that exists, {t} a token id of another user.
+# (method, path template, capability, body). {m} is a model that exists, {t} a token id of another user,
+# {receiver} a notification receiver and {delivery} a failed delivery to it.
 ENDPOINTS = [
     ("GET", "/api/v1/me/", Cap.MODEL_READ, None),
     ("GET", "/api/v1/models/", Cap.MODEL_READ, None),
@@ -36,6 +37,16 @@ ENDPOINTS = [
     ("POST", "/api/v1/deployments/{progressing}/abort/", Cap.DEPLOY_CONTROL, None),
     ("POST", "/api/v1/deployments/{progressing}/promote/", Cap.DEPLOY_PROMOTE, None),
     ("GET", "/api/v1/endpoints/", Cap.DEPLOY_READ, None),
+    ("GET", "/api/v1/receivers/", Cap.ALERT_READ, None),
+    ("POST", "/api/v1/receivers/", Cap.RECEIVER_MANAGE, {"name": "{new}", "kind": "json",
+                                                         "url": "https://hooks.example.com/{new}"}),
+    ("GET", "/api/v1/receivers/{receiver}/", Cap.ALERT_READ, None),
+    ("PATCH", "/api/v1/receivers/{receiver}/", Cap.RECEIVER_MANAGE, {"enabled": False}),
+    ("DELETE", "/api/v1/receivers/{receiver}/", Cap.RECEIVER_MANAGE, None),
+    ("POST", "/api/v1/receivers/{receiver}/test/", Cap.RECEIVER_MANAGE, None),
+    ("GET", "/api/v1/deliveries/", Cap.ALERT_READ, None),
+    ("GET", "/api/v1/deliveries/{delivery}/", Cap.ALERT_READ, None),
+    ("POST", "/api/v1/deliveries/{delivery}/redeliver/", Cap.RECEIVER_MANAGE, None),
 ]
 
 
@@ -73,6 +84,18 @@ def deployments(unique_name):
     return {"free": f"{unique_name}-free", **ids}
 
 
+@pytest.fixture
+def notifications(unique_name):
+    from monitoring import notify
+    from monitoring.models import DeliveryStatus
+    from registry.audit import SYSTEM
+
+    receiver = notify.receiver_create(SYSTEM, f"{unique_name}-hook", "json", "https://hooks.example.com/x")
+    [delivery] = notify.notify("alert.firing", {"title": "t", "text": "x", "url": "", "severity": "page"})
+    notify.DELIVERIES.move(delivery.pk, DeliveryStatus.FAILED, last_error="HTTP 400 Bad Request")
+    return {"receiver": receiver.pk, "delivery": delivery.pk}
+
+
 def _fill(value, names):
     if isinstance(value, str):
         return value.format(**names)
@@ -86,10 +109,11 @@ def _fill(value, names):
 @pytest.mark.parametrize("role", Role.values)
 @pytest.mark.parametrize(("method", "path", "capability", "body"), ENDPOINTS,
                          ids=[f"{m} {p}" for m, p, _, _ in ENDPOINTS])
-def test_each_role_is_allowed_exactly_what_the_capability_table_says(client_as, registered, deployments, role, method,
-                                                                     path, capability, body, unique_name):
+def test_each_role_is_allowed_exactly_what_the_capability_table_says(client_as, registered, deployments, notifications,
+                                                                     role, method, path, capability, body, unique_name):
     model, owner = registered
-    names = {"m": model, "owner": owner, "new": f"{unique_name}-{role.replace('_', '-')}", **deployments}
+    names = {"m": model, "owner": owner, "new": f"{unique_name}-{role.replace('_', '-')}", **deployments,
+             **notifications}
     client = client_as(role)
     resp = getattr(client, method.lower())(_fill(path, names), _fill(body, names), format="json")
     if roles_allow({role}, capability):
