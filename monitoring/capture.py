@@ -42,6 +42,10 @@ def capture_policies(model_ids: list[int]) -> dict[int, MonitorPolicy]:
     return {p.model_id: p for p in MonitorPolicy.objects.filter(model_id__in=model_ids)}
 
 
+def _argmax(values: list[Any]) -> int:
+    return max(range(len(values)), key=values.__getitem__)
+
+
 def predictions(outputs: list[kserve.Tensor], rows: int) -> list[Any]:
     """The prediction per row, as the engine builds compare them (pipelines/build_sandbox.engine_outputs):
     a `label` output; else the argmax of a float output with one score per class; else the single value."""
@@ -49,7 +53,7 @@ def predictions(outputs: list[kserve.Tensor], rows: int) -> list[Any]:
     chosen = by_name.get("label") or outputs[0]
     width = len(chosen.values) // rows if rows else 0
     if chosen.name != "label" and width > 1 and all(isinstance(v, float) for v in chosen.values[:width]):
-        return [max(range(width), key=lambda j, i=i: chosen.values[i * width + j]) for i in range(rows)]
+        return [_argmax(chosen.values[i * width:(i + 1) * width]) for i in range(rows)]
     if width != 1:
         return [None] * rows
     return list(chosen.values)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from django.db import models, transaction
 from django.utils import timezone
@@ -56,7 +56,8 @@ class Lifecycle(Generic[M]):
             if "updated_at" in names:
                 fields.setdefault("updated_at", now)
             if not manager.filter(pk=pk, status__in=allowed).update(status=to, **fields):
-                raise TransitionError(f"{self.describe(current)} is {current.status}; it cannot become {to}")
+                was = cast(Any, current).status  # every lifecycle's model has a status field
+                raise TransitionError(f"{self.describe(current)} is {was}; it cannot become {to}")
             after = manager.select_related(*self.related).get(pk=pk)
             audit_record(actor, f"{self.action}.{to}", self.target_type, self.target_id(current),
                          before=self.view(current), after={**self.view(after), **(note or {})})

@@ -374,9 +374,10 @@ def version_update(actor: Actor, version: ModelVersion, description: str | None 
 
 
 def _version_followups(v: ModelVersion) -> list[Callable[[], None]]:
-    if v.status == VersionStatus.READY:
-        return [lambda: version_ready.send(sender=ModelVersion, version_id=v.pk)]
-    return []
+    def announce_ready() -> None:
+        version_ready.send(sender=ModelVersion, version_id=v.pk)
+
+    return [announce_ready] if v.status == VersionStatus.READY else []
 
 
 VERSIONS: Lifecycle[ModelVersion] = Lifecycle(
