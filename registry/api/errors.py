@@ -14,6 +14,7 @@ from rest_framework.views import exception_handler as drf_handler
 
 from registry.api import idempotency
 from registry.archives import ArchiveError, PolicyError
+from registry.dbhealth import database_lost
 from registry.errors import RegistryError
 from registry.services import DATABASE_UNAVAILABLE
 from registry.tokens import TokenError
@@ -39,6 +40,7 @@ RETRY_AFTER_S = 2
 
 
 def unavailable_body() -> dict[str, Any]:
+    database_lost()  # the process's other connections are suspect too (registry/dbhealth.py)
     return error_body(503, "unavailable", "the database is unavailable for a moment; the request was not "
                                           f"completed: retry in {RETRY_AFTER_S} s (a POST with the same "
                                           "Idempotency-Key, so that it cannot be done twice)")
