@@ -139,6 +139,18 @@ def test_a_canary_twice_as_slow_as_stable_fails():
     assert verdict.outcome == "fail" and "canary slower than stable" in verdict.reason, verdict.reason
 
 
+def test_a_slower_canary_over_a_window_of_two_seconds_is_inconclusive_not_failed_nor_passed():
+    """bench/chaos: a copy of the stable model, 1.5 ms against 0.9 ms over 2 s while PostgreSQL restarted."""
+    win = {"gateway:2": hist([x * 2 for x in spread(40, 0.004, 8)]), "gateway:1": hist(spread(160, 0.004, 9))}
+    verdict = judge(win, "2", "m_v2", "1", LIMITS, 2)
+    assert verdict.outcome == "inconclusive", verdict.reason
+    assert "but over 2s, less than the 6s a latency verdict needs" in verdict.reason
+    # errors and the hard ceilings are still judged at once
+    failing = judge({"gateway:2": hist(spread(40, 0.004, 8), errors=8), "gateway:1": hist(spread(160, 0.004, 9))},
+                    "2", "m_v2", "1", LIMITS, 2)
+    assert failing.outcome == "fail", failing.reason
+
+
 def test_a_canary_50_ms_slower_than_stable_fails_on_a_handful_of_requests():
     win = {"gateway:2": hist([x + 0.05 for x in spread(6, 0.004, 4)]), "gateway:1": hist(spread(54, 0.004, 5))}
     verdict = judge(win, "2", "m_v2", "1", LIMITS, 10)
