@@ -2,6 +2,7 @@ from typing import Any
 
 from django.http import HttpRequest
 
+from monitoring.models import Alert, AlertStatus
 from registry.roles import CAPABILITIES, roles_allow
 from registry.tokens import user_roles
 
@@ -9,4 +10,10 @@ from registry.tokens import user_roles
 def roles(request: HttpRequest) -> dict[str, Any]:
     """`can` in every template: {"model.register": True, ...} for the signed-in person."""
     mine = user_roles(getattr(request, "user", None))
-    return {"my_roles": sorted(mine), "can": {cap.replace(".", "_"): roles_allow(mine, cap) for cap in CAPABILITIES}}
+    return {"my_roles": sorted(mine), "can": {cap.replace(".", "_"): roles_allow(mine, cap) for cap in CAPABILITIES},
+            "firing_alerts": _firing_count}
+
+
+def _firing_count() -> int:
+    """The count beside the nav's Alerts link; a callable, so only pages that draw the nav query it."""
+    return Alert.objects.filter(status=AlertStatus.FIRING).count()

@@ -171,3 +171,18 @@ class DeploymentForm(forms.Form):
         if data.get("max_error_rate_pct") is not None:
             given["max_error_rate"] = data["max_error_rate_pct"] / 100
         return given
+
+
+class AlertSilenceForm(forms.Form):
+    until = forms.DateTimeField(
+        input_formats=["%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d %H:%M:%S"],
+        widget=forms.DateTimeInput(attrs={"type": "datetime-local"}), help_text="UTC",
+        error_messages={"required": "Say until when (UTC).", "invalid": "Until must be a date and time (UTC)."})
+    reason = forms.CharField(max_length=500,
+                             widget=forms.TextInput(attrs={"placeholder": "why, e.g. a known data change"}),
+                             error_messages={"required": "Say why the alert is silenced."})
+
+
+class AlertResolveForm(forms.Form):
+    resolution = forms.CharField(required=False, max_length=500,
+                                 widget=forms.TextInput(attrs={"placeholder": "what was done or found"}))

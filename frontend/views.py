@@ -18,15 +18,18 @@ from django.contrib import messages
 from django.contrib.auth.views import redirect_to_login
 from django.core.files.uploadedfile import UploadedFile
 from django.core.paginator import Page, Paginator
-from django.db.models import OuterRef, Subquery
+from django.db.models import Case, Exists, OuterRef, Subquery, Value, When
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBase, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render, resolve_url
+from django.utils import timezone
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from deployer import selectors as deployer_selectors
 from deployer import services as deploy_services
 from deployer.models import ACTIVE_ROLLOUT_STATES, Deployment, Endpoint, RolloutStatus
-from frontend.forms import AuditFilterForm, DeploymentForm, RegisterForm, TokenForm
+from frontend.forms import AlertResolveForm, AlertSilenceForm, AuditFilterForm, DeploymentForm, RegisterForm, TokenForm
+from monitoring import alerts as alert_services
+from monitoring.models import Alert, AlertStatus, DriftCheck, DriftReport
 from pipelines.models import TERMINAL_BUILD_STATES, BuildStatus, EngineBuild
 from pipelines.services import engine_builds_request, planned_variants
 from registry import archives, selectors, services
@@ -130,6 +133,7 @@ def model_detail(request: HttpRequest, name: str) -> HttpResponse:
     context = _versions_context(request, model)
     context["endpoint"] = Endpoint.objects.filter(model=model).select_related("stable_version").first()
     context["rollout"] = deployer_selectors.active_rollout(model)
+    context.update(_monitoring_context(model))
     return render(request, "frontend/model_detail.html", context)
 
 
@@ -529,3 +533,117 @@ def deployment_new(request: HttpRequest) -> HttpResponse:
     context = {"form": form, "model_names": list(RegisteredModel.objects.order_by("name")
                                                  .values_list("name", flat=True)[:500])}
     return render(request, "frontend/deployment_new.html", context, status=status)
+
+
+# ---- alerts -------------------------------------------------------------------------------------
+
+ALERTS_PER_PAGE = 25
+ALERT_FILTERS = {"open": "Open", "all": "All", "resolved": "Resolved"}
+# Open alerts first: firing, then acknowledged; then resolved ones.
+ALERT_ORDER = Case(When(status=AlertStatus.FIRING, then=Value(0)),
+                   When(status=AlertStatus.ACKNOWLEDGED, then=Value(1)), default=Value(2))
+
+
+def alerts_inbox(status: str = "open", model: str = "") -> Any:
+    found = Alert.objects.select_related("model", "version", "owner")
+    if status == "open":
+        found = found.exclude(status=AlertStatus.RESOLVED)
+    elif status == "resolved":
+        found = found.filter(status=AlertStatus.RESOLVED)
+    if model:
+        found = found.filter(model__name=model)
+    return found.order_by(ALERT_ORDER, "-last_seen_at", "-pk")
+
+
+def _monitoring_context(model: RegisteredModel) -> dict[str, Any]:
+    """The model page's Monitoring section: its open alerts, and each version's latest drift check."""
+    latest = (DriftCheck.objects.filter(version__model=model).select_related("version")
+              .annotate(has_report=Exists(DriftReport.objects.filter(drift_check=OuterRef("pk"))))
+              .order_by("version_id", "-created_at", "-pk").distinct("version_id"))
+    return {
+        "open_alerts": list(alerts_inbox("open").filter(model=model)),
+        "drift_checks": sorted(latest, key=lambda c: -c.version.version),
+    }
+
+
+@require_GET
+@page_needs(Cap.ALERT_READ)
+def alert_list(request: HttpRequest) -> HttpResponse:
+    status = request.GET.get("status", "open")
+    if status not in ALERT_FILTERS:
+        status = "open"
+    model = request.GET.get("model", "").strip()
+    context = {
+        "page": paginate(request, alerts_inbox(status, model), ALERTS_PER_PAGE),
+        "status_filter": status, "status_filters": ALERT_FILTERS, "model_filter": model,
+        "model_names": list(RegisteredModel.objects.filter(alerts__isnull=False).distinct().order_by("name")
+                            .values_list("name", flat=True)[:500]),
+        "filtered": status != "open" or bool(model),
+    }
+    return render(request, "frontend/alert_list.html", context)
+
+
+def _alert(alert_id: int) -> Alert:
+    return get_object_or_404(Alert.objects.select_related("model", "version", "owner"), pk=alert_id)
+
+
+@require_GET
+@page_needs(Cap.ALERT_READ)
+def alert_detail(request: HttpRequest, alert_id: int) -> HttpResponse:
+    alert = _alert(alert_id)
+    evidence = alert.evidence if isinstance(alert.evidence, dict) else {}
+    burn_rates = evidence.get("burn_rates")
+    report = evidence.get("report")
+    context = {
+        "alert": alert,
+        "drifted_columns": [c for c in evidence.get("drifted_columns") or [] if isinstance(c, dict)],
+        "burn_rates": sorted(burn_rates.items()) if isinstance(burn_rates, dict) else [],
+        # Only the platform's own report URL is framed (the evidence is data; it never names another site).
+        "report_url": report if isinstance(report, str) and report.startswith("/api/v1/models/") else "",
+        "silenced": bool(alert.silenced_until and alert.silenced_until > timezone.now()),
+        "history": AuditEvent.objects.filter(target_type="alert", target_id=str(alert.pk)).order_by("-at", "-id"),
+        "resolve_form": AlertResolveForm(), "silence_form": AlertSilenceForm(),
+    }
+    return render(request, "frontend/alert_detail.html", context)
+
+
+def _alert_acknowledge(actor: Actor, alert: Alert, request: HttpRequest) -> str:
+    alert_services.alert_acknowledge(actor, alert.pk)
+    return f"Acknowledged alert {alert.pk}: you own it now."
+
+
+def _alert_resolve(actor: Actor, alert: Alert, request: HttpRequest) -> str:
+    form = AlertResolveForm(request.POST)
+    if not form.is_valid():
+        raise services.RegistryError(" ".join(e for errs in form.errors.values() for e in errs))
+    alert_services.alert_resolve(actor, alert.pk, form.cleaned_data["resolution"])
+    return f"Resolved alert {alert.pk}."
+
+
+def _alert_silence(actor: Actor, alert: Alert, request: HttpRequest) -> str:
+    form = AlertSilenceForm(request.POST)
+    if not form.is_valid():
+        raise services.RegistryError(" ".join(e for errs in form.errors.values() for e in errs))
+    done = alert_services.alert_silence(actor, alert.pk, form.cleaned_data["until"], form.cleaned_data["reason"])
+    return f"Silenced alert {alert.pk} until {done.silenced_until:%Y-%m-%d %H:%M} UTC."
+
+
+ALERT_ACTIONS: dict[str, Callable[[Actor, Alert, HttpRequest], str]] = {
+    "acknowledge": _alert_acknowledge, "resolve": _alert_resolve, "silence": _alert_silence,
+}
+
+
+@require_POST
+@page_needs(Cap.ALERT_ACT)
+def alert_action(request: HttpRequest, alert_id: int, action: str) -> HttpResponse:
+    """Acknowledge, resolve or silence through monitoring.alerts; a refusal is shown on the alert's page."""
+    if action not in ALERT_ACTIONS:
+        raise Http404(f"no action {action!r}")
+    alert = _alert(alert_id)
+    try:
+        done = ALERT_ACTIONS[action](Actor(request.user, "web"), alert, request)
+    except services.RegistryError as exc:
+        messages.error(request, f"Could not {action} alert {alert.pk}: {exc}")
+    else:
+        messages.success(request, done)
+    return redirect("frontend:alert-detail", alert_id=alert.pk)

@@ -67,7 +67,8 @@ class DriftReportView(BaseView):
         # a sandboxed, unique origin with no network at all, so nothing in it can reach the platform's API.
         response["Content-Security-Policy"] = (
             "sandbox allow-scripts; default-src 'none'; script-src 'unsafe-inline' 'unsafe-eval'; "
-            "style-src 'unsafe-inline'; img-src data: blob:; font-src data:")
+            "style-src 'unsafe-inline'; img-src data: blob:; font-src data:; frame-ancestors 'self'")
+        response["X-Frame-Options"] = "SAMEORIGIN"  # the alert page frames it (sandboxed); no other site may
         return response
 
 

@@ -65,7 +65,8 @@ def test_a_data_scientist_uploads_a_model_and_watches_it_become_ready(platform_s
     # The vendored assets loaded from this site: htmx is defined and the stylesheet applied.
     assert page.evaluate("typeof htmx") == "object"
     assert page.evaluate("getComputedStyle(document.body).backgroundColor") == "rgb(245, 246, 250)"
-    assert page.locator(".nav-links").inner_text().split() == ["Models", "Deployments", "Register", "Tokens", "API"]
+    assert page.locator(".nav-links").inner_text().split() == ["Models", "Deployments", "Alerts", "Register", "Tokens",
+                                                                        "API"]
 
     # Register: upload the archive for a new model name.
     page.fill("#id_name", unique_name)
@@ -402,3 +403,62 @@ def test_a_release_manager_follows_a_canary_on_its_charts_then_pauses_and_aborts
     history = page.locator("#deployment-history").inner_text()
     assert "Rolled back" in history and "Paused" in history and user.username in history
     page.screenshot(path=str(ARTIFACTS / "ui-deployment-rolled-back.png"), full_page=True)
+
+
+def test_on_call_opens_a_firing_drift_alert_from_the_inbox_and_acknowledges_it(platform_server, browser_page,
+                                                                                make_user, unique_name):
+    import gzip
+
+    from monitoring.alerts import alert_seen
+    from monitoring.models import Alert, AlertKind, AlertStatus, DriftCheck, DriftReport
+    from registry.models import RegisteredModel
+
+    page = browser_page
+    user = make_user(Role.ONCALL, password=PASSWORD)
+    ARTIFACTS.mkdir(exist_ok=True)
+    model = RegisteredModel.objects.create(name=unique_name, latest_version=1, version_count=1)
+    version = ModelVersion.objects.create(model=model, version=1, status="ready", source="x", origin="test")
+    check = DriftCheck.objects.create(version=version, outcome="drift", dataset_drift=True, drifted_share=0.6,
+                                      summary="drift: 3 of 5 columns drifted", columns=[])
+    DriftReport.objects.create(drift_check=check, html_gz=gzip.compress(
+        b"<!doctype html><html><body><h1 id='evidently'>Data drift report</h1></body></html>"))
+    alert = alert_seen(version, AlertKind.DRIFT, f"{unique_name} v1: drift in its inputs",
+                       "drift: 3 of 5 columns drifted (60%) in 300 rows against 300 reference rows", {
+                           "drift_check": check.pk, "drifted_share": 0.6,
+                           "drifted_columns": [{"column": "input_0", "method": "K-S p_value", "threshold": 0.05,
+                                                "score": 1.2e-09}],
+                           "report": f"/api/v1/models/{unique_name}/versions/1/drift/{check.pk}/report/"})
+    requested: list[str] = []
+    page.on("request", lambda r: requested.append(r.url))
+
+    _sign_in(page, platform_server, user.username)
+    assert page.locator(".nav-links #firing-count").inner_text() == "1"
+    page.click(".nav-links >> text=Alerts")
+    page.wait_for_url(f"{platform_server}/alerts/")
+    row = page.locator(f"#alert-table tr[data-alert='{alert.pk}']")
+    assert row.get_attribute("data-status") == "firing" and unique_name in row.inner_text()
+    page.screenshot(path=str(ARTIFACTS / "ui-alerts.png"), full_page=True)
+    row.locator("a.strong").click()
+    page.wait_for_url(f"{platform_server}/alerts/{alert.pk}/")
+
+    assert "input_0" in page.locator("#drifted-columns").inner_text()
+    assert "1. Open the drift check" in page.locator("#alert-runbook").inner_text()
+    page.frame_locator("#alert-report iframe").locator("#evidently").wait_for()  # framed, sandboxed, same site
+    page.locator("#alert-status .badge-firing").wait_for()
+
+    page.click("#alert-actions button[data-action='acknowledge']")
+    page.locator("#alert-status .badge-acknowledged").wait_for()
+    assert f"Acknowledged alert {alert.pk}" in page.locator(".messages").inner_text()
+    assert page.locator("#alert-owner").inner_text() == user.username
+    assert page.locator("#alert-actions button[data-action='acknowledge']").count() == 0
+    assert page.locator("#alert-history tr[data-action='alert.acknowledged']").count() == 1
+    assert page.locator(".nav-links #firing-count").count() == 0  # nothing firing any more
+    alert.refresh_from_db()
+    assert alert.status == AlertStatus.ACKNOWLEDGED and alert.owner == user
+    assert Alert.objects.filter(status=AlertStatus.FIRING).count() == 0
+    page.screenshot(path=str(ARTIFACTS / "ui-alert.png"), full_page=True)
+
+    # Air-gapped: every resource the pages loaded (the framed report included) came from this server.
+    outside = [url for url in requested if not url.startswith(platform_server) and not url.startswith(("data:", "blob:",
+                                                                                                        "about:"))]
+    assert requested and not outside, outside
