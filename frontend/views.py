@@ -615,7 +615,7 @@ def _alert_acknowledge(actor: Actor, alert: Alert, request: HttpRequest) -> str:
 def _alert_resolve(actor: Actor, alert: Alert, request: HttpRequest) -> str:
     form = AlertResolveForm(request.POST)
     if not form.is_valid():
-        raise services.RegistryError(" ".join(e for errs in form.errors.values() for e in errs))
+        raise services.RegistryError(" ".join(str(e) for errs in form.errors.values() for e in errs))
     alert_services.alert_resolve(actor, alert.pk, form.cleaned_data["resolution"])
     return f"Resolved alert {alert.pk}."
 
@@ -623,7 +623,7 @@ def _alert_resolve(actor: Actor, alert: Alert, request: HttpRequest) -> str:
 def _alert_silence(actor: Actor, alert: Alert, request: HttpRequest) -> str:
     form = AlertSilenceForm(request.POST)
     if not form.is_valid():
-        raise services.RegistryError(" ".join(e for errs in form.errors.values() for e in errs))
+        raise services.RegistryError(" ".join(str(e) for errs in form.errors.values() for e in errs))
     done = alert_services.alert_silence(actor, alert.pk, form.cleaned_data["until"], form.cleaned_data["reason"])
     return f"Silenced alert {alert.pk} until {done.silenced_until:%Y-%m-%d %H:%M} UTC."
 

@@ -7,12 +7,16 @@ instead of failing that request too: one 503 per process after a restart, not on
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Any
 
 from django.db import connections
+from django.db.backends.base.base import BaseDatabaseWrapper
 
 _lock = threading.Lock()
 _generation = 0  # bumped each time a request finds the database gone
+# The generation each connection (one per thread and alias) was last renewed at.
+_renewed: weakref.WeakKeyDictionary[BaseDatabaseWrapper, int] = weakref.WeakKeyDictionary()
 
 
 def database_lost() -> None:
@@ -25,6 +29,6 @@ def renew_suspect_connections(**_: Any) -> None:
     """At a request's start (signal request_started): close this thread's connections opened before the
     database was last found gone; the request opens fresh ones."""
     for conn in connections.all(initialized_only=True):
-        if getattr(conn, "platform_generation", 0) != _generation and not conn.in_atomic_block:
+        if _renewed.get(conn, 0) != _generation and not conn.in_atomic_block:
             conn.close()
-            conn.platform_generation = _generation
+            _renewed[conn] = _generation
