@@ -94,6 +94,7 @@ class _Node:
             self.ready = False
             if stopping.is_set():
                 break
+            self.server.kill_leftovers()  # it died: its backend stubs must not hold its connections open
             code = self.server.proc.returncode if self.server.proc is not None else None
             self.restarts += 1
             log.warning("node %s exited with code %s; restarting", self.name, code)

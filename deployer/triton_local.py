@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -116,3 +117,15 @@ class TritonServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+        self.kill_leftovers()
+
+    def kill_leftovers(self) -> None:
+        """Kill what the server left in its process group (it is the group's leader): a tritonserver killed
+        outright leaves its Python backend stubs running, and they hold the client connections it had
+        accepted, so a gateway waiting on one of them gets neither an answer nor a closed connection."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass

@@ -153,6 +153,19 @@ def test_a_faulty_canary_is_rolled_back_automatically_and_clients_see_only_its_o
     _wait_unloaded(unique_name, 2)
 
 
+def _running_in_group(pgid: int) -> list[int]:
+    """Processes of a process group that are still running (not zombies), from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
 def test_a_triton_node_killed_during_a_canary_costs_no_client_request(
         served, serving_version, model_archive, unique_name):
     redis_client = served["redis"]
@@ -171,6 +184,8 @@ def test_a_triton_node_killed_during_a_canary_costs_no_client_request(
         wait_until(lambda: (n := {x.name: x for x in read_nodes(redis_client)}.get(victim.name)) is not None
                    and n.ready and __import__("json").loads(redis_client.hget("fleet:local:nodes", victim.name))
                    ["restarts"] >= 1, 90, "the node restarted")
+        # Nothing of the dead server is left: its Python backend stubs held the connections it had accepted.
+        assert _running_in_group(info["pid"]) == []
         placed = wait_until(lambda: (p := services.fleet().placed()).get(d.triton_model, []) and
                             len(p[d.triton_model]) == 2 and p, 60, "the canary ready on both nodes again")
         services.deployment_abort(SYSTEM, d)
