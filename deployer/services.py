@@ -41,7 +41,7 @@ from deployer.models import (
 )
 from monitoring import canary
 from monitoring import shadow as shadow_analysis
-from monitoring.capture import DEFAULT_POLICY, capture_policies
+from monitoring.selectors import policies_for
 from pipelines.models import BuildStatus, EngineBuild, Precision, Runtime, Target
 from registry import locks, mlflow_store
 from registry.audit import SYSTEM, Actor, audit_record
@@ -480,7 +480,7 @@ def fleet_converge() -> dict[str, Any]:
     table: dict[str, Any] = {}
     endpoints = list(Endpoint.objects.filter(stable_version__isnull=False).select_related(
         "model", "stable_version", "stable_engine"))
-    policies = capture_policies([ep.model_id for ep in endpoints])
+    policies = policies_for([ep.model_id for ep in endpoints])
     for ep in endpoints:
         name = ep.model.name
         stable_nodes = place(_placement(ep.stable_triton_model, ep.stable_engine, ep.target))  # type: ignore[arg-type]
@@ -504,7 +504,7 @@ def fleet_converge() -> dict[str, Any]:
             elif d.status in SERVING_ROLLOUT_STATES and d.weight > 0 and canary_nodes:
                 entry["canary"] = {"version": str(d.version.version), "triton_model": d.triton_model,
                                    "nodes": canary_nodes, "weight": d.weight}
-        policy = policies.get(ep.model_id, DEFAULT_POLICY)  # the traffic monitoring captures (monitoring/)
+        policy = policies[ep.model_id]  # the traffic monitoring captures (monitoring/)
         entry["capture"] = {"fraction": policy.capture_fraction, "floor_per_s": policy.capture_floor_per_s}
         table[name] = entry
     for d in active.values():  # a first deployment: loaded before its endpoint has a stable version

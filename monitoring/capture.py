@@ -22,7 +22,8 @@ from django.utils import timezone
 
 from deployer.gateway.sampling import SAMPLES_STREAM
 from monitoring import kserve
-from monitoring.models import CaptureCursor, CapturedRow, MonitorPolicy
+from monitoring.models import CaptureCursor, CapturedRow
+from monitoring.selectors import policies_for
 from registry import locks
 from registry.models import ModelVersion
 
@@ -30,16 +31,6 @@ log = logging.getLogger("monitoring.capture")
 
 REFUSED_KEY = "monitoring:capture:refused:"
 BATCH = 2000  # stream entries read per round trip
-DEFAULT_POLICY = MonitorPolicy()
-
-
-def policy_for(model_id: int) -> MonitorPolicy:
-    return MonitorPolicy.objects.filter(model_id=model_id).first() or DEFAULT_POLICY
-
-
-def capture_policies(model_ids: list[int]) -> dict[int, MonitorPolicy]:
-    """The policies of these models that have one (the others have DEFAULT_POLICY), in one query."""
-    return {p.model_id: p for p in MonitorPolicy.objects.filter(model_id__in=model_ids)}
 
 
 def _argmax(values: list[Any]) -> int:
@@ -161,7 +152,8 @@ def forget_old() -> int:
     now = timezone.now()
     version_models = dict(ModelVersion.objects.filter(
         pk__in=CapturedRow.objects.values("version_id").distinct()).values_list("pk", "model_id"))
+    policies = policies_for(list(set(version_models.values())))
     for version_id, model_id in version_models.items():
-        keep = timedelta(hours=policy_for(model_id).retention_hours)
+        keep = timedelta(hours=policies[model_id].retention_hours)
         deleted += CapturedRow.objects.filter(version_id=version_id, at__lt=now - keep).delete()[0]
     return deleted

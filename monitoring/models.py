@@ -14,7 +14,7 @@ from registry.models import ModelVersion, RegisteredModel
 
 
 class MonitorPolicy(models.Model):
-    """A model's monitoring settings; a model without a row has the defaults (see policy_for)."""
+    """A model's monitoring settings; a model without a row has the defaults (see monitoring/selectors.py)."""
 
     model = models.OneToOneField(RegisteredModel, on_delete=models.CASCADE, related_name="monitor_policy")
     # Capture at the gateway: every request while fewer than `capture_floor_per_s` were taken this second

@@ -15,8 +15,8 @@ from django.utils import timezone
 
 from deployer.models import SERVING_ROLLOUT_STATES, Deployment, Endpoint
 from monitoring import alerts, drift
-from monitoring.capture import policy_for
 from monitoring.models import AlertKind, CapturedRow, DriftCheck, DriftOutcome, DriftReport, MonitorPolicy
+from monitoring.selectors import policy_for
 from registry import locks, mlflow_store
 from registry.models import ModelVersion
 

@@ -24,8 +24,8 @@ from django.conf import settings
 from django.utils import timezone
 
 from monitoring import alerts, canary
-from monitoring.capture import policy_for
 from monitoring.models import AlertKind, MonitorPolicy, SloSample
+from monitoring.selectors import policies_for
 from registry.models import ModelVersion
 
 log = logging.getLogger("monitoring.slo")
@@ -170,10 +170,9 @@ def record(version: ModelVersion, policy: MonitorPolicy, figures_by_source: dict
         for source, f in figures_by_source.items())
 
 
-def check(version: ModelVersion, now: datetime | None = None) -> list[Burn]:
+def check(version: ModelVersion, policy: MonitorPolicy, now: datetime | None = None) -> list[Burn]:
     """Raise, refresh or clear the version's SLO alerts from its burn rates."""
     now = now or timezone.now()
-    policy = policy_for(version.model_id)
     burns = evaluate(version, policy, now)
     for b in burns:
         if b.firing_pair:
@@ -188,8 +187,9 @@ def check(version: ModelVersion, now: datetime | None = None) -> list[Burn]:
 def slo_tick(gateways: list[str], versions: list[ModelVersion], now: datetime | None = None) -> int:
     """Sample every serving version at every gateway, judge its burn rates, forget old samples."""
     now = now or timezone.now()
+    policies = policies_for(list({v.model_id for v in versions}))
     for version in versions:
-        policy = policy_for(version.model_id)
+        policy = policies[version.model_id]
         by_source: dict[str, canary.Figures] = {}
         if not settings.PLATFORM["PROMETHEUS_URL"]:
             for url in gateways:
@@ -199,7 +199,7 @@ def slo_tick(gateways: list[str], versions: list[ModelVersion], now: datetime | 
                     by_source[url] = canary.Figures(data["requests"], data["errors"],
                                                     {float(k): v for k, v in data["buckets"].items()})
             record(version, policy, by_source, now)
-        check(version, now)
+        check(version, policy, now)
     SloSample.objects.filter(at__lt=now - KEEP).delete()
     return len(versions)
 

@@ -42,14 +42,14 @@ def test_a_short_burst_does_not_page_a_sustained_one_does_and_says_so(unique_nam
     version = _version(unique_name)
     # 10 minutes at 5% errors after 6 quiet hours: the 5 min window burns 50x, the hour only 8.3x.
     _series(version, now, 360, 10, lambda ago: 0.05 if ago < 10 else 0.0)
-    burns = {b.kind: b for b in slo.check(version, now)}
+    burns = {b.kind: b for b in slo.check(version, MonitorPolicy.objects.get(model=version.model), now)}
     assert burns[AlertKind.ERRORS].rates["5m"] == pytest.approx(50, rel=0.05)
     assert burns[AlertKind.ERRORS].rates["1h"] == pytest.approx(8.33, rel=0.05)
     assert burns[AlertKind.ERRORS].firing_pair is None and not Alert.objects.exists()
 
     SloSample.objects.all().delete()
     _series(version, now, 360, 10, lambda ago: 0.2 if ago < 10 else 0.0)  # 20%: the hour burns 33x
-    burns = {b.kind: b for b in slo.check(version, now)}
+    burns = {b.kind: b for b in slo.check(version, MonitorPolicy.objects.get(model=version.model), now)}
     assert burns[AlertKind.ERRORS].firing_pair == "1h/5m at 14.4x"
     alert = Alert.objects.get(kind=AlertKind.ERRORS)
     assert alert.status == AlertStatus.FIRING
@@ -63,7 +63,7 @@ def test_a_slow_version_burns_its_latency_budget_over_six_hours(unique_name):
     now = timezone.now()
     version = _version(unique_name)
     _series(version, now, 360, 5, lambda ago: 0.0, slow_share_at=lambda ago: 0.08)  # 8% over 100 ms: 8x the 1%
-    burns = {b.kind: b for b in slo.check(version, now)}
+    burns = {b.kind: b for b in slo.check(version, MonitorPolicy.objects.get(model=version.model), now)}
     assert burns[AlertKind.LATENCY].firing_pair == "6h/30m at 6x"
     assert Alert.objects.get(kind=AlertKind.LATENCY).evidence["pair"] == "6h/30m at 6x"
 
