@@ -277,10 +277,10 @@ CELERY_BEAT_SCHEDULE = {
     "capture-ingest": {"task": "monitoring.tasks.capture_ingest", "schedule": PLATFORM["CAPTURE_S"],
                        "options": {"expires": PLATFORM["CAPTURE_S"] * 2}},
     "capture-forget": {"task": "monitoring.tasks.capture_forget", "schedule": 3600.0},
-    "slo-tick": {"task": "monitoring.tasks.slo_tick", "schedule": PLATFORM["SLO_SAMPLE_S"],
+    "slo-tick": {"task": "deployer.tasks.slo_tick", "schedule": PLATFORM["SLO_SAMPLE_S"],
                  "options": {"expires": PLATFORM["SLO_SAMPLE_S"]}},
     "alerts-tick": {"task": "monitoring.tasks.alerts_tick", "schedule": 60.0, "options": {"expires": 60.0}},
-    "drift-checks": {"task": "monitoring.tasks.drift_checks", "schedule": PLATFORM["DRIFT_INTERVAL_S"],
+    "drift-checks": {"task": "deployer.tasks.drift_checks", "schedule": PLATFORM["DRIFT_INTERVAL_S"],
                      "options": {"expires": PLATFORM["DRIFT_INTERVAL_S"]}},
 }
 

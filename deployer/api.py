@@ -1,5 +1,6 @@
 """Deployments in the REST API: start a rollout, follow it (state, weights, analysis, history), and pause,
-resume, promote or abort it. What serves each model is under /endpoints/."""
+resume, promote or abort it; roll a model's champion back to the previous one. What serves each model is
+under /endpoints/."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from rest_framework import serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from deployer import selectors, services
+from deployer import champions, selectors, services
 from deployer.models import ACTIVE_ROLLOUT_STATES, AnalysisPoint, Deployment, Endpoint, RolloutMode, RolloutStatus
 from pipelines.models import Target
 from registry.api.views import BaseView, actor_of, model_or_404
@@ -30,7 +31,8 @@ class DeploymentIn(serializers.Serializer):
     max_error_rate = serializers.FloatField(min_value=0, max_value=1, required=False)
     min_requests = serializers.IntegerField(min_value=1, required=False)
     require_approval = serializers.BooleanField(default=False)
-    mode = serializers.ChoiceField(choices=RolloutMode.choices, default=RolloutMode.CANARY,
+    mode = serializers.ChoiceField(choices=[(m.value, m.label) for m in (RolloutMode.CANARY, RolloutMode.SHADOW)],
+                                   default=RolloutMode.CANARY,
                                    help_text="canary: client traffic in steps; shadow: mirrored requests only")
     shadow_share = serializers.IntegerField(min_value=1, max_value=100, required=False,
                                             help_text="shadow mode: percent of stable's requests mirrored (50)")
@@ -156,6 +158,25 @@ class DeploymentPromoteView(_ActionView):
 
     capabilities = {"POST": Cap.DEPLOY_PROMOTE}
     operation = staticmethod(services.deployment_promote)
+
+
+class RollbackIn(serializers.Serializer):
+    reason = serializers.CharField(max_length=2000, help_text="why: kept in the deployment and the audit log")
+
+
+class ChampionRollbackView(BaseView):
+    capabilities = {"POST": Cap.DEPLOY_CONTROL}
+
+    @extend_schema(request=RollbackIn, responses={201: DeploymentDetailOut},
+                   description="Roll the model's champion back to the previous champion: the version it replaced is "
+                               "loaded and takes all traffic at once, without analysis (a `restore` deployment). "
+                               "Refused (409) while a rollout of the model is active or when there is no previous "
+                               "champion.")
+    def post(self, request: Request, name: str) -> Response:
+        data = RollbackIn(data=request.data)
+        data.is_valid(raise_exception=True)
+        d = champions.champion_rollback(actor_of(request), model_or_404(name), data.validated_data["reason"])
+        return Response(DeploymentDetailOut(deployment_or_404(d.pk)).data, status=status.HTTP_201_CREATED)
 
 
 class EndpointOut(serializers.ModelSerializer):

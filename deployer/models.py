@@ -40,6 +40,8 @@ class RolloutStatus(models.TextChoices):
 class RolloutMode(models.TextChoices):
     CANARY = "canary", "Canary (client traffic in steps)"
     SHADOW = "shadow", "Shadow (mirrored requests, no client sees its answers)"
+    # A champion rollback: the previous champion loaded and made stable at once, without analysis.
+    RESTORE = "restore", "Restore (the previous champion back, at once)"
 
 
 ACTIVE_ROLLOUT_STATES = {RolloutStatus.PENDING, RolloutStatus.PROGRESSING, RolloutStatus.PAUSED,

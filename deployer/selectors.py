@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from deployer.models import ACTIVE_ROLLOUT_STATES, AnalysisPoint, Deployment
-from registry.models import AuditEvent, RegisteredModel
+from deployer.models import ACTIVE_ROLLOUT_STATES, SERVING_ROLLOUT_STATES, AnalysisPoint, Deployment, Endpoint
+from registry.models import AuditEvent, ModelVersion, RegisteredModel
 
 
 def deployments() -> Any:
@@ -31,3 +31,10 @@ POINT_FIELDS = ("at", "weight", "outcome", "canary_requests", "canary_error_rate
 def recent_points(d: Deployment, limit: int = 300) -> list[AnalysisPoint]:
     """The last `limit` analysis windows (10 minutes at the default tick), oldest first."""
     return list(d.points.order_by("-at")[:limit])[::-1]
+
+
+def serving_versions() -> list[ModelVersion]:
+    """The versions taking traffic: each endpoint's stable version and the canary of a rollout in progress."""
+    ids = set(Endpoint.objects.exclude(stable_version=None).values_list("stable_version_id", flat=True))
+    ids |= set(Deployment.objects.filter(status__in=SERVING_ROLLOUT_STATES).values_list("version_id", flat=True))
+    return list(ModelVersion.objects.filter(pk__in=ids).select_related("model").order_by("model__name", "version"))

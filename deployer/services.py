@@ -40,12 +40,14 @@ from deployer.models import (
     RolloutStatus,
 )
 from monitoring import canary
+from monitoring import services as monitoring_services
 from monitoring import shadow as shadow_analysis
 from monitoring.selectors import policies_for
 from pipelines.models import BuildStatus, EngineBuild, Precision, Runtime, Target
 from registry import locks, mlflow_store
 from registry.audit import SYSTEM, Actor, audit_record
 from registry.errors import RegistryError, TransitionError
+from registry.kv import redis_client
 from registry.lifecycle import Lifecycle
 from registry.models import ModelVersion, RegisteredModel, VersionStatus
 from registry.outbox import nudge
@@ -66,13 +68,6 @@ class DeployError(RegistryError):
 
 def _setting(name: str) -> Any:
     return settings.PLATFORM[name]
-
-
-@functools.cache
-def redis_client() -> Any:
-    import redis
-
-    return redis.Redis.from_url(settings.REDIS_URL, socket_timeout=5, socket_connect_timeout=5)
 
 
 @functools.cache
@@ -129,24 +124,27 @@ def deployment_create(actor: Actor, model: RegisteredModel, version_number: int,
                       bake_s: int | None = None, max_p99_ms: float | None = None,
                       max_error_rate: float | None = None, min_requests: int | None = None,
                       require_approval: bool = False, mode: str = RolloutMode.CANARY,
-                      shadow_share: int | None = None) -> Deployment:
+                      shadow_share: int | None = None, why: str = "") -> Deployment:
     """Start rolling a version out. Refused (409) while the model has another active rollout, when the
     version is not ready, has no kept engine for the target, or already is the stable version. In shadow
     mode the candidate takes no client traffic (one step at weight 0) while the gateway mirrors
-    `shadow_share` percent of stable's requests to it."""
+    `shadow_share` percent of stable's requests to it. A restore (deployer/champions.py, `why` says why) takes
+    all traffic as soon as it is loaded, without analysis: a champion rollback to a version that served before."""
     if target not in Target.values:
         raise DeployError(f"target must be one of {', '.join(Target.values)}, not {target!r}")
     if mode not in RolloutMode.values:
         raise DeployError(f"mode must be one of {', '.join(RolloutMode.values)}, not {mode!r}")
     if mode == RolloutMode.SHADOW and steps is not None:
         raise DeployError("steps: a shadow rollout takes no client traffic; give shadow_share instead")
+    if mode == RolloutMode.RESTORE and steps is not None:
+        raise DeployError("steps: a restore takes all traffic at once; it has no canary steps")
     if mode != RolloutMode.SHADOW and shadow_share is not None:
         raise DeployError("shadow_share: only a shadow rollout mirrors requests")
     share = _positive("shadow_share", shadow_share, 50)
     if isinstance(share, float) or share > 100:
         raise DeployError(f"shadow_share is a whole percent 1..100, got {share!r}")
     limits = {
-        "steps": [0] if mode == RolloutMode.SHADOW else
+        "steps": [0] if mode == RolloutMode.SHADOW else [100] if mode == RolloutMode.RESTORE else
         _check_steps(list(steps) if steps is not None else list(_setting("ROLLOUT_STEPS"))),
         "mode": mode, "shadow_share": share,
         "step_interval_s": _positive("step_interval_s", step_interval_s, _setting("ROLLOUT_STEP_INTERVAL_S")),
@@ -180,9 +178,11 @@ def deployment_create(actor: Actor, model: RegisteredModel, version_number: int,
             d = Deployment.objects.create(
                 model=model, version=version, engine=engine, triton_model=triton_model,
                 target=target, previous_version=endpoint.stable_version, require_approval=require_approval,
-                requested_by=actor.user_or_none, reason="loading the canary onto the fleet", **limits)
+                requested_by=actor.user_or_none, reason=f"loading v{version_number} onto the fleet",
+                analysis={"restore": why} if mode == RolloutMode.RESTORE else {}, **limits)
             audit_record(actor, "deployment.create", "deployment", d.pk, after={
-                **_view(d), "target": target, "engine": engine.variant, "steps": limits["steps"],
+                **_view(d), "mode": mode, "target": target, "engine": engine.variant, "steps": limits["steps"],
+                **({"why": why[:500]} if why else {}),
                 "previous_version": endpoint.stable_version.version if endpoint.stable_version else None})
             transaction.on_commit(enqueue_reconcile)
             return d
@@ -310,7 +310,11 @@ def rollout_advance(d: Deployment) -> None:
             _roll_back(d, SYSTEM, f"the fleet cannot serve the canary: {exc}")
             return
         endpoint = Endpoint.objects.get(model=d.model)
-        if endpoint.stable_version_id is None:
+        if d.mode == RolloutMode.RESTORE:
+            _promote(d, SYSTEM, f"champion rollback: v{d.version.version} restored in place of "
+                                f"v{d.previous_version.version if d.previous_version else '?'}: "
+                                f"{d.analysis.get('restore', '')}", only_from={RolloutStatus.PENDING})
+        elif endpoint.stable_version_id is None:
             _promote(d, SYSTEM, "first deployment of the model: no stable version to compare with",
                      only_from={RolloutStatus.PENDING})
         else:
@@ -356,6 +360,11 @@ def rollout_advance(d: Deployment) -> None:
         return
     if verdict.outcome != "pass" or held < hold:
         return
+    verdict = _with_traffic_inputs(d, verdict)
+    if verdict.outcome == "fail":
+        _roll_back(d, SYSTEM, f"automatic rollback at step {d.step_index + 1}: {verdict.reason}",
+                   only_from={RolloutStatus.PROGRESSING})
+        return
     if not last:
         deployment_transition(d.pk, RolloutStatus.PROGRESSING, only_from={RolloutStatus.PROGRESSING},
                               step_index=d.step_index + 1, weight=d.steps[d.step_index + 1], step_started_at=now,
@@ -365,6 +374,20 @@ def rollout_advance(d: Deployment) -> None:
                               reason=f"all steps passed ({verdict.reason}); a release manager must promote")
     else:
         _promote(d, SYSTEM, f"all steps passed: {verdict.reason}", only_from={RolloutStatus.PROGRESSING})
+
+
+def _with_traffic_inputs(d: Deployment, live: canary.Verdict) -> canary.Verdict:
+    """A step that passed on latency and errors is judged on its captured traffic too before it ends: the
+    canary's answers against stable's, and its inputs against its reference set (monitoring/services.py
+    canary_inputs). A shadow rollout's answers are compared request by request already."""
+    if d.mode != RolloutMode.CANARY or d.previous_version is None:
+        return live
+    inputs = monitoring_services.canary_inputs(d.version, d.previous_version, d.created_at)
+    Deployment.objects.filter(pk=d.pk).update(analysis={
+        "outcome": live.outcome, "reason": live.reason, **live.figures, "at": timezone.now().isoformat(),
+        "traffic": inputs.figures, "traffic_reason": inputs.reason})
+    return canary.Verdict("fail" if inputs.failed else live.outcome, inputs.reason if inputs.failed else
+                          f"{live.reason}; {inputs.reason}", {**live.figures, "traffic": inputs.figures})
 
 
 GATEWAY_STALE_S = 10.0

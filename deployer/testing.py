@@ -223,3 +223,40 @@ class Load:
         """Failures not returned by `version` itself: connection errors, errors of other versions, no route."""
         with self.lock:
             return [f for f in self.failures if version is None or f[1] != version]
+
+
+def servable_model(name: str, versions: int = 2, status: str = "ready", engines: bool = True) -> Any:
+    """Rows only: a model with versions 1..`versions`, each with kept fp32 and int8 CPU engines (content keys
+    `<name>-<n>` and `<name>-<n>-i8`, Triton names `<name>_v<n>`), for tests that start at the API."""
+    from pipelines.models import EngineBuild
+    from registry.models import ModelVersion, RegisteredModel
+
+    model = RegisteredModel.objects.create(name=name, latest_version=versions, version_count=versions)
+    for n in range(1, versions + 1):
+        v = ModelVersion.objects.create(model=model, version=n, status=status, source="x", origin="upload")
+        if engines:
+            EngineBuild.objects.create(version=v, target="cpu", precision="fp32", runtime="onnxruntime",
+                                       content_key=f"{name}-{n}", status="succeeded", engine_uri="mlflow-artifacts:/x",
+                                       io={"triton_model_name": f"{name}_v{n}"})
+            EngineBuild.objects.create(version=v, target="cpu", precision="int8", runtime="onnxruntime",
+                                       content_key=f"{name}-{n}-i8", status="succeeded",
+                                       engine_uri="mlflow-artifacts:/y", io={"triton_model_name": f"{name}_v{n}_i8"})
+    return model
+
+
+def champion_after(model: Any, previous: int, current: int, *, restored: bool = False) -> Any:
+    """Rows only: version `current` serving as champion, promoted by a rollout that replaced `previous` (a
+    champion rollback's restore when `restored`); returns that deployment."""
+    from django.utils import timezone
+
+    from deployer.models import Deployment, Endpoint, RolloutMode, RolloutStatus
+    from pipelines.models import EngineBuild
+
+    v_prev, v_cur = model.versions.get(version=previous), model.versions.get(version=current)
+    engine = EngineBuild.objects.get(content_key=f"{model.name}-{current}")
+    Endpoint.objects.update_or_create(model=model, defaults={
+        "stable_version": v_cur, "stable_engine": engine, "stable_triton_model": f"{model.name}_v{current}"})
+    return Deployment.objects.create(
+        model=model, version=v_cur, previous_version=v_prev, engine=engine, triton_model=f"{model.name}_v{current}",
+        steps=[100], status=RolloutStatus.PROMOTED, step_index=0, weight=100, finished_at=timezone.now(),
+        mode=RolloutMode.RESTORE if restored else RolloutMode.CANARY)

@@ -10,4 +10,5 @@ urlpatterns = [
     path("deployments/<int:deployment_id>/promote/", api.DeploymentPromoteView.as_view(), name="deployment-promote"),
     path("deployments/<int:deployment_id>/abort/", api.DeploymentAbortView.as_view(), name="deployment-abort"),
     path("endpoints/", api.EndpointListView.as_view(), name="endpoint-list"),
+    path("models/<str:name>/rollback/", api.ChampionRollbackView.as_view(), name="champion-rollback"),
 ]

@@ -24,6 +24,7 @@ from django.shortcuts import get_object_or_404, redirect, render, resolve_url
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
+from deployer import champions
 from deployer import selectors as deployer_selectors
 from deployer import services as deploy_services
 from deployer.models import ACTIVE_ROLLOUT_STATES, Deployment, Endpoint, RolloutStatus
@@ -604,7 +605,24 @@ def alert_detail(request: HttpRequest, alert_id: int) -> HttpResponse:
         "history": AuditEvent.objects.filter(target_type="alert", target_id=str(alert.pk)).order_by("-at", "-id"),
         "resolve_form": AlertResolveForm(), "silence_form": AlertSilenceForm(),
     }
+    if alert.status != AlertStatus.RESOLVED:
+        context["rollback_to"], context["rollback_unavailable"] = champions.rollback_offer(alert)
     return render(request, "frontend/alert_detail.html", context)
+
+
+@require_POST
+@page_needs(Cap.DEPLOY_CONTROL)
+def alert_rollback(request: HttpRequest, alert_id: int) -> HttpResponse:
+    """Roll the alert's champion back to the previous champion; then follow it on the deployment's page."""
+    alert = _alert(alert_id)
+    reason = str(request.POST.get("reason", "")).strip()[:500]
+    try:
+        d = champions.rollback_for_alert(Actor(request.user, "web"), alert, reason or "rolled back from the alert page")
+    except services.RegistryError as exc:
+        messages.error(request, f"Could not roll back {alert.model.name}: {exc}")
+        return redirect("frontend:alert-detail", alert_id=alert.pk)
+    messages.success(request, f"Restoring v{d.version.version} of {alert.model.name} as champion (deployment {d.pk}).")
+    return redirect("frontend:deployment-detail", deployment_id=d.pk)
 
 
 def _alert_acknowledge(actor: Actor, alert: Alert, request: HttpRequest) -> str:

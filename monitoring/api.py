@@ -5,6 +5,7 @@ receivers (webhooks) and their deliveries."""
 from __future__ import annotations
 
 import gzip
+from typing import Any
 
 from django.db.models import Case, Value, When
 from django.http import Http404, HttpResponse
@@ -15,7 +16,7 @@ from rest_framework.exceptions import ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from monitoring import alerts, notify
+from monitoring import alerts, drift, notify, services
 from monitoring.models import (
     Alert,
     AlertStatus,
@@ -23,11 +24,13 @@ from monitoring.models import (
     DeliveryStatus,
     DriftCheck,
     DriftReport,
+    MonitorPolicy,
     Receiver,
     ReceiverKind,
 )
+from monitoring.selectors import DEFAULT_POLICY, policy_for
 from registry.api.permissions import request_roles
-from registry.api.views import BaseView, actor_of, version_or_404
+from registry.api.views import BaseView, actor_of, model_or_404, version_or_404
 from registry.roles import Cap, roles_allow
 
 
@@ -70,6 +73,64 @@ class DriftReportView(BaseView):
             "style-src 'unsafe-inline'; img-src data: blob:; font-src data:; frame-ancestors 'self'")
         response["X-Frame-Options"] = "SAMEORIGIN"  # the alert page frames it (sandboxed); no other site may
         return response
+
+
+# ---- a model's monitoring policy -----------------------------------------------------------------------------
+
+_FRACTIONS = ("capture_fraction", "drift_share", "slo_latency_target", "slo_availability")
+
+
+class PolicyIO(serializers.ModelSerializer):
+    window_minutes = serializers.IntegerField(min_value=1, max_value=7 * 24 * 60, required=False)
+    min_rows = serializers.IntegerField(min_value=10, max_value=100_000, required=False)
+    max_rows = serializers.IntegerField(min_value=10, max_value=100_000, required=False)
+    capture_floor_per_s = serializers.IntegerField(min_value=0, max_value=10_000, required=False)
+    retention_hours = serializers.IntegerField(min_value=1, max_value=24 * 90, required=False)
+    slo_latency_ms = serializers.FloatField(min_value=0.1, max_value=600_000, required=False)
+
+    class Meta:
+        model = MonitorPolicy
+        fields = ["capture_floor_per_s", "capture_fraction", "window_minutes", "min_rows", "max_rows", "drift_share",
+                  "drift_method", "drift_threshold", "slo_latency_ms", "slo_latency_target", "slo_availability",
+                  "canary_drift_gate", "rollback_on_drift", "rollback_on_slo", "retention_hours", "updated_at"]
+        read_only_fields = ["updated_at"]
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        for name in _FRACTIONS:
+            if name in attrs and not 0 < attrs[name] <= 1:
+                raise ValidationError({name: f"a fraction in (0, 1], got {attrs[name]}"})
+        if attrs.get("capture_fraction") == 0:
+            raise ValidationError({"capture_fraction": "0 would capture nothing beyond the floor; give (0, 1]"})
+        current = self.instance
+        low = attrs.get("min_rows", current.min_rows if current else DEFAULT_POLICY.min_rows)
+        high = attrs.get("max_rows", current.max_rows if current else DEFAULT_POLICY.max_rows)
+        if low > high:
+            raise ValidationError({"min_rows": f"min_rows ({low}) is above max_rows ({high})"})
+        if attrs.get("drift_method"):
+            known = drift.METHODS
+            if attrs["drift_method"] not in known:
+                raise ValidationError({"drift_method": f"one of {', '.join(sorted(known))}, or blank for "
+                                                       "Evidently's choice per column"})
+        return attrs
+
+
+class MonitorPolicyView(BaseView):
+    """A model's monitoring policy: capture, drift, SLOs, the canary's traffic checks and automatic rollback.
+    A model without one has the defaults shown."""
+
+    capabilities = {"GET": Cap.MODEL_READ, "PATCH": Cap.MONITOR_EDIT}
+
+    @extend_schema(responses=PolicyIO)
+    def get(self, request: Request, name: str) -> Response:
+        return Response(PolicyIO(policy_for(model_or_404(name).pk)).data)
+
+    @extend_schema(request=PolicyIO, responses=PolicyIO)
+    def patch(self, request: Request, name: str) -> Response:
+        model = model_or_404(name)
+        current = policy_for(model.pk)
+        data = PolicyIO(current if current.pk else None, data=request.data, partial=True)
+        data.is_valid(raise_exception=True)
+        return Response(PolicyIO(services.policy_update(actor_of(request), model, dict(data.validated_data))).data)
 
 
 # ---- alerts ----------------------------------------------------------------------------------------------

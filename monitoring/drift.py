@@ -110,3 +110,10 @@ def _read(doc: dict[str, Any], outputs: set[str], drift_share: float, current_ro
 def html(snapshot: Any) -> str:
     """Evidently's HTML report of a snapshot (self-contained: its scripts are inlined, no CDN)."""
     return str(snapshot.get_html_str(as_iframe=False))
+
+
+# The stattests Evidently 0.7 knows by name, for tabular columns (a policy's drift_method is one of them;
+# monitoring/tests/test_policy_api.py checks the list against Evidently's registry).
+METHODS = frozenset({"TVD", "anderson", "chisquare", "cramer_von_mises", "ed", "empirical_mmd", "es", "fisher_exact",
+                     "g_test", "hellinger", "jensenshannon", "kl_div", "ks", "mannw", "psi", "t_test", "wasserstein",
+                     "z"})

@@ -35,6 +35,12 @@ class MonitorPolicy(models.Model):
     slo_latency_ms = models.FloatField(default=250.0)
     slo_latency_target = models.FloatField(default=0.99)
     slo_availability = models.FloatField(default=0.999)
+    # Decisions: drift and prediction disagreement judged at each canary step (monitoring/services.py
+    # canary_inputs); a champion whose drift or SLO alert fires rolled back to the previous champion by the
+    # deployer (off by default: on-call gets the button on the alert page instead).
+    canary_drift_gate = models.BooleanField(default=True)
+    rollback_on_drift = models.BooleanField(default=False)
+    rollback_on_slo = models.BooleanField(default=False)
     # Captured rows older than this are deleted.
     retention_hours = models.PositiveIntegerField(default=72)
     updated_at = models.DateTimeField(auto_now=True)

@@ -1,5 +1,6 @@
-"""Monitoring's writes: drift checks of the versions serving traffic (each endpoint's stable version and
-the canary of a rollout in progress), each judged on its captured window against its reference set."""
+"""Monitoring's writes: a model's monitoring policy; drift checks of the versions serving traffic (each
+endpoint's stable version and the canary of a rollout in progress, as the deployer lists them), each judged
+on its captured window against its reference set; drift and disagreement as inputs of a canary step."""
 
 from __future__ import annotations
 
@@ -7,18 +8,22 @@ import gzip
 import json
 import logging
 import time
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
 
 import numpy as np
 import pandas as pd
+from django.db import transaction
 from django.utils import timezone
 
-from deployer.models import SERVING_ROLLOUT_STATES, Deployment, Endpoint
-from monitoring import alerts, drift
+from monitoring import alerts, drift, stats
+from monitoring.canary import ALPHA
 from monitoring.models import AlertKind, CapturedRow, DriftCheck, DriftOutcome, DriftReport, MonitorPolicy
 from monitoring.selectors import policy_for
 from registry import locks, mlflow_store
-from registry.models import ModelVersion
+from registry.audit import Actor, audit_record
+from registry.models import ModelVersion, RegisteredModel
 
 log = logging.getLogger("monitoring")
 
@@ -26,10 +31,18 @@ PREDICTION = "prediction"
 REPORTS_KEPT = 20  # Evidently reports kept per version (the checks themselves are all kept)
 
 
-def serving_versions() -> list[ModelVersion]:
-    ids = set(Endpoint.objects.exclude(stable_version=None).values_list("stable_version_id", flat=True))
-    ids |= set(Deployment.objects.filter(status__in=SERVING_ROLLOUT_STATES).values_list("version_id", flat=True))
-    return list(ModelVersion.objects.filter(pk__in=ids).select_related("model").order_by("model__name", "version"))
+def policy_update(actor: Actor, model: RegisteredModel, changes: dict[str, Any]) -> MonitorPolicy:
+    """Change some of the model's policy fields (validated by the caller); audited with before and after."""
+    with transaction.atomic():
+        policy, _ = MonitorPolicy.objects.select_for_update().get_or_create(model=model)
+        before = {k: getattr(policy, k) for k in changes}
+        for k, v in changes.items():
+            setattr(policy, k, v)
+        policy.full_clean()
+        policy.save()
+        audit_record(actor, "monitor_policy.update", "registered_model", model.name, before=before,
+                     after=dict(changes))
+    return policy
 
 
 def reference_frame(version: ModelVersion) -> pd.DataFrame | None:
@@ -49,9 +62,11 @@ def reference_frame(version: ModelVersion) -> pd.DataFrame | None:
     return frame
 
 
-def window_frame(version: ModelVersion, policy: MonitorPolicy) -> tuple[pd.DataFrame, object, object]:
-    """The newest captured rows of the policy's window: (frame, first row's time, last row's time)."""
-    since = timezone.now() - timedelta(minutes=policy.window_minutes)
+def window_frame(version: ModelVersion, policy: MonitorPolicy,
+                 since: datetime | None = None) -> tuple[pd.DataFrame, datetime | None, datetime | None]:
+    """The newest captured rows of the policy's window (or since `since`): (frame, first row's time, last
+    row's time)."""
+    since = since or timezone.now() - timedelta(minutes=policy.window_minutes)
     rows = list(CapturedRow.objects.filter(version=version, at__gte=since).order_by("-at")
                 .values_list("at", "inputs", "prediction")[:policy.max_rows])
     if not rows:
@@ -71,6 +86,45 @@ def _numeric_like(reference: pd.DataFrame, current: pd.DataFrame) -> pd.DataFram
     return current
 
 
+@dataclass(frozen=True)
+class Unjudged:
+    """Why a window was not judged: the check's outcome and the reason in words."""
+
+    outcome: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Judged:
+    result: drift.DriftResult
+    snapshot: Any  # Evidently's, for the HTML report
+    seconds: float
+    rows: int
+
+
+def _judge_window(reference: pd.DataFrame, current: pd.DataFrame, policy: MonitorPolicy, label: str,
+                  where: str) -> Judged | Unjudged:
+    """Evidently's verdict on `current` (captured rows of `label`, `where` says which) against `reference`,
+    with the model's policy; or why it cannot be judged."""
+    if len(current) < policy.min_rows:
+        return Unjudged(DriftOutcome.NOT_ENOUGH_DATA, f"{len(current)} rows of {label} captured {where}; a check "
+                                                       f"needs {policy.min_rows} (the model's monitoring policy)")
+    common = [c for c in reference.columns if c in current.columns]
+    if len(common) <= (1 if PREDICTION in common else 0):
+        return Unjudged(DriftOutcome.FAILED, (
+            f"the captured inputs of {label} ({', '.join(map(str, current.columns[:5]))}...) have no column in "
+            f"common with its reference set ({', '.join(map(str, reference.columns[:5]))}...)"))
+    started = time.monotonic()
+    try:
+        result, snapshot = drift.judge(reference, _numeric_like(reference, current), outputs=(PREDICTION,),
+                                       drift_share=policy.drift_share, method=policy.drift_method or None,
+                                       threshold=policy.drift_threshold)
+    except Exception as exc:  # noqa: BLE001 - recorded as a check that could not be judged, with the reason
+        log.exception("drift check of %s failed", label)
+        return Unjudged(DriftOutcome.FAILED, f"Evidently could not judge the window: {exc}"[:2000])
+    return Judged(result, snapshot, time.monotonic() - started, len(current))
+
+
 def drift_check(version: ModelVersion) -> DriftCheck:
     """Judge the version's captured window against its reference set and record the check."""
     policy = policy_for(version.model_id)
@@ -83,36 +137,97 @@ def drift_check(version: ModelVersion) -> DriftCheck:
     current, first, last = window_frame(version, policy)
     base = {"version": version, "window_from": first, "window_to": last, "current_rows": len(current),
             "reference_rows": len(reference), "drift_share": policy.drift_share}
-    if len(current) < policy.min_rows:
-        return DriftCheck.objects.create(**base, outcome=DriftOutcome.NOT_ENOUGH_DATA, summary=(
-            f"{len(current)} rows of {label} captured in the last {policy.window_minutes} min; a check needs "
-            f"{policy.min_rows} (the model's monitoring policy)"))
-    common = [c for c in reference.columns if c in current.columns]
-    if len(common) <= (1 if PREDICTION in common else 0):
-        return DriftCheck.objects.create(**base, outcome=DriftOutcome.FAILED, summary=(
-            f"the captured inputs of {label} ({', '.join(map(str, current.columns[:5]))}...) have no column in "
-            f"common with its reference set ({', '.join(map(str, reference.columns[:5]))}...)"))
-    started = time.monotonic()
-    try:
-        result, snapshot = drift.judge(reference, _numeric_like(reference, current), outputs=(PREDICTION,),
-                                       drift_share=policy.drift_share, method=policy.drift_method or None,
-                                       threshold=policy.drift_threshold)
-    except Exception as exc:  # noqa: BLE001 - recorded as a check that could not be judged, with the reason
-        log.exception("drift check of %s failed", label)
-        return DriftCheck.objects.create(**base, outcome=DriftOutcome.FAILED,
-                                         summary=f"Evidently could not judge the window: {exc}"[:2000])
-    seconds = time.monotonic() - started
+    judged = _judge_window(reference, current, policy, label, f"in the last {policy.window_minutes} min")
+    if isinstance(judged, Unjudged):
+        return DriftCheck.objects.create(**base, outcome=judged.outcome, summary=judged.reason)
+    result = judged.result
     drifted = result.dataset_drift or result.prediction_drift
     check = DriftCheck.objects.create(
         **base, outcome=DriftOutcome.DRIFT if drifted else DriftOutcome.NO_DRIFT,
         dataset_drift=result.dataset_drift, prediction_drift=result.prediction_drift,
         drifted_share=result.drifted_share, columns=result.as_dict()["columns"], summary=result.summary(),
-        seconds=round(seconds, 3))
-    DriftReport.objects.create(drift_check=check, html_gz=gzip.compress(drift.html(snapshot).encode(), 6))
+        seconds=round(judged.seconds, 3))
+    DriftReport.objects.create(drift_check=check, html_gz=gzip.compress(drift.html(judged.snapshot).encode(), 6))
     _alert_on(check, label)
     stale = DriftReport.objects.filter(drift_check__version=version).order_by("-drift_check__created_at")[REPORTS_KEPT:]
     DriftReport.objects.filter(pk__in=list(stale.values_list("pk", flat=True))).delete()
     return check
+
+
+def window_drift(reference_of: ModelVersion, window_of: ModelVersion,
+                 since: datetime | None = None) -> Judged | Unjudged:
+    """`window_of`'s captured rows (its policy's window, or since `since`) against `reference_of`'s reference
+    set: would that version see drift in this traffic?"""
+    policy = policy_for(window_of.model_id)
+    label = f"{window_of.model.name} v{window_of.version}"
+    reference = reference_frame(reference_of)
+    if reference is None:
+        return Unjudged(DriftOutcome.NO_REFERENCE, f"v{reference_of.version} has no reference set")
+    current, _, _ = window_frame(window_of, policy, since)
+    where = f"since {since:%H:%M:%S} UTC" if since else f"in the last {policy.window_minutes} min"
+    return _judge_window(reference, current, policy, label, where)
+
+
+# ---- drift and disagreement as inputs of a canary step ------------------------------------------------------
+
+MIN_ANSWERS = 100  # captured answers of each version, at the least, before the two are compared
+DISAGREEMENT_EFFECT = 0.1  # ... and a difference that matters: a tenth of the answers' distribution moved
+
+
+@dataclass(frozen=True)
+class CanaryInputs:
+    """Drift and prediction disagreement as a canary step sees them: failed or not, in words, with figures."""
+
+    failed: bool
+    reason: str
+    figures: dict[str, Any]
+
+
+def _answers(version: ModelVersion, since: datetime, limit: int) -> list[Any]:
+    return list(CapturedRow.objects.filter(version=version, at__gte=since).exclude(prediction=None)
+                .order_by("-at").values_list("prediction", flat=True)[:limit])
+
+
+def canary_inputs(canary: ModelVersion, stable: ModelVersion, since: datetime) -> CanaryInputs:
+    """The canary's captured traffic since `since` (the rollout's start): its answers against stable's over
+    the same seconds (both arms take random shares of the same requests, so their answers should be alike),
+    and its inputs against its own reference set. Each fails only with confidence 1 - ALPHA and an effect
+    that matters; too few captured rows judge nothing, and say so."""
+    policy = policy_for(canary.model_id)
+    if not policy.canary_drift_gate:
+        return CanaryInputs(False, "drift and disagreement not judged (off in the model's monitoring policy)",
+                            {"judged": False})
+    failed: list[str] = []
+    passed: list[str] = []
+    figures: dict[str, Any] = {}
+    mine, theirs = _answers(canary, since, policy.max_rows), _answers(stable, since, policy.max_rows)
+    if min(len(mine), len(theirs)) < MIN_ANSWERS:
+        passed.append(f"answers not compared yet: {len(mine)} canary and {len(theirs)} stable answers captured "
+                      f"since the rollout began, {MIN_ANSWERS} of each needed")
+    else:
+        shift = stats.answers_differ(mine, theirs)
+        figures["disagreement"] = {"test": shift.test, "p_value": round(shift.p_value, 6), shift.effect_name:
+                                   round(shift.effect, 4), "canary_answers": len(mine), "stable_answers": len(theirs)}
+        words = (f"{shift.effect_name} {shift.effect:.2f} between the canary's {len(mine)} and stable's "
+                 f"{len(theirs)} answers on the same traffic ({shift.test} p={shift.p_value:.2g})")
+        if shift.p_value < ALPHA and shift.effect >= DISAGREEMENT_EFFECT:
+            failed.append(f"the canary answers unlike stable: {words}; a difference from {DISAGREEMENT_EFFECT:g} "
+                          f"with {1 - ALPHA:.0%} confidence fails")
+        else:
+            passed.append(f"answers agree with stable's: {words}")
+    judged = window_drift(canary, canary, since)
+    if isinstance(judged, Unjudged):
+        passed.append(f"inputs not judged: {judged.reason}")
+    else:
+        result = judged.result
+        figures["drift"] = {"rows": judged.rows, "drifted_share": round(result.drifted_share, 4),
+                            "drift_share": result.drift_share, "dataset_drift": result.dataset_drift,
+                            "drifted_columns": [c.column for c in result.drifted[:10]]}
+        if result.dataset_drift:
+            failed.append(f"the canary's inputs drifted from the data it was validated on: {result.summary()}")
+        else:
+            passed.append(f"inputs: {result.summary()}")
+    return CanaryInputs(bool(failed), "; ".join(failed or passed), {"judged": True, **figures})
 
 
 def _alert_on(check: DriftCheck, label: str) -> None:
@@ -132,13 +247,13 @@ def _alert_on(check: DriftCheck, label: str) -> None:
         "report": f"/api/v1/models/{version.model.name}/versions/{version.version}/drift/{check.pk}/report/"})
 
 
-def drift_checks() -> int:
-    """A check of every serving version (one pass at a time); returns how many were made."""
+def drift_checks(versions: list[ModelVersion]) -> int:
+    """A check of each version (one pass at a time); returns how many were made."""
     made = 0
     with locks.claim("monitoring.drift") as mine:
         if not mine:
             return 0
-        for version in serving_versions():
+        for version in versions:
             drift_check(version)
             made += 1
     return made

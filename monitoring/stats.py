@@ -78,3 +78,35 @@ def slower_paired(first: list[float], second: list[float]) -> Comparison:
         return Comparison(1.0, p_slower)
     result = _scipy.wilcoxon([a - b for a, b in pairs], alternative="greater", zero_method="zsplit")
     return Comparison(float(result.pvalue), p_slower)
+
+
+@dataclass(frozen=True)
+class Shift:
+    """How two samples of a model's answers differ: the test, its p-value and an effect size in 0..1."""
+
+    test: str
+    p_value: float
+    effect: float  # total variation distance of the label shares, or the K-S statistic of numeric answers
+    effect_name: str
+
+
+MAX_CATEGORIES = 50  # answers with at most this many distinct values (and not floats) are labels
+
+
+def answers_differ(first: list[object], second: list[object]) -> Shift:
+    """Whether two samples of answers come from different distributions. Labels (classes, strings): the
+    chi-square test of homogeneity on their counts, with the total variation distance of their shares;
+    numbers: the two-sample Kolmogorov-Smirnov test, its statistic as the effect."""
+    values = set(first) | set(second)
+    labels = len(values) <= MAX_CATEGORIES and not any(isinstance(v, float) for v in values)
+    if labels:
+        order = sorted(values, key=str)
+        counts = [[sum(1 for v in sample if v == c) for c in order] for sample in (first, second)]
+        tvd = 0.5 * sum(abs(a / len(first) - b / len(second)) for a, b in zip(*counts, strict=True))
+        if len(order) < 2:
+            return Shift("chi-square", 1.0, 0.0, "total variation distance")
+        p = float(_scipy.chi2_contingency(counts, correction=False).pvalue)
+        return Shift("chi-square", p, tvd, "total variation distance")
+    numbers = [[float(v) for v in sample] for sample in (first, second)]  # type: ignore[arg-type]
+    ks = _scipy.ks_2samp(numbers[0], numbers[1])
+    return Shift("Kolmogorov-Smirnov", float(ks.pvalue), float(ks.statistic), "K-S statistic")

@@ -1,11 +1,13 @@
-"""Monitoring's periodic work (config/settings.py's beat schedule) and the sending of webhook deliveries."""
+"""Monitoring's periodic work (config/settings.py's beat schedule) and the sending of webhook deliveries.
+The checks that need to know which versions serve and where the gateways are (drift, SLOs) are started by
+the deployer's tasks, which know."""
 
 from __future__ import annotations
 
 from celery import shared_task
 
-from deployer.services import redis_client
-from monitoring import alerts, capture, notify, services, slo
+from monitoring import alerts, capture, notify
+from registry.kv import redis_client
 from registry.services import DATABASE_UNAVAILABLE
 
 
@@ -21,22 +23,10 @@ def capture_forget() -> int:
 
 
 @shared_task
-def drift_checks() -> int:
-    return services.drift_checks()
-
-
-@shared_task
 def alerts_tick() -> int:
     return alerts.alerts_tick()
 
 
-@shared_task
-def slo_tick() -> int:
-    """Sample the serving versions' SLO figures at every live gateway and judge their burn rates."""
-    from deployer.services import live_gateways
-
-    gateways = [info["metrics"] for info in live_gateways(redis_client()).values() if info.get("metrics")]
-    return slo.slo_tick(gateways, services.serving_versions())
 @shared_task(bind=True, acks_late=True)
 def deliver(self, delivery_id: int) -> str:  # type: ignore[no-untyped-def]
     """One attempt at a webhook delivery (monitoring/notify.py); safe to run twice. A database that goes

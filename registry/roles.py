@@ -27,6 +27,7 @@ class Cap(models.TextChoices):
     ALERT_READ = "alert.read", "See alerts, drift checks and notification deliveries"
     ALERT_ACT = "alert.act", "Acknowledge, resolve or silence alerts"
     RECEIVER_MANAGE = "receiver.manage", "Manage notification receivers (webhooks) and redeliver"
+    MONITOR_EDIT = "monitor.edit", "Change a model's monitoring policy (capture, drift, SLOs, automatic rollback)"
 
 
 _EVERYONE = {Role.DATA_SCIENTIST, Role.RELEASE_MANAGER, Role.ONCALL, Role.CI, Role.ADMIN}
@@ -46,6 +47,8 @@ CAPABILITIES: dict[str, set[Role]] = {
     # On-call acts on alerts; a release manager may too (an alert can stop a promotion).
     Cap.ALERT_ACT: {Role.ONCALL, Role.RELEASE_MANAGER, Role.ADMIN},
     Cap.RECEIVER_MANAGE: {Role.ONCALL, Role.ADMIN},
+    # Thresholds and automatic rollback decide what pages people and what serves: those who answer for both.
+    Cap.MONITOR_EDIT: {Role.RELEASE_MANAGER, Role.ONCALL, Role.ADMIN},
 }
 
 

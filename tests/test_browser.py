@@ -462,3 +462,33 @@ def test_on_call_opens_a_firing_drift_alert_from_the_inbox_and_acknowledges_it(p
     outside = [url for url in requested if not url.startswith(platform_server) and not url.startswith(("data:", "blob:",
                                                                                                         "about:"))]
     assert requested and not outside, outside
+
+
+def test_on_call_rolls_a_champion_back_from_its_alert_page(platform_server, browser_page, make_user, unique_name):
+    from deployer.models import Deployment, RolloutMode
+    from deployer.testing import champion_after, servable_model
+    from monitoring.alerts import alert_seen
+    from monitoring.models import AlertKind
+
+    page = browser_page
+    user = make_user(Role.ONCALL, password=PASSWORD)
+    model = servable_model(unique_name)
+    champion_after(model, 1, 2)
+    alert = alert_seen(model.versions.get(version=2), AlertKind.ERRORS, f"{unique_name} v2: error budget burning",
+                       "errors burning the budget 20x over 1 h and 5 min", {})
+
+    _sign_in(page, platform_server, user.username)
+    page.goto(f"{platform_server}/alerts/{alert.pk}/")
+    assert "Restore v1, the champion before v2" in page.locator("#alert-rollback").inner_text()
+    page.fill("#alert-rollback input[name='reason']", "5xx since the v2 promotion")
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#alert-rollback button[data-action='rollback']")
+    page.wait_for_url(f"{platform_server}/deployments/*/")
+    restore = Deployment.objects.get(model=model, mode=RolloutMode.RESTORE)
+    assert page.url == f"{platform_server}/deployments/{restore.pk}/"
+    assert f"Restoring v1 of {unique_name} as champion (deployment {restore.pk})" in page.locator(
+        ".messages").inner_text()
+    assert restore.analysis["restore"] == (f"alert {alert.pk} ({unique_name} v2: error budget burning): 5xx since "
+                                           f"the v2 promotion (by {user.username})")
+    page.goto(f"{platform_server}/alerts/{alert.pk}/")
+    assert page.locator("#alert-history tr[data-action='alert.rollback']").count() == 1

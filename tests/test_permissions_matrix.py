@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from django.urls import URLPattern, URLResolver, get_resolver
 
+from deployer.testing import champion_after, servable_model
 from registry.api.views import BaseView
 from registry.roles import CAPABILITIES, Cap, Role, roles_allow
 
@@ -37,6 +38,9 @@ ENDPOINTS = [
     ("POST", "/api/v1/deployments/{progressing}/abort/", Cap.DEPLOY_CONTROL, None),
     ("POST", "/api/v1/deployments/{progressing}/promote/", Cap.DEPLOY_PROMOTE, None),
     ("GET", "/api/v1/endpoints/", Cap.DEPLOY_READ, None),
+    ("POST", "/api/v1/models/{champion}/rollback/", Cap.DEPLOY_CONTROL, {"reason": "answers wrong"}),
+    ("GET", "/api/v1/models/{m}/monitoring/", Cap.MODEL_READ, None),
+    ("PATCH", "/api/v1/models/{m}/monitoring/", Cap.MONITOR_EDIT, {"rollback_on_slo": True}),
     ("GET", "/api/v1/receivers/", Cap.ALERT_READ, None),
     ("POST", "/api/v1/receivers/", Cap.RECEIVER_MANAGE, {"name": "{new}", "kind": "json",
                                                          "url": "https://hooks.example.com/{new}"}),
@@ -81,7 +85,9 @@ def deployments(unique_name):
         ids[state] = Deployment.objects.create(model=model, version=version, engine=engine, triton_model="t",
                                                steps=[10], status=state, step_index=0, weight=10).pk
     _servable(f"{unique_name}-free")
-    return {"free": f"{unique_name}-free", **ids}
+    champion = servable_model(f"{unique_name}-champion")
+    champion_after(champion, 1, 2)  # v2 replaced v1: it can be rolled back
+    return {"free": f"{unique_name}-free", "champion": champion.name, **ids}
 
 
 @pytest.fixture

@@ -5,25 +5,12 @@ from __future__ import annotations
 import pytest
 
 from deployer.models import Deployment, Endpoint, RolloutStatus
+from deployer.testing import servable_model as _model
 from pipelines.models import EngineBuild
 from registry.audit import SYSTEM as SYSTEM_ACTOR
-from registry.models import AuditEvent, ModelVersion, RegisteredModel
+from registry.models import AuditEvent
 
 pytestmark = pytest.mark.django_db
-
-
-def _model(name: str, versions: int = 2, status: str = "ready", engines: bool = True) -> RegisteredModel:
-    model = RegisteredModel.objects.create(name=name, latest_version=versions, version_count=versions)
-    for n in range(1, versions + 1):
-        v = ModelVersion.objects.create(model=model, version=n, status=status, source="x", origin="upload")
-        if engines:
-            EngineBuild.objects.create(version=v, target="cpu", precision="fp32", runtime="onnxruntime",
-                                       content_key=f"{name}-{n}", status="succeeded", engine_uri="mlflow-artifacts:/x",
-                                       io={"triton_model_name": f"{name}_v{n}"})
-            EngineBuild.objects.create(version=v, target="cpu", precision="int8", runtime="onnxruntime",
-                                       content_key=f"{name}-{n}-i8", status="succeeded",
-                                       engine_uri="mlflow-artifacts:/y", io={"triton_model_name": f"{name}_v{n}_i8"})
-    return model
 
 
 @pytest.fixture

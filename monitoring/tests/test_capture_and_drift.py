@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +14,7 @@ from sklearn.datasets import load_wine
 
 from monitoring import capture, services
 from monitoring.models import CaptureCursor, CapturedRow, DriftCheck, DriftOutcome, MonitorPolicy
-from registry import mlflow_store
+from monitoring.testing import capture_rows, write_reference
 from registry.models import ModelVersion, RegisteredModel
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -99,33 +97,15 @@ def test_a_pass_that_fails_stores_nothing_and_moves_no_cursor(redis, stream, uni
     assert CapturedRow.objects.filter(version=version).count() == 1
 
 
-def _reference(version: ModelVersion, rows: np.ndarray, predictions: list[int]) -> None:
-    data = json.dumps({"input": "input", "rows": rows.tolist(), "prediction": predictions}).encode()
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / f"{version.pk}-{uuid.uuid4().hex}.json").write_bytes(data)
-        name = next(Path(tmp).iterdir()).name
-        mlflow_store.upload_artifacts(Path(tmp), "mlflow-artifacts:/references", "")
-    ModelVersion.objects.filter(pk=version.pk).update(reference_uri=f"mlflow-artifacts:/references/{name}")
-    version.refresh_from_db()
-
-
-def _capture(version: ModelVersion, rows: np.ndarray, predictions: list[int]) -> None:
-    from django.utils import timezone
-
-    CapturedRow.objects.bulk_create(
-        CapturedRow(version=version, at=timezone.now(), inputs={f"input_{j}": float(v) for j, v in enumerate(row)},
-                    prediction=int(p)) for row, p in zip(rows, predictions, strict=True))
-
-
 def test_a_shifted_window_is_drift_with_its_columns_and_report_and_a_quiet_one_is_not(unique_name, scientist):
     X, y = load_wine(return_X_y=True)
     order = np.random.default_rng(0).permutation(len(X))
     X, y = X[order], y[order]
     version = _version(unique_name)
-    _reference(version, X[:89], y[:89].tolist())
+    write_reference(version, X[:89], y[:89].tolist())
     MonitorPolicy.objects.create(model=version.model, min_rows=50)
 
-    _capture(version, X[89:], y[89:].tolist())
+    capture_rows(version, X[89:], y[89:].tolist())
     quiet = services.drift_check(version)
     assert quiet.outcome == DriftOutcome.NO_DRIFT, quiet.summary
     assert quiet.summary.startswith("no drift: ") and quiet.current_rows == 89 and quiet.reference_rows == 89
@@ -133,7 +113,7 @@ def test_a_shifted_window_is_drift_with_its_columns_and_report_and_a_quiet_one_i
     CapturedRow.objects.filter(version=version).delete()
     shifted = X[89:].copy()
     shifted[:, :8] *= 1.5  # eight of the thirteen inputs scaled: a unit change upstream
-    _capture(version, shifted, y[89:].tolist())
+    capture_rows(version, shifted, y[89:].tolist())
     check = services.drift_check(version)
     assert check.outcome == DriftOutcome.DRIFT and check.dataset_drift
     drifted = [c["column"] for c in check.columns if c["drifted"]]
@@ -154,8 +134,8 @@ def test_too_few_rows_or_no_reference_give_no_verdict_but_say_why(unique_name):
     check = services.drift_check(version)
     assert check.outcome == DriftOutcome.NO_REFERENCE and "no reference set yet" in check.summary
     X, y = load_wine(return_X_y=True)
-    _reference(version, X[:80], y[:80].tolist())
-    _capture(version, X[80:90], y[80:90].tolist())
+    write_reference(version, X[:80], y[:80].tolist())
+    capture_rows(version, X[80:90], y[80:90].tolist())
     check = services.drift_check(version)
     assert check.outcome == DriftOutcome.NOT_ENOUGH_DATA
     assert check.summary == (f"10 rows of {unique_name} v1 captured in the last 60 min; a check needs 200 (the "
