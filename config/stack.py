@@ -366,6 +366,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         port = int(os.environ.get("PLATFORM_PORT", "0")) or _preferred_port(8000)
         gateway_port = int(os.environ.get("PLATFORM_GATEWAY_PORT", "0")) or _preferred_port(8080)
         full_env.setdefault("PLATFORM_BASE_URL", f"http://127.0.0.1:{port}")  # links in notifications
+        if not args.no_demo:
+            full_env.setdefault("PLATFORM_DRIFT_INTERVAL_S", "60")  # the demo's drift alert within a few minutes
         values = {"python": _python(), "web_port": str(port), "gateway_port": str(gateway_port), "state": str(state),
                   "fleet_nodes": os.environ.get("PLATFORM_FLEET_NODES", "2")}
         for name, command in read_processes(values).items():

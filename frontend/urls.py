@@ -22,6 +22,7 @@ urlpatterns = [
     path("alerts/", views.alert_list, name="alert-list"),
     path("alerts/<int:alert_id>/", views.alert_detail, name="alert-detail"),
     path("alerts/<int:alert_id>/rollback/", views.alert_rollback, name="alert-rollback"),
+    path("alerts/<int:alert_id>/series/", views.alert_series, name="alert-series"),
     path("alerts/<int:alert_id>/<str:action>/", views.alert_action, name="alert-action"),
     path("deployments/", views.deployment_list, name="deployment-list"),
     path("deployments/live/", views.deployment_list_live, name="deployment-list-live"),

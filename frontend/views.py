@@ -8,6 +8,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from functools import wraps
 from pathlib import Path
 from typing import Any, cast
@@ -30,7 +31,9 @@ from deployer import services as deploy_services
 from deployer.models import ACTIVE_ROLLOUT_STATES, Deployment, Endpoint, RolloutStatus
 from frontend.forms import AlertResolveForm, AlertSilenceForm, AuditFilterForm, DeploymentForm, RegisterForm, TokenForm
 from monitoring import alerts as alert_services
+from monitoring import selectors as monitoring_selectors
 from monitoring.models import Alert, AlertStatus, DriftCheck, DriftReport
+from monitoring.selectors import policy_for
 from pipelines.models import TERMINAL_BUILD_STATES, BuildStatus, EngineBuild
 from pipelines.services import engine_builds_request, planned_variants
 from registry import archives, selectors, services
@@ -608,6 +611,26 @@ def alert_detail(request: HttpRequest, alert_id: int) -> HttpResponse:
     if alert.status != AlertStatus.RESOLVED:
         context["rollback_to"], context["rollback_unavailable"] = champions.rollback_offer(alert)
     return render(request, "frontend/alert_detail.html", context)
+
+
+ALERT_CHART_HOURS = 6  # the longest SLO window: the charts show what the burn rates were computed on
+
+
+@require_GET
+@page_needs(Cap.ALERT_READ)
+def alert_series(request: HttpRequest, alert_id: int) -> JsonResponse:
+    """The alert page's charts: its version's latency and error figures (per SLO sampling interval) and its
+    drift checks over the last hours, with the objectives to draw."""
+    alert = _alert(alert_id)
+    policy = policy_for(alert.model_id)
+    since = timezone.now() - timedelta(hours=ALERT_CHART_HOURS)
+    step = float(settings.PLATFORM["SLO_SAMPLE_S"])
+    return JsonResponse({
+        "version": f"v{alert.version.version}", "step_s": step, "latency_ms": policy.slo_latency_ms,
+        "slow_budget": 1 - policy.slo_latency_target, "error_budget": 1 - policy.slo_availability,
+        "drift_share": policy.drift_share, "slo": monitoring_selectors.slo_series(alert.version, since, step),
+        "drift": monitoring_selectors.drift_series(alert.version, since),
+    })
 
 
 @require_POST

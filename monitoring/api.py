@@ -75,6 +75,40 @@ class DriftReportView(BaseView):
         return response
 
 
+class ReferencePinIn(serializers.Serializer):
+    window_from = serializers.DateTimeField(required=False)
+    window_to = serializers.DateTimeField(required=False)
+    drift_check = serializers.IntegerField(required=False, help_text="pin the window this drift check judged")
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        times = "window_from" in attrs and "window_to" in attrs
+        if times == ("drift_check" in attrs):
+            raise ValidationError("give window_from and window_to, or drift_check (one of the two)")
+        return attrs
+
+
+class ReferencePinView(BaseView):
+    """Pin a window of the version's captured traffic as its reference set: drift is judged against it from
+    the next check (the rows as captured, with the predictions the version answered)."""
+
+    capabilities = {"POST": Cap.MONITOR_EDIT}
+
+    @extend_schema(request=ReferencePinIn, responses={201: dict})
+    def post(self, request: Request, name: str, version: int) -> Response:
+        found = version_or_404(name, version)
+        data = ReferencePinIn(data=request.data)
+        data.is_valid(raise_exception=True)
+        args = data.validated_data
+        if "drift_check" in args:
+            check = DriftCheck.objects.filter(pk=args["drift_check"], version=found).first()
+            if check is None or check.window_from is None or check.window_to is None:
+                raise ValidationError({"drift_check": f"no drift check {args['drift_check']} of {name} v{version} "
+                                                      "with a window of captured rows"})
+            args = {"window_from": check.window_from, "window_to": check.window_to}
+        pinned = services.reference_pin(actor_of(request), found, args["window_from"], args["window_to"])
+        return Response(pinned, status=status.HTTP_201_CREATED)
+
+
 # ---- a model's monitoring policy -----------------------------------------------------------------------------
 
 _FRACTIONS = ("capture_fraction", "drift_share", "slo_latency_target", "slo_availability")

@@ -21,9 +21,12 @@ from monitoring import alerts, drift, stats
 from monitoring.canary import ALPHA
 from monitoring.models import AlertKind, CapturedRow, DriftCheck, DriftOutcome, DriftReport, MonitorPolicy
 from monitoring.selectors import policy_for
+from pipelines.builder import reference_upload
 from registry import locks, mlflow_store
 from registry.audit import Actor, audit_record
+from registry.errors import RegistryError
 from registry.models import ModelVersion, RegisteredModel
+from registry.samples import MAX_SAMPLE_ROWS
 
 log = logging.getLogger("monitoring")
 
@@ -45,6 +48,39 @@ def policy_update(actor: Actor, model: RegisteredModel, changes: dict[str, Any])
     return policy
 
 
+MIN_PINNED_ROWS = 50  # a reference pinned from traffic needs at least this many captured rows
+
+
+def reference_pin(actor: Actor, version: ModelVersion, window_from: datetime, window_to: datetime) -> dict[str, Any]:
+    """Make the version's captured traffic between two times (at most MAX_SAMPLE_ROWS, the newest) its
+    reference set, with the predictions it answered then; drift is judged against it from the next check.
+    Audited with the reference it replaces."""
+    if window_to < window_from:
+        raise RegistryError("window_to must not be before window_from")
+    rows = list(CapturedRow.objects.filter(version=version, at__gte=window_from, at__lte=window_to)
+                .order_by("-at").values_list("inputs", "prediction")[:MAX_SAMPLE_ROWS])
+    label = f"{version.model.name} v{version.version}"
+    if len(rows) < MIN_PINNED_ROWS:
+        raise RegistryError(f"{len(rows)} rows of {label} were captured between {window_from.isoformat()} and "
+                            f"{window_to.isoformat()}; a reference needs at least {MIN_PINNED_ROWS}")
+    columns = sorted({c for inputs, _ in rows for c in inputs})
+    data = json.dumps({"columns": columns, "rows": [[inputs.get(c) for c in columns] for inputs, _ in rows],
+                       "prediction": [p for _, p in rows], "pinned": {
+                           "window_from": window_from.isoformat(), "window_to": window_to.isoformat(),
+                           "by": actor.name}}).encode()
+    uri = reference_upload(data)
+    with transaction.atomic():
+        before = ModelVersion.objects.select_for_update().get(pk=version.pk).reference_uri
+        ModelVersion.objects.filter(pk=version.pk).update(reference_uri=uri)
+        audit_record(actor, "version.reference_pinned", "model_version", f"{version.model.name}/{version.version}",
+                     before={"reference_uri": before}, after={
+                         "reference_uri": uri, "rows": len(rows), "window_from": window_from.isoformat(),
+                         "window_to": window_to.isoformat()})
+    version.refresh_from_db()
+    return {"reference_uri": uri, "rows": len(rows), "columns": len(columns), "window_from": window_from,
+            "window_to": window_to}
+
+
 def reference_frame(version: ModelVersion) -> pd.DataFrame | None:
     """The version's reference set as a frame: columns named as the capture names them (`<input>_<j>`)
     and the original model's prediction; None without one."""
@@ -55,8 +91,11 @@ def reference_frame(version: ModelVersion) -> pd.DataFrame | None:
     if text is None:
         return None
     ref = json.loads(text)
-    rows = np.asarray(ref["rows"], dtype=np.float64)
-    frame = pd.DataFrame(rows, columns=[f"{ref['input']}_{j}" for j in range(rows.shape[1])])
+    if "columns" in ref:  # pinned from captured traffic: the rows as captured, columns named
+        frame = pd.DataFrame(ref["rows"], columns=ref["columns"])
+    else:  # written by the first engine build: one input's rows, named as the capture names them
+        rows = np.asarray(ref["rows"], dtype=np.float64)
+        frame = pd.DataFrame(rows, columns=[f"{ref['input']}_{j}" for j in range(rows.shape[1])])
     if ref.get("prediction") is not None:
         frame[PREDICTION] = ref["prediction"]
     return frame
@@ -141,17 +180,34 @@ def drift_check(version: ModelVersion) -> DriftCheck:
     if isinstance(judged, Unjudged):
         return DriftCheck.objects.create(**base, outcome=judged.outcome, summary=judged.reason)
     result = judged.result
-    drifted = result.dataset_drift or result.prediction_drift
+    prediction_drift, words = _prediction_drift(result, reference, current)
+    drifted = result.dataset_drift or prediction_drift
     check = DriftCheck.objects.create(
         **base, outcome=DriftOutcome.DRIFT if drifted else DriftOutcome.NO_DRIFT,
-        dataset_drift=result.dataset_drift, prediction_drift=result.prediction_drift,
-        drifted_share=result.drifted_share, columns=result.as_dict()["columns"], summary=result.summary(),
+        dataset_drift=result.dataset_drift, prediction_drift=prediction_drift,
+        drifted_share=result.drifted_share, columns=result.as_dict()["columns"], summary=result.summary() + words,
         seconds=round(judged.seconds, 3))
     DriftReport.objects.create(drift_check=check, html_gz=gzip.compress(drift.html(judged.snapshot).encode(), 6))
     _alert_on(check, label)
     stale = DriftReport.objects.filter(drift_check__version=version).order_by("-drift_check__created_at")[REPORTS_KEPT:]
     DriftReport.objects.filter(pk__in=list(stale.values_list("pk", flat=True))).delete()
     return check
+
+
+PREDICTION_EFFECT = 0.1  # the share of the answers' distribution that must move for prediction drift to count
+
+
+def _prediction_drift(result: drift.DriftResult, reference: pd.DataFrame, current: pd.DataFrame) -> tuple[bool, str]:
+    """Whether the version's answers drifted from its reference set's: Evidently's test on the prediction
+    column, and an effect that matters (with thousands of rows a test finds any difference: a class 2 points
+    more frequent than in the reference is not worth a page). Returns the verdict and words for the summary."""
+    if not result.prediction_drift or PREDICTION not in reference or PREDICTION not in current:
+        return False, ""
+    shift = stats.answers_differ(reference[PREDICTION].dropna().tolist(), current[PREDICTION].dropna().tolist())
+    if shift.effect >= PREDICTION_EFFECT:
+        return True, f" ({shift.effect_name} {shift.effect:.2f} from the reference's answers)"
+    return False, (f"; but the answers moved by {shift.effect_name} {shift.effect:.2f} from the reference's, under "
+                   f"the {PREDICTION_EFFECT:g} that counts as prediction drift")
 
 
 def window_drift(reference_of: ModelVersion, window_of: ModelVersion,

@@ -6,6 +6,7 @@ urlpatterns = [
     path("models/<str:name>/versions/<int:version>/drift/", api.DriftCheckListView.as_view(), name="drift-list"),
     path("models/<str:name>/versions/<int:version>/drift/<int:check_id>/report/", api.DriftReportView.as_view(),
          name="drift-report"),
+    path("models/<str:name>/versions/<int:version>/reference/", api.ReferencePinView.as_view(), name="reference-pin"),
     path("models/<str:name>/monitoring/", api.MonitorPolicyView.as_view(), name="monitor-policy"),
     path("alerts/", api.AlertListView.as_view(), name="alert-list"),
     path("alerts/<int:alert_id>/", api.AlertDetailView.as_view(), name="alert-detail"),

@@ -218,11 +218,16 @@ def _store_reference(version: ModelVersion, path: Path) -> None:
         return
     data = path.read_bytes()
     path.unlink()  # not a file of the engine
+    ModelVersion.objects.filter(pk=version.pk, reference_uri="").update(reference_uri=reference_upload(data))
+
+
+def reference_upload(data: bytes) -> str:
+    """Store a reference set (JSON) in the artifact store under its content's hash; returns its URI."""
     with tempfile.TemporaryDirectory(prefix="reference-") as tmp:
         name = f"{hashlib.sha256(data).hexdigest()}.json"
         (Path(tmp) / name).write_bytes(data)
         mlflow_store.upload_artifacts(Path(tmp), REFERENCES, "")
-    ModelVersion.objects.filter(pk=version.pk, reference_uri="").update(reference_uri=f"{REFERENCES}/{name}")
+    return f"{REFERENCES}/{name}"
 
 
 def _same_sample(a: ModelVersion, b: ModelVersion) -> bool:

@@ -428,6 +428,16 @@ def test_on_call_opens_a_firing_drift_alert_from_the_inbox_and_acknowledges_it(p
                            "drifted_columns": [{"column": "input_0", "method": "K-S p_value", "threshold": 0.05,
                                                 "score": 1.2e-09}],
                            "report": f"/api/v1/models/{unique_name}/versions/1/drift/{check.pk}/report/"})
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from monitoring.models import SloSample
+
+    now = timezone.now()
+    for minutes_ago, requests, errors in ((30, 100, 0), (20, 700, 3), (10, 1300, 30), (1, 1900, 33)):
+        SloSample.objects.create(version=version, source="gw", at=now - timedelta(minutes=minutes_ago),
+                                 requests=requests, errors=errors, slow=requests // 100, latency_ms=250)
     requested: list[str] = []
     page.on("request", lambda r: requested.append(r.url))
 
@@ -445,6 +455,10 @@ def test_on_call_opens_a_firing_drift_alert_from_the_inbox_and_acknowledges_it(p
     assert "1. Open the drift check" in page.locator("#alert-runbook").inner_text()
     page.frame_locator("#alert-report iframe").locator("#evidently").wait_for()  # framed, sandboxed, same site
     page.locator("#alert-status .badge-firing").wait_for()
+    page.locator("#alert-charts[data-loaded='true']").wait_for()
+    assert page.locator("#chart-errors").get_attribute("data-points") == "3"  # four samples: three intervals
+    assert page.locator("#chart-drift").get_attribute("data-points") == "1"
+    assert page.locator("#alert-charts canvas").count() >= 3
 
     page.click("#alert-actions button[data-action='acknowledge']")
     page.locator("#alert-status .badge-acknowledged").wait_for()

@@ -22,3 +22,17 @@ def test_a_good_version_rolled_back_is_reported_with_its_reason():
                            _ended(3, RolloutStatus.ROLLED_BACK, "canary p99 latency 301 ms exceeds 100 ms"))
     assert text.startswith("Demo rollouts done, NOT as intended: v2 rolled_back (NOT the intended promoted: "
                            "canary p99 latency 232.7 ms exceeds 100 ms); v3 rolled_back.")
+
+
+def test_the_drift_summary_reads_the_alert_and_its_check_back_or_says_it_did_not_come():
+    from monitoring.models import Alert, DriftCheck
+
+    alert = Alert(pk=7, status="firing", title="digits-classifier v2: drift in its inputs and predictions")
+    check = DriftCheck(pk=12, summary="drift: 47 of 65 columns drifted", dataset_drift=True)
+    assert Command.drift_summary((alert, check, 130.4)) == (
+        "Demo drift as intended: alert 7 (firing), 130s after the shift, on drift check 12: drift: 47 of 65 columns "
+        "drifted. Traffic goes on, shifted.")
+    quiet = DriftCheck(summary="no drift: 2 of 65 columns drifted")
+    assert Command.drift_summary((None, quiet, 900.0)) == (
+        "Demo drift NOT as intended: no drift alert on drifted inputs within 900s of the shift; the newest drift "
+        "check says: no drift: 2 of 65 columns drifted.")

@@ -141,3 +141,20 @@ def test_too_few_rows_or_no_reference_give_no_verdict_but_say_why(unique_name):
     assert check.summary == (f"10 rows of {unique_name} v1 captured in the last 60 min; a check needs 200 (the "
                              "model's monitoring policy)")
     assert DriftCheck.objects.filter(version=version).count() == 2
+
+
+def test_predictions_that_moved_by_little_are_not_prediction_drift_however_many_rows(unique_name):
+    """Evidently's test on the prediction column finds any difference in thousands of rows; a check calls it
+    prediction drift (and alerts) only when a tenth of the answers' distribution moved."""
+    X, y = load_wine(return_X_y=True)
+    order = np.random.default_rng(0).permutation(len(X))
+    X, y = X[order], y[order]
+    version = _version(unique_name)
+    write_reference(version, X[:89], y[:89].tolist())
+    MonitorPolicy.objects.create(model=version.model, min_rows=50)
+    # The reference's own rows, 20 times over, with one answer in 25 moved to class 0.
+    nudged = [0 if i % 25 == 0 else label for i, label in enumerate(y[:89].tolist() * 20)]
+    capture_rows(version, np.vstack([X[:89]] * 20), nudged)
+    check = services.drift_check(version)
+    assert check.outcome == DriftOutcome.NO_DRIFT and not check.prediction_drift, check.summary
+    assert "from the reference's, under the 0.1 that counts as prediction drift" in check.summary

@@ -4,7 +4,10 @@
 2. client traffic starts through the gateway (digits rows, ~20 requests/s) and keeps going;
 3. version 2 (a wider network) rolls out as a canary in steps and is promoted: `champion` moves to it;
 4. version 3 is deliberately slow (its Triton config holds each request up to 300 ms hoping to fill a
-   batch: a real misconfiguration) and is rolled back automatically by the latency analysis.
+   batch: a real misconfiguration) and is rolled back automatically by the latency analysis;
+5. then two of every three requests become brightness-scaled digits (each pixel 1.6 times brighter: a
+   camera setting changed upstream), and the demo model's drift window is set to the last 3 minutes: the
+   next drift checks see the shift and a drift alert fires on /alerts/.
 
 Each step is skipped when it already happened (a second `make run` only restarts the traffic).
 """
@@ -20,15 +23,21 @@ from pathlib import Path
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
+from django.utils import timezone
 
 from deployer import services
 from deployer.models import ACTIVE_ROLLOUT_STATES, Deployment, Endpoint, RolloutStatus
+from monitoring import services as monitoring_services
+from monitoring.models import Alert, AlertKind, DriftCheck
 from pipelines.models import BuildStatus, EngineBuild
 from registry.audit import SYSTEM
-from registry.management.commands.seed_demo import DEMO_MODEL, train_demo_model
+from registry.management.commands.seed_demo import DEMO_MODEL, demo_reference_sample, train_demo_model
 from registry.models import ModelVersion, RegisteredModel, VersionStatus
 from registry.services import version_register_from_archive
 
+DRIFT_POLICY = {"window_minutes": 3, "min_rows": 300}  # the demo's drift window: the last 3 minutes of traffic
+BRIGHTER = 1.6  # the demo's shift: pixels of two requests in three scaled by this
+DRIFT_WAIT_S = 900.0  # how long the demo waits for its drift alert before saying it did not come
 SLOW_TAGS = {"triton.max_queue_delay_us": "300000", "demo": "deliberately slow"}
 DEMO_ROLLOUT = {"steps": [10, 50], "step_interval_s": 15, "bake_s": 10, "max_p99_ms": 100.0}
 
@@ -48,8 +57,9 @@ class Command(BaseCommand):
         v1 = self._ready(model, 1)
         if not Endpoint.objects.filter(model=model, stable_version__isnull=False).exists():
             self._deploy(model, v1.version, {})
-        stopping = threading.Event()
-        traffic = threading.Thread(target=self._traffic, args=(opts["gateway"], opts["rate"], stopping), daemon=True)
+        stopping, shifted = threading.Event(), threading.Event()
+        traffic = threading.Thread(target=self._traffic, args=(opts["gateway"], opts["rate"], stopping, shifted),
+                                   daemon=True)
         traffic.start()
         try:
             v2 = self._version(model, 2, (128,), "A wider network (128 hidden units) (demo)", {})
@@ -58,9 +68,11 @@ class Command(BaseCommand):
                                                  "deliberately slow, rolled back by the analysis)", SLOW_TAGS)
             v3_end = self._deploy(model, v3.version, DEMO_ROLLOUT)
             self.stdout.write(self.summary(v2_end, v3_end), ending="\n")
-            if not opts["no_traffic_after"]:
-                while traffic.is_alive():
-                    traffic.join(5)
+            if opts["no_traffic_after"]:
+                return
+            self.stdout.write(self.drift_summary(self._drift(model, shifted)), ending="\n")
+            while traffic.is_alive():
+                traffic.join(5)
         finally:
             stopping.set()
 
@@ -77,6 +89,43 @@ class Command(BaseCommand):
         verdict = "as intended" if all("NOT the intended" not in x for x in lines) else "NOT as intended"
         return f"Demo rollouts done, {verdict}: {'; '.join(lines)}. Traffic goes on."
 
+    def _drift(self, model: RegisteredModel, shifted: threading.Event) -> tuple[Alert | None, DriftCheck | None, float]:
+        """Shift the traffic and wait for the drift alert it should cause: one whose newest evidence is a check
+        made after the shift that found the inputs drifted. Returns (that alert, or None; the newest drift check;
+        seconds waited), read back from their rows."""
+        monitoring_services.policy_update(SYSTEM, model, DRIFT_POLICY)
+        since = timezone.now()
+        shifted.set()
+        self.say(f"drift: two of every three requests are now digits {BRIGHTER} times brighter; the demo model's "
+                 f"drift window is the last {DRIFT_POLICY['window_minutes']} minutes, so a drift alert should fire "
+                 "within a few minutes (watch /alerts/)")
+        started = time.monotonic()
+        last: DriftCheck | None = None
+        while True:
+            check = DriftCheck.objects.filter(version__model=model, created_at__gte=since).order_by("-created_at") \
+                .select_related("version").first()
+            if check is not None and (last is None or check.pk != last.pk):
+                self.say(f"drift check of v{check.version.version}: {check.summary}")
+                last = check
+            if check is not None and check.dataset_drift:
+                alert = Alert.objects.filter(model=model, version=check.version, kind=AlertKind.DRIFT,
+                                             last_seen_at__gte=check.created_at).first()
+                if alert is not None:
+                    return alert, check, time.monotonic() - started
+            if time.monotonic() - started >= DRIFT_WAIT_S:
+                return None, last, time.monotonic() - started
+            time.sleep(2)
+
+    @staticmethod
+    def drift_summary(found: tuple[Alert | None, DriftCheck | None, float]) -> str:
+        alert, check, waited = found
+        if alert is None or check is None:
+            last = f"the newest drift check says: {check.summary}" if check is not None else "no drift check ran"
+            return (f"Demo drift NOT as intended: no drift alert on drifted inputs within {waited:.0f}s of the shift; "
+                    f"{last}.")
+        return (f"Demo drift as intended: alert {alert.pk} ({alert.status}), {waited:.0f}s after the shift, on drift "
+                f"check {check.pk}: {check.summary}. Traffic goes on, shifted.")
+
     def say(self, text: str) -> None:
         self.stdout.write(f"[demo] {text}")
         self.stdout.flush()
@@ -89,7 +138,7 @@ class Command(BaseCommand):
             with tempfile.TemporaryDirectory() as tmp:
                 archive = train_demo_model(Path(tmp), hidden)
                 version_register_from_archive(SYSTEM, model.name, archive, description=description,
-                                              tags={"demo": "true", **tags})
+                                              tags={"demo": "true", **tags}, sample=demo_reference_sample())
         return self._ready(model, number)
 
     def _ready(self, model: RegisteredModel, number: int, timeout: float = 900) -> ModelVersion:
@@ -130,18 +179,23 @@ class Command(BaseCommand):
                 return Deployment.objects.select_related("version").get(pk=d.pk)
             time.sleep(1)
 
-    def _traffic(self, gateway: str, rate: float, stopping: threading.Event) -> None:
+    def _traffic(self, gateway: str, rate: float, stopping: threading.Event, shifted: threading.Event) -> None:
+        import numpy as np
         from sklearn.datasets import load_digits
 
+        # In a random order: the data set is sorted in blocks, and a window of traffic in its order would not
+        # look like the reference sample (a random quarter) even before the shift.
         rows = load_digits().data.astype("float32")
+        rows = rows[np.random.default_rng(0).permutation(len(rows))]
         host, _, port = gateway.rpartition(":")
         conn = http.client.HTTPConnection(host, int(port), timeout=10)
         engine = Endpoint.objects.select_related("stable_engine").get(model__name=DEMO_MODEL).stable_engine
         input_name = engine.io["inputs"][0]["name"] if engine is not None else "input"
         i, sent, failed, started = 0, 0, 0, time.monotonic()
         while not stopping.is_set():
+            row = rows[i % len(rows)] * (BRIGHTER if shifted.is_set() and i % 3 else 1.0)
             body = json.dumps({"inputs": [{"name": input_name, "shape": [1, 64], "datatype": "FP32",
-                                           "data": rows[i % len(rows)].tolist()}]})
+                                           "data": row.tolist()}]})
             try:
                 conn.request("POST", f"/v2/models/{DEMO_MODEL}/infer", body, {"content-type": "application/json",
                                                                              "x-request-key": f"client-{i % 97}"})

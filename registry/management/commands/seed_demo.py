@@ -4,11 +4,23 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand
 
+from registry import samples
 from registry.audit import SYSTEM
 from registry.models import ModelVersion
 from registry.services import version_register_from_archive
 
 DEMO_MODEL = "digits-classifier"
+
+
+def demo_reference_sample() -> samples.ReferenceSample:
+    """The rows the demo model is judged against for drift: the held-out quarter of the digits (the same
+    split train_demo_model trains on the rest of)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    X, y = load_digits(return_X_y=True)
+    _, X_test, _, _ = train_test_split(X, y, test_size=0.25, random_state=0)
+    return samples.ReferenceSample(rows=X_test.tolist())
 
 
 def train_demo_model(into: Path, hidden: tuple[int, ...] = (64,)) -> Path:
@@ -46,6 +58,6 @@ class Command(BaseCommand):
             version = version_register_from_archive(
                 SYSTEM, DEMO_MODEL, archive,
                 description="Small neural network (MLP) on scikit-learn's digits (demo)",
-                tags={"demo": "true", "dataset": "sklearn.datasets.load_digits"},
+                tags={"demo": "true", "dataset": "sklearn.datasets.load_digits"}, sample=demo_reference_sample(),
             )
         self.stdout.write(f"Demo model registered: {DEMO_MODEL} v{version.version}")
