@@ -77,17 +77,19 @@ class Prometheus:
 
 @pytest.fixture
 def prometheus(prometheus_binary: str, tmp_path: Path) -> Any:
-    """A Prometheus server of the test's own (free port, its own storage), scraping `targets` every second."""
+    """A Prometheus server of the test's own (free port, its own storage), scraping every second:
+    start({job: {"targets": [...], more scrape settings}})."""
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start(targets: list[str]) -> Prometheus:
+    def start(jobs: dict[str, dict[str, Any]]) -> Prometheus:
         port = free_port()
         config = tmp_path / "prometheus.yml"
         config.write_text(json.dumps({  # YAML is a superset of JSON
-            "global": {"scrape_interval": f"{SCRAPE_MS}ms", "evaluation_interval": f"{SCRAPE_MS}ms"},
-            "scrape_configs": [{"job_name": "gateway", "scrape_interval": f"{SCRAPE_MS}ms",
-                                "scrape_timeout": f"{SCRAPE_MS * 4 // 5}ms",
-                                "static_configs": [{"targets": targets}]}]}))
+            "global": {"scrape_interval": f"{SCRAPE_MS}ms", "evaluation_interval": f"{SCRAPE_MS}ms",
+                       "scrape_timeout": f"{SCRAPE_MS * 4 // 5}ms"},
+            "scrape_configs": [{"job_name": job, "static_configs": [{"targets": spec["targets"]}],
+                                **{k: v for k, v in spec.items() if k != "targets"}}
+                               for job, spec in jobs.items()]}))
         log = open(tmp_path / "prometheus.log", "wb")
         procs.append(subprocess.Popen(
             [prometheus_binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
@@ -175,7 +177,7 @@ def _compare(version: ModelVersion, policy: MonitorPolicy, port: int, fault: Pat
             conn.close()
 
     wait_until(routed, 30, "the gateway routing the model")
-    prom = prometheus([f"127.0.0.1:{port}"])
+    prom = prometheus({"gateway": {"targets": [f"127.0.0.1:{port}"]}})
     labels = f'model="{name}",version="1"'
 
     def scraped(requests: int, errors: int) -> bool:
@@ -240,3 +242,33 @@ def _compare(version: ModelVersion, policy: MonitorPolicy, port: int, fault: Pat
     for figure in ("requests", "errors", "slow"):
         got, want = getattr(from_promql, figure), getattr(exact, figure)
         assert want <= got + 1e-9 and got <= want * most + 1e-9, (figure, got, want, most)
+
+
+def test_prometheus_scrapes_the_platforms_drift_and_alert_figures_with_a_platform_token(
+        platform_server, prometheus, make_user, token_for, unique_name):
+    """Through the platform as production serves it (uWSGI): with a token the figures arrive, without one the
+    scrape is refused (the target is down)."""
+    from monitoring.models import Alert, AlertKind, DriftCheck, DriftOutcome
+    from registry.roles import Role
+
+    model = RegisteredModel.objects.create(name=unique_name)
+    version = ModelVersion.objects.create(model=model, version=2, origin="upload", source="s", status="ready")
+    DriftCheck.objects.create(version=version, outcome=DriftOutcome.DRIFT, summary="s", dataset_drift=True,
+                              drifted_share=0.75, current_rows=300, reference_rows=200, columns=[
+                                  {"column": "input_0", "method": "K-S p_value", "threshold": 0.05, "score": 0.001,
+                                   "drifted": True, "is_output": False}])
+    Alert.objects.create(fingerprint=unique_name, model=model, version=version, kind=AlertKind.DRIFT, title="t",
+                         summary="s", runbook="r", last_seen_at=timezone.now())
+    target = platform_server.removeprefix("http://")
+    token = token_for(make_user(Role.ONCALL))
+    prom = prometheus({"platform": {"targets": [target], "authorization": {"credentials": token}},
+                       "platform-without-token": {"targets": [target]}})
+    labels = f'model="{unique_name}",version="2"'
+    share = wait_until(lambda: prom.value(f"mlops_drift_drifted_share{{{labels}}}"), 30,
+                       "the drift figures scraped")
+    assert share == 0.75
+    assert prom.value(f'mlops_drift_column_score{{{labels},column="input_0",method="K-S p_value"}}') == 0.001
+    assert prom.value(f'mlops_alerts_open{{model="{unique_name}",kind="drift",status="firing"}}') == 1
+    assert wait_until(lambda: prom.query('up{job="platform-without-token"}'), 10, "the refused scrape")[0][
+        "value"][1] == "0"
+    assert prom.value('up{job="platform"}') == 1
