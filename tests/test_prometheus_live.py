@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import urllib.error
 import urllib.parse
 import urllib.request
 from datetime import datetime, timedelta
@@ -69,6 +70,19 @@ class Prometheus:
             data = json.loads(r.read())
         assert data["status"] == "success", data
         return list(data["data"]["result"])
+
+    def targets(self) -> list[tuple[str, str, str]]:
+        """(job, health, last error) of each target: what a failed wait shows."""
+        with urllib.request.urlopen(f"{self.url}/api/v1/targets", timeout=10) as r:
+            active = json.loads(r.read())["data"]["activeTargets"]
+        return [(t["labels"]["job"], t["health"], t["lastError"]) for t in active]
+
+    def wait(self, query: str, timeout: float, what: str) -> Any:
+        """The first value of `query` once there is one, within `timeout`."""
+        try:
+            return wait_until(lambda: self.value(query), timeout, what)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; Prometheus' targets: {self.targets()}") from None
 
     def value(self, query: str) -> float | None:
         result = self.query(query)
@@ -259,13 +273,24 @@ def test_prometheus_scrapes_the_platforms_drift_and_alert_figures_with_a_platfor
                                    "drifted": True, "is_output": False}])
     Alert.objects.create(fingerprint=unique_name, model=model, version=version, kind=AlertKind.DRIFT, title="t",
                          summary="s", runbook="r", last_seen_at=timezone.now())
+    def answers() -> bool:
+        try:
+            urllib.request.urlopen(f"{platform_server}/metrics", timeout=30).close()
+        except urllib.error.HTTPError:
+            return True  # 401: a worker has the app loaded
+        except OSError:
+            return False
+        return True
+
+    # uWSGI listens before its workers have imported the app (lazy-apps), which takes a while on a busy
+    # machine; scrapes (800 ms timeout) would all fail until then.
+    wait_until(answers, 90, "the platform answering")
     target = platform_server.removeprefix("http://")
     token = token_for(make_user(Role.ONCALL))
     prom = prometheus({"platform": {"targets": [target], "authorization": {"credentials": token}},
                        "platform-without-token": {"targets": [target]}})
     labels = f'model="{unique_name}",version="2"'
-    share = wait_until(lambda: prom.value(f"mlops_drift_drifted_share{{{labels}}}"), 30,
-                       "the drift figures scraped")
+    share = prom.wait(f"mlops_drift_drifted_share{{{labels}}}", 30, "the drift figures scraped")
     assert share == 0.75
     assert prom.value(f'mlops_drift_column_score{{{labels},column="input_0",method="K-S p_value"}}') == 0.001
     assert prom.value(f'mlops_alerts_open{{model="{unique_name}",kind="drift",status="firing"}}') == 1
