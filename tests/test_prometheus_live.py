@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import subprocess
-import urllib.error
 import urllib.parse
 import urllib.request
 from datetime import datetime, timedelta
@@ -259,9 +258,11 @@ def _compare(version: ModelVersion, policy: MonitorPolicy, port: int, fault: Pat
 
 
 def test_prometheus_scrapes_the_platforms_drift_and_alert_figures_with_a_platform_token(
-        platform_server, prometheus, make_user, token_for, unique_name):
-    """Through the platform as production serves it (uWSGI): with a token the figures arrive, without one the
-    scrape is refused (the target is down)."""
+        live_server, prometheus, make_user, token_for, unique_name):
+    """Through the platform's URLs, views and authentication, served by pytest-django's live server (a thread
+    of this process: the production uWSGI takes half a minute to load its workers on a busy machine, and
+    tests/test_web_server.py covers it): with a token the figures arrive, without one the scrape is refused
+    (the target is down)."""
     from monitoring.models import Alert, AlertKind, DriftCheck, DriftOutcome
     from registry.roles import Role
 
@@ -273,19 +274,7 @@ def test_prometheus_scrapes_the_platforms_drift_and_alert_figures_with_a_platfor
                                    "drifted": True, "is_output": False}])
     Alert.objects.create(fingerprint=unique_name, model=model, version=version, kind=AlertKind.DRIFT, title="t",
                          summary="s", runbook="r", last_seen_at=timezone.now())
-    def answers() -> bool:
-        try:
-            urllib.request.urlopen(f"{platform_server}/metrics", timeout=30).close()
-        except urllib.error.HTTPError:
-            return True  # 401: a worker has the app loaded
-        except OSError:
-            return False
-        return True
-
-    # uWSGI listens before its workers have imported the app (lazy-apps), which takes a while on a busy
-    # machine; scrapes (800 ms timeout) would all fail until then.
-    wait_until(answers, 90, "the platform answering")
-    target = platform_server.removeprefix("http://")
+    target = live_server.url.removeprefix("http://")
     token = token_for(make_user(Role.ONCALL))
     prom = prometheus({"platform": {"targets": [target], "authorization": {"credentials": token}},
                        "platform-without-token": {"targets": [target]}})
