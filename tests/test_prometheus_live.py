@@ -156,7 +156,7 @@ def _send(infer: Any, fault: Path, ok: int, slow: int, failing: int) -> dict[str
 
 
 def test_promql_counts_the_same_requests_errors_and_slow_requests_as_the_platforms_own_samples(
-        triton, prometheus, unique_name, settings, tmp_path):
+        prometheus, triton, unique_name, settings, tmp_path):  # prometheus first: its skip before Triton starts
     import redis
 
     server, fault = triton
@@ -258,7 +258,7 @@ def _compare(version: ModelVersion, policy: MonitorPolicy, port: int, fault: Pat
 
 
 def test_prometheus_scrapes_the_platforms_drift_and_alert_figures_with_a_platform_token(
-        live_server, prometheus, make_user, token_for, unique_name):
+        prometheus, live_server, make_user, token_for, unique_name):
     """Through the platform's URLs, views and authentication, served by pytest-django's live server (a thread
     of this process: the production uWSGI takes half a minute to load its workers on a busy machine, and
     tests/test_web_server.py covers it): with a token the figures arrive, without one the scrape is refused
