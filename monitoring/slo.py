@@ -9,16 +9,22 @@ Figures come from the gateways' /metrics (the latency histograms and error count
 reads), sampled every PLATFORM_SLO_SAMPLE_S per version and gateway into SloSample; an increase over a
 window adds the rises between consecutive samples, so a gateway that restarted (its counters back at
 zero) is counted from zero, as Prometheus' increase() does. With PROMETHEUS_URL set the same increases
-come from PromQL against that Prometheus instead (platform/prometheus/ holds the matching rules)."""
+come from PromQL against that Prometheus instead, one query per version evaluated at the tick's time
+(platform/prometheus/ holds the matching rules); tests/test_prometheus_live.py checks both give the same
+counts for the same gateway traffic."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import re
+import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from django.conf import settings
 from django.utils import timezone
@@ -80,39 +86,102 @@ def window_counts(version: ModelVersion, window: timedelta, now: datetime) -> Co
     return out
 
 
-def prometheus_counts(version: ModelVersion, policy: MonitorPolicy, window: timedelta) -> Counts:
-    """The same increases from PromQL (PROMETHEUS_URL): the gateway's series of this model and version."""
-    labels = f'model="{version.model.name}",version="{version.version}"'
-    seconds = f"{int(window.total_seconds())}s"
-    le = _bucket_at_or_below(policy.slo_latency_ms / 1000)
-    queries = {
-        "requests": f"sum(increase(gateway_request_duration_seconds_count{{{labels}}}[{seconds}]))",
-        "errors": f"sum(increase(gateway_request_errors_total{{{labels}}}[{seconds}]))",
-        "slow": (f"sum(increase(gateway_request_duration_seconds_count{{{labels}}}[{seconds}])) - "
-                 f'sum(increase(gateway_request_duration_seconds_bucket{{{labels},le="{le}"}}[{seconds}]))'),
-    }
-    return Counts(**{name: _promql(q) for name, q in queries.items()})
+class PrometheusError(RuntimeError):
+    """PROMETHEUS_URL did not answer the query, or answered with an error."""
 
 
 # The gateway's latency bucket bounds, as its `le` labels spell them (deployer/gateway/dataplane/src/metrics.rs):
 # the objective is counted against the largest bound not above it, as canary.slower_than counts it.
 LE = ("0.0005", "0.001", "0.002", "0.003", "0.005", "0.0075", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1.0",
       "2.5", "5.0", "10.0")
+PROMQL_TIMEOUT_S = 10.0
 
 
 def _bucket_at_or_below(seconds: float) -> str:
     return max((le for le in LE if float(le) <= seconds), key=float, default=LE[0])
 
 
-def _promql(query: str) -> float:
-    url = f"{str(settings.PLATFORM['PROMETHEUS_URL']).rstrip('/')}/api/v1/query?" + urllib.parse.urlencode(
-        {"query": query})
-    with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - the operator's Prometheus
-        data = json.loads(resp.read(1 << 20))
+def _le_matcher(le: str) -> str:
+    """A regex matching the bound however the Prometheus stored it: the gateway writes "1.0", Prometheus 3
+    normalises classic histograms' `le` on ingestion, and other versions keep the text as scraped."""
+    spellings = {le, repr(float(le)), f"{float(le):g}"}
+    return "|".join(re.escape(s) for s in sorted(spellings))
+
+
+def _quote(value: str) -> str:
+    return json.dumps(value)  # a PromQL double-quoted string takes JSON's escapes
+
+
+def _counted(selector: str, window: str) -> str:
+    """PromQL for what a counter selector's series added over the window, summed. increase() alone misses
+    everything a series counted before its first sample in the window, which for a series that appears inside
+    the window (a version just routed, an error reason's first error, a gateway just started) is all it
+    counted up to its first scrape: such series are counted from zero (their largest value) instead, as the
+    SloSample path counts them. Series that existed at the window's start get increase() (resets handled,
+    values extrapolated to the window's edges by up to a scrape interval, as Prometheus does)."""
+    return (f"((sum(increase({selector}[{window}]) and {selector} offset {window}) or vector(0)) + "
+            f"(sum(max_over_time({selector}[{window}]) unless {selector} offset {window}) or vector(0)))")
+
+
+def promql_counts_query(version: ModelVersion, policy: MonitorPolicy, windows: list[timedelta]) -> str:
+    """One PromQL query for the requests, errors and slow requests of the version over every window, each a
+    series labelled figure="<window>:<name>" (one evaluation time for them all)."""
+    labels = f"model={_quote(version.model.name)},version={_quote(str(version.version))}"
+    le = _le_matcher(_bucket_at_or_below(policy.slo_latency_ms / 1000))
+    parts = []
+    for window in windows:
+        w = f"{int(window.total_seconds() * 1000)}ms"
+        requests = _counted(f"gateway_request_duration_seconds_count{{{labels}}}", w)
+        within = _counted(f"gateway_request_duration_seconds_bucket{{{labels},le=~{_quote(le)}}}", w)
+        figures = {
+            "requests": requests,
+            "errors": _counted(f"gateway_request_errors_total{{{labels}}}", w),
+            "slow": f"({requests} - {within})",
+        }
+        parts += [f'label_replace({expr}, "figure", "{int(window.total_seconds() * 1000)}:{name}", "", "")'
+                  for name, expr in figures.items()]
+    return " or ".join(parts)
+
+
+def prometheus_counts(version: ModelVersion, policy: MonitorPolicy, windows: list[timedelta],
+                      at: datetime) -> dict[timedelta, Counts]:
+    """The same increases from PromQL (PROMETHEUS_URL), evaluated at `at`: the gateways' series of this model
+    and version, summed over gateways."""
+    result = _promql(promql_counts_query(version, policy, windows), at)
+    values: dict[str, float] = {}
+    for series in result:
+        value = float(series["value"][1])
+        values[series["metric"].get("figure", "")] = value if math.isfinite(value) else 0.0
+    out = {}
+    for window in windows:
+        ms = int(window.total_seconds() * 1000)
+        out[window] = Counts(**{name: max(0.0, values.get(f"{ms}:{name}", 0.0))
+                                for name in ("requests", "errors", "slow")})
+    return out
+
+
+def _promql(query: str, at: datetime) -> list[dict[str, Any]]:
+    """An instant query at `at`; its result vector. Bounded: Prometheus stops the query after
+    PROMQL_TIMEOUT_S, and this waits at most that and 5 s more for any one read of its answer."""
+    url = f"{str(settings.PLATFORM['PROMETHEUS_URL']).rstrip('/')}/api/v1/query"
+    body = urllib.parse.urlencode({"query": query, "time": f"{at.timestamp():.3f}",
+                                   "timeout": f"{PROMQL_TIMEOUT_S:g}s"}).encode()
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/x-www-form-urlencoded"})
+    try:
+        with urllib.request.urlopen(request, timeout=PROMQL_TIMEOUT_S + 5) as resp:  # noqa: S310 - the operator's
+            data = json.loads(resp.read(4 << 20))
+    except urllib.error.HTTPError as exc:  # Prometheus answers 400/422/503 with its JSON error
+        try:
+            data = json.loads(exc.read(64 << 10))
+        except ValueError:
+            raise PrometheusError(f"Prometheus answered HTTP {exc.code}") from exc
+    except (OSError, ValueError) as exc:
+        raise PrometheusError(f"Prometheus at {url} did not answer: {exc}") from exc
     if data.get("status") != "success":
-        raise RuntimeError(f"Prometheus answered {data.get('status')}: {data.get('error', '')}")
-    result = data["data"]["result"]
-    return float(result[0]["value"][1]) if result else 0.0
+        raise PrometheusError(f"Prometheus answered {data.get('status')}: {data.get('error', '')}")
+    if data["data"].get("resultType") != "vector":
+        raise PrometheusError(f"Prometheus answered a {data['data'].get('resultType')}, not a vector")
+    return list(data["data"]["result"])
 
 
 @dataclass(frozen=True)
@@ -130,10 +199,11 @@ def _label(window: timedelta) -> str:
 
 def evaluate(version: ModelVersion, policy: MonitorPolicy, now: datetime) -> list[Burn]:
     """Both objectives' burn rates over the four windows, and which pair fires."""
-    windows = {w for pair in PAIRS for w in pair[:2]}
-    use_prometheus = bool(settings.PLATFORM["PROMETHEUS_URL"])
-    counts = {w: prometheus_counts(version, policy, w) if use_prometheus else window_counts(version, w, now)
-              for w in windows}
+    windows = sorted({w for pair in PAIRS for w in pair[:2]})
+    if settings.PLATFORM["PROMETHEUS_URL"]:
+        counts = prometheus_counts(version, policy, windows, now)
+    else:
+        counts = {w: window_counts(version, w, now) for w in windows}
     out = []
     for kind, bad, budget in ((AlertKind.LATENCY, "slow", 1 - policy.slo_latency_target),
                               (AlertKind.ERRORS, "errors", 1 - policy.slo_availability)):
@@ -199,7 +269,10 @@ def slo_tick(gateways: list[str], versions: list[ModelVersion], now: datetime | 
                     by_source[url] = canary.Figures(data["requests"], data["errors"],
                                                     {float(k): v for k, v in data["buckets"].items()})
             record(version, policy, by_source, now)
-        check(version, policy, now)
+        try:
+            check(version, policy, now)
+        except PrometheusError as exc:  # judged at the next tick; the other versions are judged now
+            log.warning("SLO of %s v%s not judged: %s", version.model.name, version.version, exc)
     SloSample.objects.filter(at__lt=now - KEEP).delete()
     return len(versions)
 

@@ -1,7 +1,7 @@
-"""The Grafana dashboards in platform/grafana/ (fleet, gateway, rollouts): valid dashboard JSON whose every
-query parses as PromQL (checked by promtool, as recording rules) and names only series that exist: the
-gateway's own (its metrics source), the recording rules of platform/prometheus/rules.yml, Triton's, or
-Prometheus' ALERTS."""
+"""The Grafana dashboards in platform/grafana/ (drift, fleet, gateway, rollouts): valid dashboard JSON whose
+every query parses as PromQL (checked by promtool, as recording rules) and names only series that exist: the
+gateway's own (its metrics source), the platform's (monitoring/metrics.py, GET /metrics), the recording rules
+of platform/prometheus/rules.yml, Triton's, or Prometheus' ALERTS."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
+from monitoring.metrics import FAMILIES as PLATFORM_METRICS
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARDS = sorted((REPO / "platform" / "grafana").glob("*.json"))
@@ -28,8 +30,14 @@ def _queries(dashboard: dict) -> list[str]:
     return [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
 
 
-def test_the_three_dashboards_are_there_and_well_formed():
-    assert [d.stem for d in DASHBOARDS] == ["fleet", "gateway", "rollouts"]
+def _known(name: str) -> bool:
+    base = re.sub(r"_(bucket|count|sum)$", "", name)
+    return (base in GATEWAY_METRICS or name in PLATFORM_METRICS or f"record: {name}" in RULES or name in TRITON
+            or name == "ALERTS")
+
+
+def test_the_four_dashboards_are_there_and_well_formed():
+    assert [d.stem for d in DASHBOARDS] == ["drift", "fleet", "gateway", "rollouts"]
     for path in DASHBOARDS:
         d = json.loads(path.read_text())
         assert d["uid"].startswith("mlops-") and d["title"] and d["panels"]
@@ -44,9 +52,21 @@ def test_every_query_names_only_series_that_exist():
     for path in DASHBOARDS:
         for query in _queries(json.loads(path.read_text())):
             for name in set(SERIES.findall(query)) - FUNCTIONS:
-                base = re.sub(r"_(bucket|count|sum)$", "", name)
-                assert (base in GATEWAY_METRICS or f"record: {name}" in RULES or name in TRITON
-                        or name == "ALERTS"), f"{path.name}: {name} in {query}"
+                assert _known(name), f"{path.name}: {name} in {query}"
+
+
+def test_every_variable_lists_the_labels_of_a_series_that_exists():
+    for path in DASHBOARDS:
+        for variable in json.loads(path.read_text())["templating"]["list"]:
+            if variable["type"] == "query":
+                found = re.fullmatch(r"label_values\((\w+), (\w+)\)", variable["query"])
+                assert found and _known(found[1]), f"{path.name}: {variable['query']}"
+
+
+def test_the_known_series_check_refuses_a_name_nothing_exports():
+    """Negative control: a misspelt family is not taken for one of the platform's or the gateway's."""
+    assert _known("mlops_drift_drifted_share") and _known("gateway_request_duration_seconds_bucket")
+    assert not _known("mlops_drift_drifted_shares") and not _known("gateway_request_latency_seconds")
 
 
 def test_every_query_parses_as_promql(tmp_path):

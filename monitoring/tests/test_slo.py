@@ -99,3 +99,32 @@ def test_the_promql_bucket_is_the_gateways_largest_bound_not_above_the_objective
     assert slo._bucket_at_or_below(0.1) == "0.1"
     assert slo._bucket_at_or_below(0.3) == "0.25"
     assert slo._bucket_at_or_below(1.0) == "1.0"
+
+
+def test_the_promql_bucket_matches_the_bound_however_prometheus_spells_it():
+    import re
+
+    one, quarter = slo._le_matcher("1.0"), slo._le_matcher("0.25")
+    assert all(re.fullmatch(one, le) for le in ("1.0", "1"))  # as scraped, and as Prometheus 3 stores it
+    assert not any(re.fullmatch(one, le) for le in ("10.0", "1.05", "0.1", "+Inf"))
+    assert re.fullmatch(quarter, "0.25") and not re.fullmatch(quarter, "0x25")
+
+
+def test_the_promql_query_asks_for_each_figure_of_each_window_of_this_version_only(unique_name):
+    version = _version(unique_name)
+    query = slo.promql_counts_query(version, MonitorPolicy.objects.get(model=version.model),
+                                    [timedelta(minutes=5), timedelta(hours=1)])
+    for window in ("300000", "3600000"):
+        for figure in ("requests", "errors", "slow"):
+            assert f'"figure", "{window}:{figure}"' in query
+    assert f'model="{unique_name}",version="1"' in query and 'le=~"0\\\\.1"' in query
+
+
+def test_an_unreachable_prometheus_leaves_the_version_unjudged_and_the_tick_goes_on(unique_name, settings, caplog):
+    from config.stack import free_port
+
+    settings.PLATFORM = {**settings.PLATFORM, "PROMETHEUS_URL": f"http://127.0.0.1:{free_port()}"}
+    version = _version(unique_name)
+    assert slo.slo_tick([], [version, version]) == 2
+    assert not Alert.objects.exists()
+    assert caplog.text.count(f"SLO of {unique_name} v1 not judged: Prometheus at ") == 2
