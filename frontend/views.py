@@ -560,13 +560,14 @@ def alerts_inbox(status: str = "open", model: str = "") -> Any:
 
 
 def _monitoring_context(model: RegisteredModel) -> dict[str, Any]:
-    """The model page's Monitoring section: its open alerts, and each version's latest drift check."""
+    """The model page's Monitoring section: its open alerts, each version's latest drift check, its policy."""
     latest = (DriftCheck.objects.filter(version__model=model).select_related("version")
               .annotate(has_report=Exists(DriftReport.objects.filter(drift_check=OuterRef("pk"))))
               .order_by("version_id", "-created_at", "-pk").distinct("version_id"))
     return {
         "open_alerts": list(alerts_inbox("open").filter(model=model)),
         "drift_checks": sorted(latest, key=lambda c: -c.version.version),
+        "policy": policy_for(model.pk),
     }
 
 

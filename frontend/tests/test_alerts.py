@@ -11,7 +11,7 @@ import pytest
 from django.utils import timezone
 
 from monitoring.alerts import alert_acknowledge, alert_resolve, alert_seen
-from monitoring.models import Alert, AlertKind, AlertStatus, DriftCheck, DriftOutcome, DriftReport
+from monitoring.models import Alert, AlertKind, AlertStatus, DriftCheck, DriftOutcome, DriftReport, MonitorPolicy
 from registry.audit import SYSTEM
 from registry.models import ModelVersion, RegisteredModel
 from registry.roles import Role
@@ -173,3 +173,26 @@ def test_the_model_page_shows_its_open_alerts_and_each_versions_latest_drift_che
     assert "only 12 captured rows" in text and "Not enough captured rows" in text
     check = DriftCheck.objects.filter(version=v2).get()
     assert f'href="/api/v1/models/{unique_name}/versions/2/drift/{check.pk}/report/"' in text
+    assert "Policy (the defaults): drift judged on the last 60 min of captured traffic" in text
+    assert "automatic champion rollback on no alert (on-call decides)" in text
+    MonitorPolicy.objects.create(model=v1.model, rollback_on_drift=True, window_minutes=15)
+    text = browser_as(Role.DATA_SCIENTIST).get(f"/models/{unique_name}/").content.decode()
+    assert "Policy: drift judged on the last 15 min" in text and "automatic champion rollback on drift alerts" in text
+
+
+def test_the_alert_page_offers_a_rollback_only_to_a_champion_with_a_previous_one(browser_as, unique_name):
+    from deployer.testing import champion_after, servable_model
+
+    model = servable_model(unique_name, versions=3)
+    champion_after(model, 1, 2)
+    alert = drift_alert(model.versions.get(version=2))
+    oncall = browser_as(Role.ONCALL)
+    html = oncall.get(f"/alerts/{alert.pk}/").content.decode()
+    assert "Restore <a" in html and ">v1</a>, the champion before v2" in html
+    assert f'action="/alerts/{alert.pk}/rollback/"' in html
+    scientist = browser_as(Role.DATA_SCIENTIST).get(f"/alerts/{alert.pk}/").content.decode()
+    assert "Rolling back needs the on-call engineer or release manager role" in scientist
+    assert browser_as(Role.DATA_SCIENTIST).post(f"/alerts/{alert.pk}/rollback/", {"reason": "x"}).status_code == 403
+    old = drift_alert(model.versions.get(version=3))  # v3 never served
+    html = oncall.get(f"/alerts/{old.pk}/").content.decode()
+    assert "No rollback from here: v3 is not the champion any more." in html
