@@ -225,9 +225,11 @@ class Load:
             return [f for f in self.failures if version is None or f[1] != version]
 
 
-def servable_model(name: str, versions: int = 2, status: str = "ready", engines: bool = True) -> Any:
-    """Rows only: a model with versions 1..`versions`, each with kept fp32 and int8 CPU engines (content keys
-    `<name>-<n>` and `<name>-<n>-i8`, Triton names `<name>_v<n>`), for tests that start at the API."""
+def servable_model(name: str, versions: int = 2, status: str = "ready", engines: bool = True,
+                   int8: bool = True) -> Any:
+    """Rows only: a model with versions 1..`versions`, each with a kept fp32 CPU engine and (`int8`) an int8
+    one (content keys `<name>-<n>` and `<name>-<n>-i8`, Triton names `<name>_v<n>`), for tests that start at
+    the API or a page."""
     from pipelines.models import EngineBuild
     from registry.models import ModelVersion, RegisteredModel
 
@@ -238,6 +240,7 @@ def servable_model(name: str, versions: int = 2, status: str = "ready", engines:
             EngineBuild.objects.create(version=v, target="cpu", precision="fp32", runtime="onnxruntime",
                                        content_key=f"{name}-{n}", status="succeeded", engine_uri="mlflow-artifacts:/x",
                                        io={"triton_model_name": f"{name}_v{n}"})
+        if engines and int8:
             EngineBuild.objects.create(version=v, target="cpu", precision="int8", runtime="onnxruntime",
                                        content_key=f"{name}-{n}-i8", status="succeeded",
                                        engine_uri="mlflow-artifacts:/y", io={"triton_model_name": f"{name}_v{n}_i8"})

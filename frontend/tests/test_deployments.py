@@ -10,7 +10,7 @@ import pytest
 from django.utils import timezone
 
 from deployer.models import AnalysisPoint, Deployment, Endpoint, RolloutStatus
-from pipelines.models import EngineBuild
+from deployer.testing import servable_model
 from registry.models import AuditEvent, ModelVersion, RegisteredModel, VersionStatus
 from registry.roles import Role
 
@@ -19,13 +19,7 @@ pytestmark = pytest.mark.django_db
 
 def servable(name: str, versions: int = 2, status: str = VersionStatus.READY) -> RegisteredModel:
     """A model whose versions are ready and have a kept CPU engine (rows only: no fleet, no MLflow)."""
-    model = RegisteredModel.objects.create(name=name, latest_version=versions, version_count=versions)
-    for number in range(1, versions + 1):
-        version = ModelVersion.objects.create(model=model, version=number, status=status, source="x", origin="test")
-        EngineBuild.objects.create(version=version, target="cpu", precision="fp32", runtime="onnxruntime",
-                                   content_key=f"{name}-{number}", status="succeeded", engine_uri="mlflow-artifacts:/x",
-                                   io={"triton_model_name": f"{name}_v{number}"})
-    return model
+    return servable_model(name, versions, status=status, int8=False)
 
 
 def rollout(name: str, status: str = RolloutStatus.PROGRESSING, **fields) -> Deployment:
@@ -104,6 +98,16 @@ def test_the_deployment_page_shows_state_steps_thresholds_verdict_and_history(br
     assert "/static/frontend/vendor/uPlot.iife.min.js" in html
     assert buttons(html) == {}
     assert "pausing, aborting or promoting it needs" in html
+    assert 'id="analysis-traffic"' not in html  # judged only as a step ends
+
+
+def test_the_deployment_page_shows_how_the_captured_traffic_was_judged(browser_as, unique_name):
+    d = rollout(unique_name, status=RolloutStatus.ROLLED_BACK, analysis={
+        "outcome": "pass", "reason": "no regression against stable", "canary_requests": 400,
+        "traffic_reason": "the canary answers unlike stable: total variation distance 0.47", "traffic": {}})
+    html = browser_as(Role.DATA_SCIENTIST).get(f"/deployments/{d.pk}/").content.decode()
+    assert "Captured traffic</strong> (judged as the step ended): the canary answers unlike stable: total " \
+           "variation distance 0.47" in html
 
 
 def test_a_shadow_deployment_page_says_what_share_is_mirrored_and_that_no_client_sees_its_answers(
