@@ -20,8 +20,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from deployer.gateway.sampling import SAMPLES_STREAM
 from monitoring import kserve
+from monitoring.samples import SAMPLES_STREAM
 from monitoring.shadow import Pair
 
 log = logging.getLogger("deployer.shadow")

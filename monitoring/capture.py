@@ -1,5 +1,5 @@
 """Traffic capture: the gateway's sampled inference exchanges (a Redis stream, see
-deployer/gateway/sampling.py) become rows of named inputs with the prediction the engine answered,
+monitoring/samples.py) become rows of named inputs with the prediction the engine answered,
 stored per model version for the drift checks (monitoring/services.py).
 
 One pass reads the stream from the stored cursor, decodes what it can (monitoring/kserve.py) and stores
@@ -20,9 +20,9 @@ from typing import Any
 from django.db import transaction
 from django.utils import timezone
 
-from deployer.gateway.sampling import SAMPLES_STREAM
 from monitoring import kserve
 from monitoring.models import CaptureCursor, CapturedRow
+from monitoring.samples import SAMPLES_STREAM
 from monitoring.selectors import policies_for
 from registry import locks
 from registry.models import ModelVersion

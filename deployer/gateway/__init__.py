@@ -18,7 +18,7 @@ from deployer.gateway.routing import (
     parse_table,
     publish_routes,
 )
-from deployer.gateway.sampling import SAMPLES_STREAM
+from monitoring.samples import SAMPLES_STREAM
 
 __all__ = ["ROUTES_CHANNEL", "ROUTES_KEY", "ROUTES_VERSION_KEY", "SAMPLES_STREAM", "Arm", "Capture", "ModelRoute",
            "load_routes", "parse_table", "publish_routes"]

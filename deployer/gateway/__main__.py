@@ -30,7 +30,8 @@ from deployer.gateway.dataplane import (
     control_socket_path,
 )
 from deployer.gateway.routing import RoutesWatcher, RoutingTable
-from deployer.gateway.sampling import SAMPLES_STREAM, Sampler
+from deployer.gateway.sampling import Sampler
+from monitoring.samples import SAMPLES_STREAM
 
 log = logging.getLogger("deployer.gateway")
 

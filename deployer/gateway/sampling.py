@@ -2,8 +2,8 @@
 
 The data plane hands samples over through bounded queues, its own and this one, and what does not fit is
 dropped (and counted), so neither Redis latency nor an outage ever reaches a request; here a thread
-batches them into pipelined XADDs with an approximate MAXLEN. Fields: model, version, triton_model,
-status, latency_ms, ts, request, request_head, response_head, response.
+batches them into pipelined XADDs with an approximate MAXLEN. The stream and its fields are the monitors'
+contract (monitoring/samples.py).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import queue
 import threading
 import time
 
-log = logging.getLogger("deployer.gateway")
+from monitoring.samples import SAMPLES_STREAM
 
-SAMPLES_STREAM = "gateway:samples"
+log = logging.getLogger("deployer.gateway")
 
 
 class Sampler(threading.Thread):

@@ -16,11 +16,11 @@ import pytest
 from django.utils import timezone
 
 from deployer import services
-from deployer.gateway.sampling import SAMPLES_STREAM
 from deployer.models import AnalysisPoint, RolloutMode, RolloutStatus
 from deployer.shadow import REPLAYED_KEY
 from deployer.testing import Load, wait_until
 from deployer.tests.test_rollouts import FAST, _first_deployment, _reconcile_until, _routed
+from monitoring.samples import SAMPLES_STREAM
 from registry.audit import SYSTEM
 from registry.models import AuditEvent
 
