@@ -4,15 +4,16 @@ rows, judged by Evidently 0.7's DataDriftPreset. This is the only module that im
 Evidently picks each column's method and threshold from its type and the number of rows (for example the
 Kolmogorov-Smirnov p-value for a numerical column of at most 1000 reference rows, the normed Wasserstein
 distance above that, chi-square or Jensen-Shannon for categories) and calls the dataset drifted when at
-least `drift_share` of the columns drift. The verdicts here are Evidently's own test results, read from
-its snapshot, never recomputed; a model's policy may set the share and a method or threshold."""
+least `drift_share` of the columns drift. The verdicts here are Evidently's own: its method, threshold,
+score and verdict per column, from the calculation behind the preset's tests (see `judge`), never
+recomputed; a model's policy may set the share and a method or threshold. Evidently's HTML report is built
+apart (`html`), only when it is wanted: drawing it is most of a Report's time."""
 
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 
@@ -66,50 +67,91 @@ class DriftResult:
         return {**asdict(self), "summary": self.summary()}
 
 
-_TEST_NAME = re.compile(r"^Value Drift for column (?P<column>.+)$")
+@dataclass(frozen=True)
+class Compared:
+    """What a judgement compared (the frames, the preset's settings): enough for `html` to build
+    Evidently's report of it later, and only if someone wants it."""
+
+    reference: pd.DataFrame
+    current: pd.DataFrame
+    columns: list[str]
+    drift_share: float
+    method: str | None
+    threshold: float | None
+
+    def report(self) -> Any:
+        """Evidently's full Report of the judgement (a snapshot): what `Report([DataDriftPreset()])` makes."""
+        from evidently import Report
+        from evidently.presets import DataDriftPreset
+
+        preset = DataDriftPreset(columns=self.columns, drift_share=self.drift_share, method=self.method,
+                                 threshold=self.threshold)
+        return Report([preset], include_tests=True).run(self.current, self.reference)
 
 
 def judge(reference: pd.DataFrame, current: pd.DataFrame, *, outputs: tuple[str, ...] = (),
           drift_share: float = DEFAULT_DRIFT_SHARE, method: str | None = None,
-          threshold: float | None = None) -> tuple[DriftResult, Any]:
-    """Evidently's DataDriftPreset on the columns both frames have; returns the result and Evidently's
-    snapshot (for the HTML report)."""
-    from evidently import Report
-    from evidently.presets import DataDriftPreset
+          threshold: float | None = None) -> tuple[DriftResult, Compared]:
+    """Evidently's DataDriftPreset verdicts on the columns both frames have; returns the result and what
+    `html` needs for Evidently's report.
 
+    The verdicts come from the calculation behind the preset's own tests, without its widgets: a
+    `Report([DataDriftPreset()])` spends most of its time drawing plotly figures (a histogram and a
+    line plot per column, twice) whether or not anyone looks at them. The preset's tests are the
+    `DriftedColumnsCount` test (the share of drifted columns, less than `drift_share`) and one `ValueDrift`
+    test per column; the count is Evidently's `DatasetDriftMetric`, which runs `get_drift_for_columns`
+    on the Report's own inputs (the data definition Evidently infers from the current frame, turned into
+    its legacy column mapping by the Report's input generator), and each `ValueDrift` runs the same
+    `get_one_column_drift` on the same column type and options. So the per-column results of that one
+    call are the preset's: the method Evidently chose, its threshold, its score and its verdict.
+    `monitoring/tests/test_drift.py` checks them against a full Report, column by column."""
     columns = [c for c in reference.columns if c in current.columns]
     if not columns:
         raise ValueError("the window and the reference have no column in common")
     if current.empty or reference.empty:
         raise ValueError("an empty window or reference cannot be judged")
-    preset = DataDriftPreset(columns=columns, drift_share=drift_share, method=method, threshold=threshold)
-    snapshot = Report([preset], include_tests=True).run(current[columns], reference[columns])
-    return _read(snapshot.dict(), set(outputs), drift_share, len(current), len(reference)), snapshot
+    compared = Compared(reference[columns], current[columns], columns, drift_share, method, threshold)
+    return _verdicts(compared, set(outputs)), compared
 
 
-def _read(doc: dict[str, Any], outputs: set[str], drift_share: float, current_rows: int,
-          reference_rows: int) -> DriftResult:
-    by_metric = {m["id"]: m for m in doc["metrics"]}
-    found: list[ColumnDrift] = []
-    dataset_drift, share = False, 0.0
-    for test in doc["tests"]:
-        metric = by_metric.get(test["metric_config"]["metric_id"], {})
-        params = test["metric_config"]["params"]
-        if params.get("type") == "evidently:metric_v2:DriftedColumnsCount":
-            share = float(metric.get("value", {}).get("share", 0.0))
-            dataset_drift = test["status"] == "FAIL"  # "Share of Drifted Columns: Less <drift_share>" failed
-        elif params.get("type") == "evidently:metric_v2:ValueDrift":
-            column = params["column"]
-            found.append(ColumnDrift(column=column, method=params["method"], threshold=float(params["threshold"]),
-                                     score=float(metric.get("value", float("nan"))),
-                                     drifted=test["status"] == "FAIL", is_output=column in outputs))
+def _verdicts(compared: Compared, outputs: set[str]) -> DriftResult:
+    from evidently import Dataset, Report
+    from evidently.core.report import Context, _default_input_data_generator
+    from evidently.legacy.calculations.data_drift import get_drift_for_columns
+    from evidently.legacy.metrics import DatasetDriftMetric
+    from evidently.legacy.utils.data_operations import process_columns
+
+    # The Report's own path to its inputs: Dataset.from_any on each frame, the current one's data
+    # definition, and the legacy InputData that its legacy metrics (DatasetDriftMetric) are given.
+    context = Context(Report([], include_tests=True))
+    context.init_dataset(Dataset.from_any(compared.current), Dataset.from_any(compared.reference))
+    data = _default_input_data_generator(context, None)
+    # DriftedColumnsCount's legacy metric, as the preset builds it (no per-type or per-column settings).
+    metric = DatasetDriftMetric(columns=compared.columns, drift_share=compared.drift_share,
+                                stattest=compared.method, stattest_threshold=compared.threshold)
+    reference = cast(pd.DataFrame, data.reference_data)
+    computed = get_drift_for_columns(  # what DatasetDriftMetric.calculate runs; it keeps only the counts
+        current_data=data.current_data, reference_data=reference,
+        dataset_columns=process_columns(reference, data.column_mapping),
+        data_drift_options=metric.drift_options, drift_share_threshold=metric.drift_share,
+        # agg_data only picks the form of a plot's scatter (binned or raw), made after the verdict: raw is
+        # a reference to the column, binned costs a group-by per column.
+        columns=metric.columns, agg_data=False)
+    found = [ColumnDrift(column=column, method=d.stattest_name, threshold=float(d.stattest_threshold),
+                         score=float(d.drift_score), drifted=bool(d.drift_detected), is_output=column in outputs)
+             for column, d in computed.drift_by_columns.items()]
     found.sort(key=lambda c: (not c.drifted, c.column))
-    return DriftResult(found, share, drift_share, dataset_drift, current_rows, reference_rows)
+    share = float(computed.share_of_drifted_columns)
+    # The preset's dataset test: "Share of Drifted Columns: Less <drift_share>", failed when it is not.
+    dataset_drift = not share < compared.drift_share
+    return DriftResult(found, share, compared.drift_share, dataset_drift, len(compared.current),
+                       len(compared.reference))
 
 
-def html(snapshot: Any) -> str:
-    """Evidently's HTML report of a snapshot (self-contained: its scripts are inlined, no CDN)."""
-    return str(snapshot.get_html_str(as_iframe=False))
+def html(compared: Compared) -> str:
+    """Evidently's HTML report of a judgement (self-contained: its scripts are inlined, no CDN). It runs
+    the full Report (a few seconds on 10,000 rows x 20 columns): call it only when the page is wanted."""
+    return str(compared.report().get_html_str(as_iframe=False))
 
 
 # The stattests Evidently 0.7 knows by name, for tabular columns (a policy's drift_method is one of them;
