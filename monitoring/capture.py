@@ -11,13 +11,17 @@ retention are deleted by `forget_old`."""
 from __future__ import annotations
 
 import logging
+import math
+import re
 import time
-from collections.abc import Iterable
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from django.db import transaction
+import ujson
+from django.db import connection, transaction
 from django.utils import timezone
 
 from monitoring import kserve
@@ -62,14 +66,15 @@ class Decoded:
 def decode(fields: dict[bytes, bytes]) -> Decoded | None:
     """A sample's rows; None for what is not a successful inference exchange (not captured, not refused).
     Raises kserve.DecodeError with the reason for a body that cannot be read."""
-    f = {k.decode(): v for k, v in fields.items()}
-    if f.get("status") != b"200" or not f.get("request") or not kserve.is_inference(f.get("request_head", b"")):
+    get = fields.get
+    request, request_head = get(b"request"), get(b"request_head", b"")
+    if get(b"status") != b"200" or not request or not kserve.is_inference(request_head):
         return None
-    inputs = kserve.tensors(f["request"], kserve.header_length(f.get("request_head", b"")), key="inputs")
-    rows = kserve.rows(inputs)
-    outputs = kserve.tensors(f.get("response", b""), kserve.header_length(f.get("response_head", b"")), key="outputs")
-    at = datetime.fromtimestamp(float(f.get("ts", b"0") or 0), tz=UTC) if f.get("ts") else timezone.now()
-    return Decoded(f.get("model", b"").decode(), f.get("version", b"").decode(), at, rows,
+    rows = kserve.rows(kserve.tensors(request, kserve.header_length(request_head), key="inputs"))
+    outputs = kserve.tensors(get(b"response", b""), kserve.header_length(get(b"response_head", b"")), key="outputs")
+    ts = get(b"ts")
+    at = datetime.fromtimestamp(float(ts), tz=UTC) if ts else timezone.now()
+    return Decoded(get(b"model", b"").decode(), get(b"version", b"").decode(), at, rows,
                    predictions(outputs, len(rows)))
 
 
@@ -77,40 +82,100 @@ class _Versions:
     """(model name, version number) to the version's id, looked up once per pass."""
 
     def __init__(self) -> None:
-        self.known: dict[tuple[str, str], int | None] = {}
+        self.known: dict[tuple[bytes, bytes], int | None] = {}
 
-    def id_of(self, model: str, version: str) -> int | None:
-        key = (model, version)
-        if key not in self.known:
-            pk = ModelVersion.objects.filter(model__name=model, version=int(version)).values_list("pk", flat=True) \
-                .first() if version.isdigit() else None
-            self.known[key] = pk
-        return self.known[key]
+    def learn(self, entries: Iterable[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        """Look up the versions a batch names, before its COPY holds the connection."""
+        for _id, fields in entries:
+            key = (fields.get(b"model", b""), fields.get(b"version", b""))
+            if key not in self.known:
+                model, version = key[0].decode("utf-8", "replace"), key[1].decode("utf-8", "replace")
+                self.known[key] = ModelVersion.objects.filter(model__name=model, version=int(version)) \
+                    .values_list("pk", flat=True).first() if version.isdigit() else None
+
+    def id_of(self, fields: dict[bytes, bytes]) -> int | None:
+        return self.known.get((fields.get(b"model", b""), fields.get(b"version", b"")))
+
+
+def _dumps(value: Any) -> str:
+    return ujson.dumps(value, ensure_ascii=False, escape_forward_slashes=False, allow_nan=False, reject_bytes=True)
+
+
+def _json(value: Any) -> str:
+    """JSON text for a jsonb column. PostgreSQL's JSON has no NaN or infinity (a binary FP32 tensor may
+    hold them: stored as null), no NUL character and no lone surrogate (a BYTES tensor may hold them:
+    stored as U+FFFD, as undecodable bytes are); one such sample must not fail its whole batch, again at
+    every pass."""
+    try:
+        text = _dumps(value)
+    except OverflowError:  # NaN or an infinity
+        return _dumps(_storable(value))
+    if "\\u0000" in text or not (text.isascii() or _utf8(text)):
+        return _dumps(_storable(value))
+    return text
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")  # NUL; surrogates, which here are never in a pair
+
+
+def _storable(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        return _UNSTORABLE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {_storable(k): _storable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_storable(v) for v in value]
+    return value
+
+
+# A row to store: version id, when, inputs (JSON text), prediction (JSON text, None for SQL NULL).
+Row = tuple[int, datetime, str, str | None]
 
 
 def _rows_of(entries: Iterable[tuple[bytes, dict[bytes, bytes]]], versions: _Versions,
-             refused: dict[tuple[str, str], int]) -> list[CapturedRow]:
-    out: list[CapturedRow] = []
+             refused: dict[tuple[str, str], int]) -> Iterator[Row]:
     for _id, fields in entries:
+        version_id = versions.id_of(fields)
         try:
             decoded = decode(fields)
         except kserve.DecodeError as exc:
             refused[(fields.get(b"model", b"?").decode("utf-8", "replace"), str(exc)[:200])] += 1
             continue
-        if decoded is None:
+        if decoded is None or version_id is None:
             continue
-        version_id = versions.id_of(decoded.model, decoded.version)
-        if version_id is None:
-            continue
-        out.extend(CapturedRow(version_id=version_id, at=decoded.at, inputs=row, prediction=pred)
-                   for row, pred in zip(decoded.rows, decoded.predictions, strict=True))
-    return out
+        at = decoded.at
+        for row, pred in zip(decoded.rows, decoded.predictions, strict=True):
+            yield version_id, at, _json(row), None if pred is None else _json(pred)
+
+
+def _store(rows: Iterable[Row]) -> int:
+    """The rows in one COPY, in the caller's transaction; returns how many. A COPY takes a tenth of the
+    time of bulk_create's INSERTs and needs no model instance per row; and as the rows are made while it
+    runs, PostgreSQL turns each into jsonb while the next is decoded."""
+    meta = CapturedRow._meta
+    names = ", ".join(connection.ops.quote_name(meta.get_field(f).column)
+                      for f in ("version", "at", "inputs", "prediction"))
+    count = 0
+    with connection.cursor() as cursor, \
+            cursor.cursor.copy(f"COPY {connection.ops.quote_name(meta.db_table)} ({names}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(row)
+            count += 1
+    return count
 
 
 def capture_pass(redis: Any, stream: str = SAMPLES_STREAM, budget_s: float = 2.0) -> int:
     """Read what the stream holds past the cursor (for at most about `budget_s`); returns the rows stored."""
-    from collections import defaultdict
-
     stored = 0
     versions = _Versions()
     deadline = time.monotonic() + budget_s
@@ -124,13 +189,17 @@ def capture_pass(redis: Any, stream: str = SAMPLES_STREAM, budget_s: float = 2.0
             if not entries:
                 break
             refused: dict[tuple[str, str], int] = defaultdict(int)
-            rows = _rows_of(entries, versions, refused)
+            versions.learn(entries)
             with transaction.atomic():
-                CapturedRow.objects.bulk_create(rows, batch_size=1000)
+                with connection.cursor() as sql:
+                    # Atomic still, only not waiting for the disk: a crash can lose the last moments' commits,
+                    # rows and cursor together, and the samples they came from are read again from the stream.
+                    sql.execute("SET LOCAL synchronous_commit TO OFF")
+                count = _store(_rows_of(entries, versions, refused))
                 last = entries[-1][0]
                 CaptureCursor.objects.filter(pk=cursor.pk).update(
                     last_id=last.decode() if isinstance(last, bytes) else str(last), updated_at=timezone.now())
-            stored += len(rows)
+            stored += count
             if refused:
                 pipe = redis.pipeline(transaction=False)
                 for (model, reason), n in refused.items():

@@ -85,16 +85,60 @@ def test_a_pass_that_fails_stores_nothing_and_moves_no_cursor(redis, stream, uni
     version = _version(unique_name)
     redis.xadd(stream, _sample(unique_name, 1, [[1.0, 2.0]], [0]))
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("the database went away mid-insert")
+    store = capture._store
 
-    monkeypatch.setattr(CapturedRow.objects, "bulk_create", broken)
+    def broken(rows):
+        store(rows)  # the rows are written, then the pass dies before its commit
+        assert CapturedRow.objects.filter(version=version).count() == 1
+        raise RuntimeError("the database went away mid-pass")
+
+    monkeypatch.setattr(capture, "_store", broken)
     with pytest.raises(RuntimeError):
         capture.capture_pass(redis, stream)
     monkeypatch.undo()
     assert CaptureCursor.objects.get(stream=stream).last_id == "0-0"
+    assert CapturedRow.objects.filter(version=version).count() == 0
     assert capture.capture_pass(redis, stream) == 1
     assert CapturedRow.objects.filter(version=version).count() == 1
+
+
+def test_a_pass_reads_batch_after_batch_and_stores_each_sample_once(redis, stream, unique_name, monkeypatch):
+    version = _version(unique_name)
+    monkeypatch.setattr(capture, "BATCH", 3)
+    for i in range(10):
+        redis.xadd(stream, _sample(unique_name, 1, [[float(i), float(-i)]], [i % 2]))
+    assert capture.capture_pass(redis, stream) == 10
+    rows = CapturedRow.objects.filter(version=version).order_by("pk").values_list("inputs", "prediction")
+    assert list(rows) == [({"input_0": float(i), "input_1": float(-i)}, i % 2) for i in range(10)]
+    assert capture.capture_pass(redis, stream) == 0
+
+
+def test_values_postgresql_json_cannot_hold_are_stored_as_null_and_the_batch_goes_through(redis, stream, unique_name):
+    """NaN and infinities (binary FP32), NUL characters and lone surrogates (BYTES) are refused by
+    PostgreSQL's jsonb: one such sample used to fail its whole batch, at every pass."""
+    import struct
+
+    version = _version(unique_name)
+    x = np.array([[np.nan, 1.5, np.inf]], dtype="<f4")
+    text = b"a\x00b"
+    raw_text = struct.pack("<I", len(text)) + text
+    head = json.dumps({"inputs": [
+        {"name": "x", "datatype": "FP32", "shape": [1, 3], "parameters": {"binary_data_size": x.nbytes}},
+        {"name": "note", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": len(raw_text)}},
+    ]}).encode()
+    sample = _sample(unique_name, 1, [[0.0]], [1])
+    sample["request"] = head + x.tobytes() + raw_text
+    sample["request_head"] += f"\r\nInference-Header-Content-Length: {len(head)}".encode()
+    redis.xadd(stream, sample)
+    lone = _sample(unique_name, 1, [[0.0]], [0])  # a JSON body may escape half a surrogate pair
+    lone["request"] = b'{"inputs": [{"name": "note", "datatype": "BYTES", "shape": [1], "data": ["x\\ud800/"]}]}'
+    redis.xadd(stream, lone)
+    redis.xadd(stream, _sample(unique_name, 1, [[2.0, 3.0, 4.0]], [0]))
+    assert capture.capture_pass(redis, stream) == 3
+    rows = CapturedRow.objects.filter(version=version).order_by("pk").values_list("inputs", "prediction")
+    assert list(rows) == [({"x_0": None, "x_1": 1.5, "x_2": None, "note": "a\ufffdb"}, 1),
+                          ({"note": "x\ufffd/"}, 0),
+                          ({"input_0": 2.0, "input_1": 3.0, "input_2": 4.0}, 0)]
 
 
 def test_a_shifted_window_is_drift_with_its_columns_and_report_and_a_quiet_one_is_not(unique_name, scientist):
