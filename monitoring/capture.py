@@ -163,8 +163,8 @@ def _store(rows: Iterable[Row]) -> int:
     time of bulk_create's INSERTs and needs no model instance per row; and as the rows are made while it
     runs, PostgreSQL turns each into jsonb while the next is decoded."""
     meta = CapturedRow._meta
-    names = ", ".join(connection.ops.quote_name(meta.get_field(f).column)
-                      for f in ("version", "at", "inputs", "prediction"))
+    column = {f.name: f.column for f in meta.concrete_fields}
+    names = ", ".join(connection.ops.quote_name(column[f]) for f in ("version", "at", "inputs", "prediction"))
     count = 0
     with connection.cursor() as cursor, \
             cursor.cursor.copy(f"COPY {connection.ops.quote_name(meta.db_table)} ({names}) FROM STDIN") as copy:
