@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from monitoring import alerts, drift, stats
@@ -136,7 +136,7 @@ class Unjudged:
 @dataclass(frozen=True)
 class Judged:
     result: drift.DriftResult
-    snapshot: Any  # Evidently's, for the HTML report
+    compared: drift.Compared  # what was judged, for Evidently's HTML report (drift.html)
     seconds: float
     rows: int
 
@@ -155,13 +155,13 @@ def _judge_window(reference: pd.DataFrame, current: pd.DataFrame, policy: Monito
             f"common with its reference set ({', '.join(map(str, reference.columns[:5]))}...)"))
     started = time.monotonic()
     try:
-        result, snapshot = drift.judge(reference, _numeric_like(reference, current), outputs=(PREDICTION,),
+        result, compared = drift.judge(reference, _numeric_like(reference, current), outputs=(PREDICTION,),
                                        drift_share=policy.drift_share, method=policy.drift_method or None,
                                        threshold=policy.drift_threshold)
     except Exception as exc:  # noqa: BLE001 - recorded as a check that could not be judged, with the reason
         log.exception("drift check of %s failed", label)
         return Unjudged(DriftOutcome.FAILED, f"Evidently could not judge the window: {exc}"[:2000])
-    return Judged(result, snapshot, time.monotonic() - started, len(current))
+    return Judged(result, compared, time.monotonic() - started, len(current))
 
 
 def drift_check(version: ModelVersion) -> DriftCheck:
@@ -187,11 +187,50 @@ def drift_check(version: ModelVersion) -> DriftCheck:
         dataset_drift=result.dataset_drift, prediction_drift=prediction_drift,
         drifted_share=result.drifted_share, columns=result.as_dict()["columns"], summary=result.summary() + words,
         seconds=round(judged.seconds, 3))
-    DriftReport.objects.create(drift_check=check, html_gz=gzip.compress(drift.html(judged.snapshot).encode(), 6))
+    if drifted:  # the alert's evidence; a quiet window's report is drawn when someone asks (drift_report)
+        _keep_report(check, judged.compared)
     _alert_on(check, label)
-    stale = DriftReport.objects.filter(drift_check__version=version).order_by("-drift_check__created_at")[REPORTS_KEPT:]
-    DriftReport.objects.filter(pk__in=list(stale.values_list("pk", flat=True))).delete()
     return check
+
+
+def _keep_report(check: DriftCheck, compared: drift.Compared) -> DriftReport:
+    """Draw Evidently's report of a check and keep it (the newest REPORTS_KEPT per version)."""
+    html_gz = gzip.compress(drift.html(compared).encode(), 6)
+    try:
+        with transaction.atomic():
+            report = DriftReport.objects.create(drift_check=check, html_gz=html_gz)
+    except IntegrityError:  # drawn by another request a moment ago
+        return DriftReport.objects.get(drift_check=check)
+    stale = DriftReport.objects.filter(drift_check__version=check.version).order_by(
+        "-drift_check__created_at")[REPORTS_KEPT:]
+    DriftReport.objects.filter(pk__in=list(stale.values_list("pk", flat=True))).delete()
+    return report
+
+
+def drift_report(check: DriftCheck) -> DriftReport:
+    """The check's Evidently report: the kept one, or drawn now from the same reference set and captured rows
+    (a quiet window's report is drawn only when someone asks). RegistryError (404) when it cannot be."""
+    found = DriftReport.objects.filter(drift_check=check).first()
+    if found is not None:
+        return found
+    if check.outcome not in (DriftOutcome.DRIFT, DriftOutcome.NO_DRIFT) or check.window_from is None:
+        raise RegistryError(f"drift check {check.pk} reached no verdict ({check.get_outcome_display()}): there is "
+                            "no report to draw", 404)
+    version = check.version
+    policy = policy_for(version.model_id)
+    reference = reference_frame(version)
+    rows = list(CapturedRow.objects.filter(version=version, at__gte=check.window_from, at__lte=check.window_to)
+                .order_by("-at").values_list("inputs", "prediction")[:check.current_rows])
+    if reference is None or len(rows) < check.current_rows:
+        raise RegistryError(f"the rows drift check {check.pk} judged are no longer kept (captured rows are kept "
+                            f"{policy.retention_hours} h), so its report cannot be drawn", 404)
+    current = pd.DataFrame.from_records([inputs for inputs, _ in rows])
+    if any(p is not None for _, p in rows):
+        current[PREDICTION] = [p for _, p in rows]
+    _, compared = drift.judge(reference, _numeric_like(reference, current), outputs=(PREDICTION,),
+                              drift_share=check.drift_share, method=policy.drift_method or None,
+                              threshold=policy.drift_threshold)
+    return _keep_report(check, compared)
 
 
 PREDICTION_EFFECT = 0.1  # the share of the answers' distribution that must move for prediction drift to count

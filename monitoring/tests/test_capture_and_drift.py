@@ -202,3 +202,28 @@ def test_predictions_that_moved_by_little_are_not_prediction_drift_however_many_
     check = services.drift_check(version)
     assert check.outcome == DriftOutcome.NO_DRIFT and not check.prediction_drift, check.summary
     assert "from the reference's, under the 0.1 that counts as prediction drift" in check.summary
+
+
+def test_a_quiet_windows_report_is_drawn_when_first_opened_and_not_once_its_rows_are_gone(unique_name, scientist):
+    X, y = load_wine(return_X_y=True)
+    order = np.random.default_rng(0).permutation(len(X))
+    X, y = X[order], y[order]
+    version = _version(unique_name)
+    write_reference(version, X[:89], y[:89].tolist())
+    MonitorPolicy.objects.create(model=version.model, min_rows=50)
+    capture_rows(version, X[89:], y[89:].tolist())
+    first = services.drift_check(version)
+    assert first.outcome == DriftOutcome.NO_DRIFT
+    CapturedRow.objects.filter(version=version).delete()  # past the retention
+    gone = scientist.get(f"/api/v1/models/{unique_name}/versions/1/drift/{first.pk}/report/")
+    assert gone.status_code == 404
+    assert "are no longer kept (captured rows are kept 72 h)" in gone.json()["error"]["message"]
+
+    capture_rows(version, X[89:], y[89:].tolist())
+    quiet = services.drift_check(version)
+    assert quiet.outcome == DriftOutcome.NO_DRIFT
+    listed = scientist.get(f"/api/v1/models/{unique_name}/versions/1/drift/").json()["results"]
+    assert listed[0]["has_report"] is False  # not drawn for a quiet window
+    page = scientist.get(f"/api/v1/models/{unique_name}/versions/1/drift/{quiet.pk}/report/")
+    assert page.status_code == 200 and b"input_0" in page.content
+    assert scientist.get(f"/api/v1/models/{unique_name}/versions/1/drift/").json()["results"][0]["has_report"]
