@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import posixpath
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -560,3 +561,66 @@ def download_file(location: str, relative: str, dst_dir: Path) -> Path:
     """One file under an artifact location, into dst_dir."""
     dst_dir.mkdir(parents=True, exist_ok=True)
     return Path(_destination_repo(location).download_artifacts(relative, dst_path=str(dst_dir)))
+
+
+# ---- datasets a run logged (mlflow.log_input) ---------------------------------------------------
+
+# The input tag mlflow.log_input(dataset, context=...) writes (mlflow.utils.mlflow_tags.MLFLOW_DATASET_CONTEXT).
+DATASET_CONTEXT_TAG = "mlflow.data.context"
+
+
+@dataclass(frozen=True)
+class RunDataset:
+    """A dataset a run logged, as MLflow's tracking store keeps it: metadata, never rows. `source` is
+    MLflow's JSON for its source_type (local: {"uri": path}, http: {"url": ...}, code: the run's tags)."""
+
+    name: str
+    digest: str
+    source_type: str
+    source: str
+    schema: str
+    profile: str
+    context: str
+
+
+def run_datasets(run_id: str) -> list[RunDataset]:
+    """The run's dataset inputs, in the order it logged them (empty if the run is gone)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = tracking_store().get_run(run_id)
+    except MlflowException:
+        return []
+    found: list[RunDataset] = []
+    for dataset_input in (run.inputs.dataset_inputs if run.inputs else None) or []:
+        tags = {tag.key: tag.value for tag in dataset_input.tags or []}
+        d = dataset_input.dataset
+        found.append(RunDataset(name=d.name or "", digest=d.digest or "", source_type=d.source_type or "",
+                                source=d.source or "", schema=d.schema or "", profile=d.profile or "",
+                                context=tags.get(DATASET_CONTEXT_TAG, "")))
+    return found
+
+
+def run_artifact_uri(run_id: str) -> str | None:
+    """Where the run's artifacts live, or None if the run is gone."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(tracking_store().get_run(run_id).info.artifact_uri)
+    except MlflowException:
+        return None
+
+
+def artifact_size(location: str, relative: str) -> int | None:
+    """The size of one file under an artifact location, read from its listing (nothing is downloaded);
+    None when there is no such file there, or the store does not say."""
+    if not is_known_location(location):
+        return None
+    try:
+        listing = _destination_repo(location).list_artifacts(posixpath.dirname(relative) or None)
+    except Exception:  # noqa: BLE001 - MLflow raises several types for "missing"
+        return None
+    for info in listing:
+        if info.path == relative and not info.is_dir:
+            return int(info.file_size) if info.file_size is not None else None
+    return None

@@ -100,6 +100,9 @@ class ModelVersion(models.Model):
     inspection = models.JSONField(default=dict, blank=True, help_text="What the isolated inspection found")
     reference_sample_uri = models.TextField(blank=True, default="", help_text="Rows given at registration")
     reference_sample_rows = models.PositiveIntegerField(default=0)
+    reference_sample_note = models.TextField(blank=True, default="", help_text=(
+        "Where the reference sample came from (the registration, or a dataset the version's run logged), or why "
+        "a dataset the run logged was not used"))
     reference_uri = models.TextField(blank=True, default="", help_text=(
         "The reference set drift is judged against: the sample's rows (its reference sample, else its input "
         "example) with the original model's predictions, written by its first engine build"))

@@ -44,7 +44,8 @@ def model_get(name: str) -> RegisteredModel | None:
 VERSION_ROW_FIELDS = ("version", "status", "status_detail", "origin", "description", "tags", "created_by__username",
                       "created_at", "updated_at")
 LINEAGE_FIELDS = ("source", "storage_location", "run_id", "experiment_id", "params", "metrics", "run_tags", "flavors",
-                  "reference_sample_uri", "reference_sample_rows", "reference_uri", "signature", "input_example")
+                  "reference_sample_uri", "reference_sample_rows", "reference_sample_note",
+                  "reference_uri", "signature", "input_example")
 VERSION_DETAIL_FIELDS = ("model__name", *VERSION_ROW_FIELDS, *LINEAGE_FIELDS, "inspection")
 
 

@@ -128,20 +128,26 @@ def _record_version(actor: Actor, model: RegisteredModel, number: int, origin: s
                     files: archives.ModelFiles | None, description: str, tags: dict[str, str],
                     sample: samples.ReferenceSample | None = None) -> ModelVersion:
     mlmodel = files.mlmodel if files else _mlmodel_or_empty(lineage.mlmodel_text)
+    signature = files.signature if files else _signature_or_none(mlmodel)
+    note = f"given with the registration ({len(sample.rows)} rows)" if sample else ""
+    if sample is None and lineage.run_id:  # a dataset the run logged (mlflow.log_input), if it is readable
+        from_run = samples.sample_from_run(lineage.run_id, signature)
+        sample, note = from_run.sample, from_run.note
     version = ModelVersion.objects.create(
         model=model, version=number, origin=origin, source=lineage.source,
         storage_location=lineage.storage_location, run_id=lineage.run_id, experiment_id=lineage.experiment_id,
-        flavors=mlmodel.get("flavors") or {}, signature=files.signature if files else _signature_or_none(mlmodel),
+        flavors=mlmodel.get("flavors") or {}, signature=signature,
         input_example=files.input_example if files else lineage.input_example,
         params=lineage.params, metrics=lineage.metrics, run_tags=lineage.run_tags,
         description=description, tags=tags, created_by=actor.user_or_none,
         reference_sample_uri=samples.store_sample(sample) if sample else "",
-        reference_sample_rows=len(sample.rows) if sample else 0,
+        reference_sample_rows=len(sample.rows) if sample else 0, reference_sample_note=note,
     )
     RegisteredModel.objects.filter(pk=model.pk).update(
         version_count=F("version_count") + 1, latest_version=Greatest(F("latest_version"), number)
     )
-    audit_record(actor, "version.register", "model_version", f"{model.name}/{number}", after=_version_view(version))
+    audit_record(actor, "version.register", "model_version", f"{model.name}/{number}",
+                 after={**_version_view(version), "reference_sample": note})
     outbox_enqueue("registry.tasks.version_validate", [version.pk])
     return version
 

@@ -142,3 +142,80 @@ def test_deleting_a_version_with_the_mlflow_client_archives_it_in_the_platform(m
     assert ModelVersion.objects.get(model__name=unique_name, version=1).status == VersionStatus.ARCHIVED
     # the number is not reused
     assert version_register_from_archive(SYSTEM, unique_name, model_archive).version == 2
+
+
+def test_a_dataset_logged_with_the_models_run_becomes_its_reference_set(mlflow_as, unique_name, tmp_path):
+    """The convention the README gives: the rows logged as an artifact of the run, and a dataset whose source
+    is that file, logged with context "reference". The first engine build turns them into the reference set."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    import mlflow
+    import mlflow.data
+    import mlflow.sklearn
+    import pandas as pd
+
+    from pipelines.builder import engine_build_execute
+    from pipelines.models import BuildStatus, EngineBuild
+    from registry import mlflow_store, samples
+    from registry.models import VersionStatus
+    from registry.services import version_transition
+
+    mlflow_as(Role.DATA_SCIENTIST)
+    model, X = _train()
+    holdout = pd.DataFrame(X[::3], columns=[f"f{i}" for i in range(X.shape[1])])
+    path = tmp_path / "holdout.csv"
+    holdout.to_csv(path)  # pandas' default, its index first
+    mlflow.set_experiment(f"exp-{unique_name}")
+    with mlflow.start_run():
+        mlflow.log_artifact(str(path))
+        mlflow.log_input(mlflow.data.from_pandas(holdout, source=str(path), name="holdout"), context="reference")
+        mlflow.sklearn.log_model(model, name="model", input_example=X[:3], registered_model_name=unique_name,
+                                 pip_requirements=["scikit-learn"])  # no inference: 25 s on a busy machine
+    version = ModelVersion.objects.get(model__name=unique_name, version=1)
+    assert version.origin == VersionOrigin.MLFLOW_CLIENT
+    assert version.reference_sample_rows == len(holdout) == 60
+    assert samples.load_sample(version.reference_sample_uri) == holdout.to_numpy(dtype=float).tolist()
+    assert version.reference_sample_note.startswith("run dataset 'holdout' (context 'reference'): 60 rows from ")
+
+    # Validation is tested elsewhere; granted here, so the builds are planned.
+    version = version_transition(version.pk, VersionStatus.READY, detail="granted by the test")
+    fp32 = EngineBuild.objects.get(version=version, precision="fp32")
+    assert engine_build_execute(fp32.pk, "test-worker") == BuildStatus.SUCCEEDED
+    version.refresh_from_db()
+    folder, _, name = version.reference_uri.rpartition("/")
+    reference = json.loads(mlflow_store.read_artifact_text(folder, name) or "{}")
+    # the rows as the engine takes them (its input is float32), each with the original model's prediction
+    assert np.array_equal(np.asarray(reference["rows"], dtype=np.float32), holdout.to_numpy(dtype=np.float32))
+    with tempfile.TemporaryDirectory() as tmp:
+        original = mlflow.sklearn.load_model(str(mlflow_store.download_model(version.storage_location, Path(tmp))))
+    assert reference["prediction"] == original.predict(holdout.to_numpy()).tolist()
+
+
+def test_a_dataset_the_platform_cannot_read_leaves_the_input_example_with_the_reason(mlflow_as, unique_name):
+    import mlflow
+    import mlflow.data
+    import mlflow.sklearn
+    import pandas as pd
+
+    from pipelines.builder import sample_rows
+
+    mlflow_as(Role.DATA_SCIENTIST)
+    model, X = _train()
+    mlflow.set_experiment(f"exp-{unique_name}")
+    with mlflow.start_run():
+        # Rows that live only on a web server: the platform, air-gapped, never fetches them.
+        mlflow.log_input(mlflow.data.from_pandas(pd.DataFrame(X[::3]), source="https://example.com/holdout.csv",
+                                                 name="holdout"), context="reference")
+        mlflow.sklearn.log_model(model, name="model", input_example=X[:3], registered_model_name=unique_name,
+                                 pip_requirements=["scikit-learn"])  # no inference: 25 s on a busy machine
+    version = ModelVersion.objects.get(model__name=unique_name, version=1)
+    assert (version.reference_sample_uri, version.reference_sample_rows) == ("", 0)
+    assert version.reference_sample_note.startswith(
+        "run dataset 'holdout' (context 'reference') not used: its source 'https://example.com/holdout.csv' "
+        "(http) is outside the platform's artifact store")
+    assert version.reference_sample_note.endswith("; the input example is used instead")
+    assert sample_rows(version) == X[:3].tolist()
+    event = AuditEvent.objects.get(action="version.register", target_id=f"{unique_name}/1")
+    assert event.after["reference_sample"] == version.reference_sample_note

@@ -90,6 +90,9 @@ class LineageOut(serializers.Serializer):
     flavors = serializers.DictField()
     reference_sample_uri = serializers.CharField()
     reference_sample_rows = serializers.IntegerField()
+    reference_sample_note = serializers.CharField(help_text="Where the reference sample came from (the "
+                                                            "registration, or a dataset the run logged), or why a "
+                                                            "dataset the run logged was not used")
     reference_uri = serializers.CharField(help_text="The reference set drift is judged against (written by the "
                                                     "first engine build): sample rows and the original model's "
                                                     "predictions")
