@@ -95,9 +95,9 @@ class ReferencePinView(BaseView):
 
     @extend_schema(request=ReferencePinIn, responses={201: dict})
     def post(self, request: Request, name: str, version: int) -> Response:
-        found = version_or_404(name, version)
         data = ReferencePinIn(data=request.data)
         data.is_valid(raise_exception=True)
+        found = version_or_404(name, version)
         args = data.validated_data
         if "drift_check" in args:
             check = DriftCheck.objects.filter(pk=args["drift_check"], version=found).first()
@@ -160,9 +160,10 @@ class MonitorPolicyView(BaseView):
 
     @extend_schema(request=PolicyIO, responses=PolicyIO)
     def patch(self, request: Request, name: str) -> Response:
+        body = request.data  # read first: a body PostgreSQL cannot store is a 400, whatever the model
         model = model_or_404(name)
         current = policy_for(model.pk)
-        data = PolicyIO(current if current.pk else None, data=request.data, partial=True)
+        data = PolicyIO(current if current.pk else None, data=body, partial=True)
         data.is_valid(raise_exception=True)
         return Response(PolicyIO(services.policy_update(actor_of(request), model, dict(data.validated_data))).data)
 
