@@ -267,6 +267,13 @@ def test_the_version_page_shows_lineage_signature_example_and_inspection(browser
     assert "[0.0, 1.5, 2.25]" in body  # input example, pretty-printed
     assert "prediction_shape" in body  # inspection report
     assert "hx-trigger" not in body  # ready: nothing polls
+    assert "none given: the input example" in body and "written by the first engine build" in body
+    ModelVersion.objects.filter(model__name=unique_name, version=1).update(
+        reference_sample_rows=450, reference_sample_note="run dataset 'holdout' (context 'reference'): 450 rows",
+        reference_uri="mlflow-artifacts:/references/abc.json")
+    body = browser_as(Role.ONCALL).get(version_url(unique_name, 1)).content.decode()
+    assert "450 rows<span class=\"by\">run dataset &#x27;holdout&#x27; (context &#x27;reference&#x27;)" in body
+    assert "mlflow-artifacts:/references/abc.json" in body
 
 
 @pytest.mark.django_db
