@@ -160,6 +160,9 @@ PLATFORM: dict[str, Any] = {
     "TOKEN_DEFAULT_DAYS": env_int("PLATFORM_TOKEN_DEFAULT_DAYS", 90),
     # Hardware targets with workers: engine variants are planned for these (cpu, gpu).
     "BUILD_TARGETS": env_list("PLATFORM_BUILD_TARGETS", ["cpu"]),
+    # A worker serving hardware targets (pseudo-queue `hil`, pipelines/hardware.py) announces itself this
+    # often; three missed announcements and it no longer counts as live.
+    "HIL_HEARTBEAT_S": env_float("PLATFORM_HIL_HEARTBEAT_S", 5.0),
     # Seconds an engine build may take, and after which a silent build is handed to another worker.
     "BUILD_TIMEOUT_S": env_int("PLATFORM_BUILD_TIMEOUT_S", 900),
     "BUILD_STALE_S": env_int("PLATFORM_BUILD_STALE_S", 120),
