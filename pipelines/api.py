@@ -1,6 +1,10 @@
-"""Engine builds in the REST API: list a version's builds with their state, figures and log; ask for them."""
+"""Engine builds in the REST API: list a version's builds with their state, figures and log; ask for them.
+Hardware targets: each profile, its queue and the live workers serving it."""
 
 from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
 
 from django.http import Http404
 from drf_spectacular.utils import extend_schema
@@ -8,6 +12,7 @@ from rest_framework import serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from pipelines import hardware
 from pipelines.models import EngineBuild
 from pipelines.services import engine_builds_request
 from registry.api.views import BaseView, actor_of, version_or_404
@@ -50,3 +55,46 @@ class BuildDetailView(BaseView):
         if build is None:
             raise Http404(f"no build {build_id} for {name} v{version}")
         return Response(BuildOut(build).data)
+
+
+class TargetWorkerOut(serializers.Serializer):
+    hostname = serializers.CharField()
+    facts = serializers.DictField(help_text="arch, cpu_model, cpu_flags, cores, memory_bytes, gpus, cuda, tensorrt")
+    profiles = serializers.ListField(child=serializers.CharField())
+    queues = serializers.ListField(child=serializers.CharField())
+    started_at = serializers.DateTimeField()
+    last_seen = serializers.DateTimeField()
+
+
+class TargetOut(serializers.Serializer):
+    name = serializers.CharField()
+    description = serializers.CharField()
+    queue = serializers.CharField()
+    requires = serializers.DictField(help_text="arch, cpu_flags (all of them), gpu (a word of the GPU's name)")
+    live = serializers.BooleanField(help_text="a worker serving it announced itself within three heartbeats")
+    workers = TargetWorkerOut(many=True)
+    last_seen = serializers.DateTimeField(allow_null=True, help_text="last heartbeat of any worker serving it")
+    none_since = serializers.DateTimeField(allow_null=True, help_text="when not live: when it last had a worker")
+
+
+def _when(seconds: float | None) -> datetime | None:
+    return None if seconds is None else datetime.fromtimestamp(seconds, tz=UTC)
+
+
+def _target_row(presence: hardware.Presence) -> dict[str, Any]:
+    profile = presence.profile
+    workers = [{**w, "started_at": _when(w["started_at"]), "last_seen": _when(w["last_seen"])}
+               for w in presence.workers]
+    return {"name": profile.name, "description": profile.description, "queue": profile.queue,
+            "requires": profile.requirements(), "live": presence.live, "workers": workers,
+            "last_seen": _when(presence.last_seen), "none_since": _when(presence.none_since)}
+
+
+class TargetListView(BaseView):
+    capabilities = {"GET": Cap.MODEL_READ}
+
+    @extend_schema(responses=TargetOut(many=True),
+                   description="Hardware targets (profiles): requirements, Celery queue, and the live workers "
+                               "serving each with their detected hardware.")
+    def get(self, request: Request) -> Response:
+        return self.paginate([_target_row(p) for p in hardware.presences()], TargetOut)

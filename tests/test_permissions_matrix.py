@@ -38,6 +38,7 @@ ENDPOINTS = [
     ("POST", "/api/v1/deployments/{progressing}/abort/", Cap.DEPLOY_CONTROL, None),
     ("POST", "/api/v1/deployments/{progressing}/promote/", Cap.DEPLOY_PROMOTE, None),
     ("GET", "/api/v1/endpoints/", Cap.DEPLOY_READ, None),
+    ("GET", "/api/v1/targets/", Cap.MODEL_READ, None),
     ("POST", "/api/v1/models/{champion}/rollback/", Cap.DEPLOY_CONTROL, {"reason": "answers wrong"}),
     ("GET", "/api/v1/models/{m}/monitoring/", Cap.MODEL_READ, None),
     ("PATCH", "/api/v1/models/{m}/monitoring/", Cap.MONITOR_EDIT, {"rollback_on_slo": True}),

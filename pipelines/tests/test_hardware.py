@@ -176,3 +176,19 @@ def test_a_heartbeat_keeps_the_worker_announced_with_its_first_start_time(presen
     assert worker["started_at"] == beat.started_at and worker["last_seen"] >= worker["started_at"]
     beat.stop()
     assert hardware.live_workers() == []
+
+
+@pytest.mark.django_db
+def test_the_targets_api_lists_each_profile_with_the_live_workers_serving_it(presence_keys: None,
+                                                                            scientist: Any) -> None:
+    hardware.worker_announce("gpu-1@host", H100, hardware.matching(H100))
+    resp = scientist.get("/api/v1/targets/")
+    assert resp.status_code == 200
+    rows = {row["name"]: row for row in resp.json()["results"]}
+    assert set(rows) == {p.name for p in hardware.PROFILES}
+    h100 = rows["gpu-h100"]
+    assert h100["queue"] == "hil.gpu-h100" and h100["requires"]["gpu"] == "H100"
+    assert h100["live"] and h100["none_since"] is None
+    assert [w["hostname"] for w in h100["workers"]] == ["gpu-1@host"]
+    assert h100["workers"][0]["facts"]["gpus"][0]["memory_mib"] == 1024
+    assert rows["gpu-a100"] == {**rows["gpu-a100"], "live": False, "workers": [], "last_seen": None}
