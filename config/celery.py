@@ -6,7 +6,7 @@ import uuid
 from typing import Any
 
 from celery import Celery
-from celery.signals import beat_init
+from celery.signals import beat_init, celeryd_after_setup, worker_shutdown
 from kombu.transport import redis as kombu_redis
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
@@ -106,3 +106,35 @@ def _lost_beat_lock() -> None:
 @beat_init.connect
 def _one_beat_only(sender: Any = None, **kwargs: Any) -> None:
     beat_lock_hold(app.conf.broker_url, uuid.uuid4().hex, _lost_beat_lock)
+
+
+# Hardware targets (pipelines/hardware.py): a worker given the pseudo-queue `hil` (`--queues default,hil`)
+# consumes instead the queue of each hardware profile its machine matches, and announces itself with its
+# facts in Redis until it stops. Connected here because the queues must change before the consumer starts,
+# which this signal of the worker's main process allows; the work itself is the pipelines app's.
+_hil_heartbeat: Any = None
+
+
+@celeryd_after_setup.connect
+def _hil_queues(sender: str, instance: Any, **kwargs: Any) -> None:
+    global _hil_heartbeat
+    from pipelines import hardware
+
+    queues = instance.app.amqp.queues
+    if hardware.HIL_PSEUDO_QUEUE not in queues.consume_from:
+        return
+    facts = hardware.detect()
+    profiles = hardware.matching(facts)
+    queues.deselect([hardware.HIL_PSEUDO_QUEUE])
+    for profile in profiles:
+        queues.select_add(profile.queue)
+    log.info("hardware targets of %s: %s (%s, %d cores, %d GPU(s))", sender,
+             ", ".join(p.name for p in profiles) or "none matched", facts.cpu_model, facts.cores, len(facts.gpus))
+    _hil_heartbeat = hardware.Heartbeat(sender, facts, profiles)
+    _hil_heartbeat.start()
+
+
+@worker_shutdown.connect
+def _hil_withdraw(**kwargs: Any) -> None:
+    if _hil_heartbeat is not None:
+        _hil_heartbeat.stop()

@@ -192,3 +192,29 @@ def test_the_targets_api_lists_each_profile_with_the_live_workers_serving_it(pre
     assert [w["hostname"] for w in h100["workers"]] == ["gpu-1@host"]
     assert h100["workers"][0]["facts"]["gpus"][0]["memory_mib"] == 1024
     assert rows["gpu-a100"] == {**rows["gpu-a100"], "live": False, "workers": [], "last_seen": None}
+
+
+def test_a_worker_given_the_hil_queue_consumes_its_hardware_queues_and_announces_itself(platform_process: Any) -> None:
+    from config.celery import app
+
+    expected = hardware.matching(hardware.detect())
+    name = f"hil-{uuid.uuid4().hex[:8]}"
+    args = ["celery", "-A", "config", "worker", "--loglevel", "INFO", "--concurrency", "1", "--queues", "hil",
+            "--hostname", f"{name}@%h"]
+    with platform_process(args, "hil-worker", {"PLATFORM_HIL_HEARTBEAT_S": "1"}) as proc:
+        deadline = time.monotonic() + 60
+        mine: list[dict[str, Any]] = []
+        while not mine and time.monotonic() < deadline and proc.poll() is None:
+            mine = [w for w in hardware.live_workers() if w["hostname"].startswith(f"{name}@")]
+            time.sleep(0.2)
+        assert mine, "the worker did not announce itself within 60 s"
+        [worker] = mine
+        assert worker["profiles"] == [p.name for p in expected]
+        # it announces itself before its consumer starts: ask for its queues once it answers
+        replies: dict[str, Any] = {}
+        while worker["hostname"] not in replies and time.monotonic() < deadline and proc.poll() is None:
+            replies = app.control.inspect(destination=[worker["hostname"]], timeout=1).active_queues() or {}
+        assert {q["name"] for q in replies[worker["hostname"]]} == {p.queue for p in expected}
+        for profile in expected:
+            assert worker["hostname"] in [w["hostname"] for w in hardware.profile_presence(profile.name).workers]
+    assert not [w for w in hardware.live_workers() if w["hostname"].startswith(f"{name}@")]
