@@ -3,9 +3,6 @@ Hardware targets: each profile, its queue and the live workers serving it."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-from typing import Any
-
 from django.http import Http404
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
@@ -77,19 +74,6 @@ class TargetOut(serializers.Serializer):
     none_since = serializers.DateTimeField(allow_null=True, help_text="when not live: when it last had a worker")
 
 
-def _when(seconds: float | None) -> datetime | None:
-    return None if seconds is None else datetime.fromtimestamp(seconds, tz=UTC)
-
-
-def _target_row(presence: hardware.Presence) -> dict[str, Any]:
-    profile = presence.profile
-    workers = [{**w, "started_at": _when(w["started_at"]), "last_seen": _when(w["last_seen"])}
-               for w in presence.workers]
-    return {"name": profile.name, "description": profile.description, "queue": profile.queue,
-            "requires": profile.requirements(), "live": presence.live, "workers": workers,
-            "last_seen": _when(presence.last_seen), "none_since": _when(presence.none_since)}
-
-
 class TargetListView(BaseView):
     capabilities = {"GET": Cap.MODEL_READ}
 
@@ -97,4 +81,4 @@ class TargetListView(BaseView):
                    description="Hardware targets (profiles): requirements, Celery queue, and the live workers "
                                "serving each with their detected hardware.")
     def get(self, request: Request) -> Response:
-        return self.paginate([_target_row(p) for p in hardware.presences()], TargetOut)
+        return self.paginate(hardware.targets_overview(), TargetOut)

@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import threading
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -256,6 +257,23 @@ def presences() -> list[Presence]:
     seen = {k.decode(): float(v) for k, v in redis_client().hgetall(PROFILE_SEEN_KEY).items()}
     return [Presence(profile, [w for w in workers if profile.name in w["profiles"]], seen.get(profile.name))
             for profile in PROFILES]
+
+
+def _when(seconds: float | None) -> datetime | None:
+    return None if seconds is None else datetime.fromtimestamp(seconds, tz=UTC)
+
+
+def targets_overview() -> list[dict[str, Any]]:
+    """Each profile as the API and the UI show it: requirements, queue, live workers, times as datetimes."""
+    rows = []
+    for presence in presences():
+        profile = presence.profile
+        workers = [{**w, "started_at": _when(w["started_at"]), "last_seen": _when(w["last_seen"])}
+                   for w in presence.workers]
+        rows.append({"name": profile.name, "description": profile.description, "queue": profile.queue,
+                     "requires": profile.requirements(), "live": presence.live, "workers": workers,
+                     "last_seen": _when(presence.last_seen), "none_since": _when(presence.none_since)})
+    return rows
 
 
 def profile_presence(name: str) -> Presence:
