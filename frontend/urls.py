@@ -19,6 +19,7 @@ urlpatterns = [
     path("tokens/", views.tokens, name="tokens"),
     path("tokens/<int:token_id>/revoke/", views.token_revoke_view, name="token-revoke"),
     path("audit/", views.audit, name="audit"),
+    path("targets/", views.targets, name="targets"),
     path("alerts/", views.alert_list, name="alert-list"),
     path("alerts/<int:alert_id>/", views.alert_detail, name="alert-detail"),
     path("alerts/<int:alert_id>/rollback/", views.alert_rollback, name="alert-rollback"),

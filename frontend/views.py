@@ -34,6 +34,7 @@ from monitoring import alerts as alert_services
 from monitoring import selectors as monitoring_selectors
 from monitoring.models import Alert, AlertStatus, DriftCheck, DriftReport
 from monitoring.selectors import policy_for
+from pipelines import hardware
 from pipelines.models import TERMINAL_BUILD_STATES, BuildStatus, EngineBuild
 from pipelines.services import engine_builds_request, planned_variants
 from registry import archives, selectors, services
@@ -359,6 +360,15 @@ def audit(request: HttpRequest) -> HttpResponse:
         "page": paginate(request, selectors.audit_list(**filters), AUDIT_PER_PAGE),
     }
     return render(request, "frontend/audit.html", context)
+
+
+# ---- hardware targets ---------------------------------------------------------------------------
+
+@require_GET
+@page_needs(Cap.MODEL_READ)
+def targets(request: HttpRequest) -> HttpResponse:
+    return render(request, "frontend/targets.html", {"targets": hardware.targets_overview(),
+                                                     "heartbeat_s": hardware.heartbeat_s()})
 
 
 # ---- deployments --------------------------------------------------------------------------------

@@ -45,7 +45,8 @@ def version_url(name: str, number: int) -> str:
 
 # ---- who may open what --------------------------------------------------------------------------
 
-PAGES = ["/", "/models/some-model/", "/models/some-model/versions/1/", "/register/", "/tokens/", "/audit/"]
+PAGES = ["/", "/models/some-model/", "/models/some-model/versions/1/", "/register/", "/tokens/", "/audit/",
+         "/targets/"]
 
 
 @pytest.mark.django_db
