@@ -10,7 +10,7 @@ connection, 502, 503 or 504, honouring Retry-After, until a definite answer). Th
 
     redis     the embedded Redis server                     back: PING answers (a new process)
     postgres  the embedded PostgreSQL's postmaster          back: SQL answers (a new postmaster)
-    worker    the Celery worker (queues default,pipelines) with its pool and build processes, while an
+    worker    the Celery worker (default, pipelines, hardware targets) with its pool and build processes, while an
               engine build runs                             back: the new worker logs "ready"
     deployer  the deployer's Celery worker, while a rollout progresses     back: it logs "ready"
     beat      Celery beat                                   back: the new beat logs "Starting"
