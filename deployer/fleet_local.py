@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from deployer.fleet import FleetError, FleetNotReady, Placement
-from deployer.triton_local import TritonServer, TritonUnavailable
+from pipelines.triton_local import TritonServer, TritonUnavailable
 
 log = logging.getLogger("deployer.fleet")
 

@@ -44,7 +44,7 @@ def triton(tmp_path: Path) -> Any:
     """One Triton server with the echo model; the test says through `fault` when it fails or is slow."""
     import tritonclient.http as triton_http
 
-    from deployer.triton_local import TritonServer
+    from pipelines.triton_local import TritonServer
 
     fault = tmp_path / "fault"
     write_echo_model(tmp_path / "repo", "slo_echo_v1", 1.0, fault_file=fault)

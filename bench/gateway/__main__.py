@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from deployer.gateway.echo_model import write_echo_model
     from deployer.gateway.routing import publish_routes
-    from deployer.triton_local import TritonServer
+    from pipelines.triton_local import TritonServer
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-gw-") as tmp:

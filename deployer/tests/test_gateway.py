@@ -34,7 +34,7 @@ pytestmark = pytest.mark.timeout(120)
 def triton(tmp_path_factory):
     import tritonclient.http as triton_http
 
-    from deployer.triton_local import TritonServer
+    from pipelines.triton_local import TritonServer
 
     base = tmp_path_factory.mktemp("gw-triton")
     write_echo_model(base / "repo", "echo_v1", 1)

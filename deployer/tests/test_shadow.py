@@ -28,7 +28,7 @@ FACTORS = {"echo_v1": 1.0, "echo_same": 1.0, "echo_double": 2.0, "echo_negated":
 def triton(tmp_path_factory):
     import tritonclient.http as triton_http
 
-    from deployer.triton_local import TritonServer
+    from pipelines.triton_local import TritonServer
 
     base = tmp_path_factory.mktemp("shadow-triton")
     fault = base / "fault"

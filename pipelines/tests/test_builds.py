@@ -153,7 +153,7 @@ def test_the_packaged_entry_loads_in_triton_and_answers_like_the_original_model(
     import tritonclient.http as triton_http
     from sklearn.datasets import load_digits
 
-    from deployer.triton_local import TritonServer
+    from pipelines.triton_local import TritonServer
 
     version = _ready_version(unique_name, model_archive)
     build = next(b for b in _builds(version) if b.precision == "fp32")
