@@ -1,0 +1,387 @@
+"""The measuring part of a hardware-in-the-loop run: closed-loop load against a model already loaded in a
+running Triton server, point by point (concurrency x batch size), until the windows agree.
+
+Pure measurement: no models, no verdict. The client is plain `http.client` with KServe v2 binary tensors
+(the body is built once per batch size; each request is one send and one read on a kept-alive
+connection), the lowest client overhead on a small machine where the client and Triton share the CPUs.
+
+Stability follows perf_analyzer: a point is stable when its last three windows agree, max/min within
+`1 + stability_pct/100`, both on throughput and on p50 latency; after `max_trials` windows without that it
+is `unstable`, and its figures are those of its last three windows all the same.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import psutil
+
+STABLE = "stable"
+UNSTABLE = "unstable"
+
+_NUMPY_TYPES = {"BOOL": np.bool_, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
+                "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
+                "FP16": np.float16, "FP32": np.float32, "FP64": np.float64}
+
+
+class HilError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One input of the model: its KServe datatype and the shape of ONE sample (no batch axis)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Settings:
+    concurrencies: tuple[int, ...] = (1, 2, 4)
+    batch_sizes: tuple[int, ...] | None = None  # None: 1 and the config's max_batch_size
+    window_s: float = 1.0
+    stability_pct: float = 10.0
+    stable_windows: int = 3
+    max_trials: int = 10
+    warmup_requests: int = 20  # per batch size, one after another
+    request_timeout_s: float = 30.0
+
+
+@dataclass
+class Window:
+    """What one measurement window saw."""
+
+    seconds: float
+    latencies_ns: list[int]
+    errors: int
+    batch_size: int
+    server: dict[str, int]  # deltas of the model's statistics over the window
+
+    @property
+    def requests_per_s(self) -> float:
+        return len(self.latencies_ns) / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def p50_ms(self) -> float:
+        return percentile_ms(self.latencies_ns, 50)
+
+
+@dataclass
+class Point:
+    concurrency: int
+    batch_size: int
+    status: str  # STABLE or UNSTABLE
+    windows: int  # how many windows it took
+    requests: int  # successful requests in the windows the figures come from
+    errors: int
+    first_error: str | None
+    p50_ms: float
+    p90_ms: float
+    p95_ms: float
+    p99_ms: float
+    requests_per_s: float
+    inferences_per_s: float
+    queue_ms: float | None  # Triton's mean queue time per request, None when it counted no request
+    compute_ms: float | None  # Triton's mean compute_infer time per request
+    server_requests: int  # successes Triton counted over the same windows
+    memory_pss_bytes: int  # the server's PSS when the point ended
+
+    def words(self) -> str:
+        server = (f"Triton queue {self.queue_ms:.3f} ms, compute {self.compute_ms:.3f} ms per request"
+                  if self.queue_ms is not None and self.compute_ms is not None else "no Triton statistics")
+        return (f"concurrency {self.concurrency}, batch {self.batch_size}: {self.status} after {self.windows} "
+                f"window(s); p50 {self.p50_ms:.2f} ms, p90 {self.p90_ms:.2f} ms, p95 {self.p95_ms:.2f} ms, "
+                f"p99 {self.p99_ms:.2f} ms; {self.inferences_per_s:.1f} inferences/s "
+                f"({self.requests_per_s:.1f} requests/s); {server}; {self.errors} error(s)"
+                + (f", the first: {self.first_error}" if self.first_error else ""))
+
+
+@dataclass
+class Measurement:
+    model: str
+    max_batch_size: int
+    settings: Settings
+    points: list[Point] = field(default_factory=list)
+    memory_pss_bytes: int = 0  # the largest PSS of the server seen (after warm-up and after each point)
+    memory_after_warmup_bytes: int = 0
+    seconds: float = 0.0
+
+    @property
+    def unstable(self) -> list[Point]:
+        return [p for p in self.points if p.status != STABLE]
+
+    def words(self) -> str:
+        s = self.settings
+        lines = [f"{self.model}: {len(self.points)} point(s) in {self.seconds:.1f} s, windows of {s.window_s:g} s, "
+                 f"stable when {s.stable_windows} in a row agree within {s.stability_pct:g}% "
+                 f"(at most {s.max_trials}); {len(self.unstable)} unstable; server memory (PSS) "
+                 f"{self.memory_pss_bytes / 2**20:.1f} MiB at most, {self.memory_after_warmup_bytes / 2**20:.1f} MiB "
+                 f"after warm-up"]
+        lines += [p.words() for p in self.points]
+        return "\n".join(lines)
+
+
+def percentile_ms(latencies_ns: Sequence[int], q: float) -> float:
+    """The nearest-rank percentile (perf_analyzer's), in ms; NaN for no sample."""
+    if not latencies_ns:
+        return math.nan
+    ordered = sorted(latencies_ns)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1] / 1e6
+
+
+def windows_agree(windows: Sequence[Window], stability_pct: float) -> bool:
+    """perf_analyzer's rule over the given windows: none without throughput, and max/min within the
+    percentage on throughput and on p50 latency."""
+    limit = 1 + stability_pct / 100
+    rates = [w.requests_per_s for w in windows]
+    p50s = [w.p50_ms for w in windows]
+    if not windows or min(rates) <= 0 or any(math.isnan(p) or p <= 0 for p in p50s):
+        return False
+    return max(rates) / min(rates) <= limit and max(p50s) / min(p50s) <= limit
+
+
+def server_pss_bytes(server_pid: int) -> int:
+    """PSS summed over the server and every process of its session (the Python backend stubs): the
+    server is started as a session leader (`start_new_session`)."""
+    total = 0
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != server_pid and os.getsid(proc.pid) != server_pid:
+                continue
+            total += proc.memory_full_info().pss
+        except (psutil.Error, OSError):
+            continue  # gone meanwhile, or not ours to read
+    return total
+
+
+class _Http:
+    """One kept-alive connection to Triton's HTTP endpoint."""
+
+    def __init__(self, url: str, timeout: float):
+        host, _, port = url.removeprefix("http://").rstrip("/").partition(":")
+        self.host, self.port, self.timeout = host, int(port or 80), timeout
+        self.conn: http.client.HTTPConnection | None = None
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        if self.conn is None:
+            self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        try:
+            self.conn.request(method, path, body=body, headers=headers or {})
+            resp = self.conn.getresponse()
+            return resp.status, resp.read()
+        except (OSError, http.client.HTTPException):
+            self.close()
+            raise
+
+    def json(self, path: str) -> Any:
+        status, body = self.request("GET", path)
+        if status != 200:
+            raise HilError(f"GET {path} answered {status}: {body[:300]!r}")
+        return json.loads(body)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
+def inputs_from_config(config: dict[str, Any], dynamic_dim: int = 1) -> list[InputSpec]:
+    """The inputs of a model from its Triton config (`GET /v2/models/<m>/config`); a variable dimension
+    (-1) becomes `dynamic_dim`."""
+    return [InputSpec(i["name"], i["data_type"].removeprefix("TYPE_"),
+                      tuple(int(d) if int(d) > 0 else dynamic_dim for d in i["dims"])) for i in config["input"]]
+
+
+def infer_body(inputs: Sequence[InputSpec], batch_size: int, batched: bool, seed: int = 0) -> tuple[bytes, int]:
+    """A KServe v2 inference request with binary tensors (and binary outputs asked for): the body and
+    the length of its JSON header. Values are seeded random numbers in [0, 1)."""
+    rng = np.random.default_rng(seed)
+    header: dict[str, Any] = {"inputs": [], "parameters": {"binary_data_output": True}}
+    blobs = []
+    for spec in inputs:
+        if spec.datatype not in _NUMPY_TYPES:
+            raise HilError(f"input {spec.name}: datatype {spec.datatype} is not supported by the HIL client")
+        shape = (batch_size, *spec.shape) if batched else spec.shape
+        blob = rng.random(shape).astype(_NUMPY_TYPES[spec.datatype]).tobytes()
+        header["inputs"].append({"name": spec.name, "shape": list(shape), "datatype": spec.datatype,
+                                 "parameters": {"binary_data_size": len(blob)}})
+        blobs.append(blob)
+    head = json.dumps(header).encode()
+    return head + b"".join(blobs), len(head)
+
+
+def _stats_totals(stats: dict[str, Any]) -> dict[str, int]:
+    """The counters a window needs, summed over the model's versions."""
+    totals = {"success": 0, "fail": 0, "queue_ns": 0, "compute_infer_ns": 0, "inferences": 0}
+    for version in stats.get("model_stats", []):
+        inference = version.get("inference_stats", {})
+        totals["success"] += int(inference.get("success", {}).get("count", 0))
+        totals["fail"] += int(inference.get("fail", {}).get("count", 0))
+        totals["queue_ns"] += int(inference.get("queue", {}).get("ns", 0))
+        totals["compute_infer_ns"] += int(inference.get("compute_infer", {}).get("ns", 0))
+        totals["inferences"] += int(version.get("inference_count", 0))
+    return totals
+
+
+class _Load:
+    """N client threads in a closed loop, each sending the same request again as soon as its answer is in.
+    Each completed request is recorded with its end time; the measuring thread takes them per window."""
+
+    def __init__(self, url: str, path: str, body: bytes, headers: dict[str, str], concurrency: int, timeout: float):
+        self.url, self.path, self.body, self.headers, self.timeout = url, path, body, headers, timeout
+        self.lock = threading.Lock()
+        self.latencies: list[int] = []
+        self.errors = 0
+        self.first_error: str | None = None
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self._run, daemon=True, name=f"hil-client-{i}")
+                        for i in range(concurrency)]
+
+    def _run(self) -> None:
+        client = _Http(self.url, self.timeout)
+        try:
+            while not self.stopping.is_set():
+                start = time.perf_counter_ns()
+                broken = False
+                try:
+                    status, answer = client.request("POST", self.path, self.body, self.headers)
+                    error = None if status == 200 else f"HTTP {status}: {answer[:300]!r}"
+                except (OSError, http.client.HTTPException) as exc:
+                    error, broken = f"{type(exc).__name__}: {exc}", True
+                elapsed = time.perf_counter_ns() - start
+                with self.lock:
+                    if error is None:
+                        self.latencies.append(elapsed)
+                    else:
+                        self.errors += 1
+                        self.first_error = self.first_error or error
+                if broken:
+                    time.sleep(0.01)  # a refused connection would otherwise spin
+        finally:
+            client.close()
+
+    def take(self) -> tuple[list[int], int]:
+        """The latencies of the requests answered since the last take, and the errors."""
+        with self.lock:
+            latencies, errors = self.latencies, self.errors
+            self.latencies, self.errors = [], 0
+        return latencies, errors
+
+    def __enter__(self) -> _Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        for t in self.threads:
+            t.join(self.timeout + 5)
+
+
+def measure(http_url: str, model: str, inputs: Sequence[InputSpec] | None = None, *, server_pid: int,
+            settings: Settings = Settings(), progress: Callable[[str], None] | None = None) -> Measurement:
+    """Warm up, then measure every point of the sweep (batch sizes the model's config allows x concurrencies).
+    `http_url` is Triton's HTTP address (`host:port`), `server_pid` the server's process (its session holds
+    the Python backend stubs) for memory; `inputs` default to the config's, variable dims as 1."""
+    started = time.monotonic()
+    control = _Http(http_url, settings.request_timeout_s)
+    try:
+        config = control.json(f"/v2/models/{model}/config")
+        max_batch = int(config.get("max_batch_size", 0))
+        specs = list(inputs) if inputs is not None else inputs_from_config(config)
+        batches = _batch_sizes(max_batch, settings.batch_sizes)
+        result = Measurement(model=model, max_batch_size=max_batch, settings=settings)
+        path = f"/v2/models/{model}/infer"
+        bodies = {}
+        for batch in batches:
+            body, head = infer_body(specs, batch, batched=max_batch > 0)
+            bodies[batch] = (body, {"Inference-Header-Content-Length": str(head),
+                                    "Content-Type": "application/octet-stream"})
+            for _ in range(settings.warmup_requests):
+                status, answer = control.request("POST", path, *bodies[batch])
+                if status != 200:
+                    raise HilError(f"warm-up of {model} at batch {batch}: HTTP {status}: {answer[:300]!r}")
+        result.memory_after_warmup_bytes = result.memory_pss_bytes = server_pss_bytes(server_pid)
+        for batch in batches:
+            for concurrency in settings.concurrencies:
+                point = _measure_point(control, http_url, model, path, bodies[batch], batch, concurrency,
+                                       server_pid, settings)
+                result.points.append(point)
+                result.memory_pss_bytes = max(result.memory_pss_bytes, point.memory_pss_bytes)
+                if progress is not None:
+                    progress(point.words())
+        result.seconds = time.monotonic() - started
+        return result
+    finally:
+        control.close()
+
+
+def _batch_sizes(max_batch: int, wanted: tuple[int, ...] | None) -> list[int]:
+    if max_batch <= 0:
+        return [1]  # the model takes no batch axis: one sample per request
+    if wanted is None:
+        return sorted({1, max_batch})
+    allowed = sorted({b for b in wanted if 1 <= b <= max_batch})
+    if not allowed:
+        raise HilError(f"none of the batch sizes {list(wanted)} is within the model's max_batch_size {max_batch}")
+    return allowed
+
+
+def _measure_point(control: _Http, http_url: str, model: str, path: str, request: tuple[bytes, dict[str, str]],
+                   batch: int, concurrency: int, server_pid: int, settings: Settings) -> Point:
+    stats_path = f"/v2/models/{model}/stats"
+    windows: list[Window] = []
+    stable = False
+    with _Load(http_url, path, request[0], request[1], concurrency, settings.request_timeout_s) as load:
+        # The first window starts once every client has had time to send: what came before is dropped.
+        time.sleep(min(0.1, settings.window_s / 4))
+        load.take()
+        before = _stats_totals(control.json(stats_path))
+        start = time.perf_counter()
+        while len(windows) < settings.max_trials:
+            time.sleep(settings.window_s)
+            latencies, errors = load.take()
+            end = time.perf_counter()
+            after = _stats_totals(control.json(stats_path))
+            windows.append(Window(seconds=end - start, latencies_ns=latencies, errors=errors, batch_size=batch,
+                                  server={k: after[k] - before[k] for k in after}))
+            before, start = after, end
+            recent = windows[-settings.stable_windows:]
+            if len(recent) == settings.stable_windows and windows_agree(recent, settings.stability_pct):
+                stable = True
+                break
+    point = _point(windows[-settings.stable_windows:], len(windows), stable, concurrency, batch,
+                   server_pss_bytes(server_pid))
+    point.first_error = load.first_error
+    return point
+
+
+def _point(recent: list[Window], taken: int, stable: bool, concurrency: int, batch: int, pss: int) -> Point:
+    latencies = [ns for w in recent for ns in w.latencies_ns]
+    seconds = sum(w.seconds for w in recent)
+    server = {k: sum(w.server[k] for w in recent) for k in recent[0].server}
+    per_request = server["success"]
+    rps = len(latencies) / seconds if seconds > 0 else 0.0
+    return Point(
+        concurrency=concurrency, batch_size=batch, status=STABLE if stable else UNSTABLE, windows=taken,
+        requests=len(latencies), errors=sum(w.errors for w in recent), first_error=None,
+        p50_ms=percentile_ms(latencies, 50), p90_ms=percentile_ms(latencies, 90),
+        p95_ms=percentile_ms(latencies, 95), p99_ms=percentile_ms(latencies, 99),
+        requests_per_s=rps, inferences_per_s=rps * batch,
+        queue_ms=server["queue_ns"] / per_request / 1e6 if per_request else None,
+        compute_ms=server["compute_infer_ns"] / per_request / 1e6 if per_request else None,
+        server_requests=per_request, memory_pss_bytes=pss,
+    )

@@ -1,0 +1,123 @@
+"""The HIL measuring harness against a real Triton server from the wheel, with a tiny identity model."""
+
+from __future__ import annotations
+
+import math
+import urllib.request
+
+import pytest
+
+from pipelines.hil import (
+    STABLE,
+    UNSTABLE,
+    InputSpec,
+    Settings,
+    Window,
+    measure,
+    percentile_ms,
+    windows_agree,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+IDENTITY_PY = '''import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        return [pb_utils.InferenceResponse([pb_utils.Tensor("y", pb_utils.get_input_tensor_by_name(r, "x").as_numpy())])
+                for r in requests]
+'''
+
+IDENTITY_CONFIG = '''name: "{name}"
+backend: "python"
+max_batch_size: 8
+input [ {{ name: "x" data_type: TYPE_FP32 dims: [ 4 ] }} ]
+output [ {{ name: "y" data_type: TYPE_FP32 dims: [ 4 ] }} ]
+instance_group [ {{ kind: KIND_CPU count: 1 }} ]
+'''
+
+
+@pytest.fixture(scope="module")
+def triton(tmp_path_factory):
+    from pipelines.triton_local import TritonServer
+
+    base = tmp_path_factory.mktemp("hil-triton")
+    (base / "repo" / "identity" / "1").mkdir(parents=True)
+    (base / "repo" / "identity" / "1" / "model.py").write_text(IDENTITY_PY)
+    (base / "repo" / "identity" / "config.pbtxt").write_text(IDENTITY_CONFIG.format(name="identity"))
+    server = TritonServer(base / "repo", base / "work")
+    server.start()
+    try:
+        load = urllib.request.Request(f"http://{server.url}/v2/repository/models/identity/load", data=b"{}",
+                                      method="POST")
+        with urllib.request.urlopen(load, timeout=60) as resp:
+            assert resp.status == 200
+        yield server
+    finally:
+        server.stop()
+
+
+def _window(rate: float, p50_ms: float) -> Window:
+    """A one-second window of `rate` requests that all took `p50_ms`."""
+    return Window(seconds=1.0, latencies_ns=[int(p50_ms * 1e6)] * int(rate), errors=0, batch_size=1, server={})
+
+
+def test_percentiles_are_nearest_rank_in_ms():
+    latencies = [i * 1_000_000 for i in range(1, 101)]  # 1..100 ms
+    assert [percentile_ms(latencies, q) for q in (50, 90, 95, 99, 100)] == [50, 90, 95, 99, 100]
+    assert percentile_ms([3_000_000], 99) == 3
+    assert math.isnan(percentile_ms([], 50))
+
+
+def test_windows_agree_only_when_throughput_and_p50_are_both_within_the_percentage():
+    assert windows_agree([_window(100, 1.0), _window(105, 1.05), _window(109, 1.0)], 10)
+    assert not windows_agree([_window(100, 1.0), _window(105, 1.0), _window(111, 1.0)], 10)  # throughput
+    assert not windows_agree([_window(100, 1.0), _window(100, 1.2), _window(100, 1.0)], 10)  # p50
+    assert not windows_agree([_window(0, 1.0), _window(0, 1.0), _window(0, 1.0)], 10)  # no request answered
+
+
+def test_a_sweep_gives_every_point_ordered_percentiles_throughput_triton_times_and_memory(triton):
+    # A stability percentage no noise can exceed: each point is stable after exactly three windows, which
+    # keeps the test short and its verdicts deterministic; the rule itself is tested above and below.
+    settings = Settings(concurrencies=(1, 2), window_s=0.4, stability_pct=1e9, max_trials=5, warmup_requests=10)
+    result = measure(triton.url, "identity", server_pid=triton.proc.pid, settings=settings)
+
+    assert result.max_batch_size == 8
+    assert [(p.batch_size, p.concurrency) for p in result.points] == [(1, 1), (1, 2), (8, 1), (8, 2)]
+    for p in result.points:
+        assert (p.status, p.windows) == (STABLE, 3), p.words()
+        assert 0 < p.p50_ms <= p.p90_ms <= p.p95_ms <= p.p99_ms, p.words()
+        assert p.requests > 0 and p.requests_per_s > 0, p.words()
+        assert p.inferences_per_s == pytest.approx(p.requests_per_s * p.batch_size)
+        assert p.queue_ms is not None and p.queue_ms > 0, p.words()
+        assert p.compute_ms is not None and p.compute_ms > 0, p.words()
+        assert p.server_requests > 0 and p.errors == 0 and p.first_error is None, p.words()
+        assert p.memory_pss_bytes > 0
+    assert result.memory_after_warmup_bytes > 0
+    assert result.memory_pss_bytes >= max(p.memory_pss_bytes for p in result.points)
+    words = result.words()
+    assert "identity: 4 point(s)" in words and "0 unstable" in words
+    assert "concurrency 2, batch 8: stable after 3 window(s)" in words
+
+
+def test_the_server_memory_counts_the_python_backend_stubs(triton):
+    import psutil
+
+    from pipelines.hil import server_pss_bytes
+
+    alone = psutil.Process(triton.proc.pid).memory_full_info().pss
+    assert server_pss_bytes(triton.proc.pid) > alone > 0
+
+
+def test_a_point_whose_windows_never_agree_ends_unstable_after_the_maximum_of_trials(triton):
+    # No two windows of real traffic have throughputs equal to a billionth.
+    settings = Settings(concurrencies=(1,), batch_sizes=(1,), window_s=0.2, stability_pct=1e-7, max_trials=4,
+                        warmup_requests=2)
+    result = measure(triton.url, "identity", [InputSpec("x", "FP32", (4,))], server_pid=triton.proc.pid,
+                     settings=settings)
+
+    [point] = result.points
+    assert (point.status, point.windows) == (UNSTABLE, 4), point.words()
+    assert point.requests > 0 and 0 < point.p50_ms <= point.p99_ms
+    assert "1 unstable" in result.words() and "unstable after 4 window(s)" in point.words()
