@@ -84,8 +84,8 @@ class Point:
     status: str  # STABLE or UNSTABLE
     windows: int  # how many windows it took
     requests: int  # successful requests in the windows the figures come from
-    errors: int
-    first_error: str | None
+    errors: int  # failed requests in those windows
+    first_error: str | None  # the first failure of the whole point, in words
     p50_ms: float
     p90_ms: float
     p95_ms: float
@@ -96,13 +96,17 @@ class Point:
     compute_ms: float | None  # Triton's mean compute_infer time per request
     server_requests: int  # successes Triton counted over the same windows
     memory_pss_bytes: int  # the server's PSS when the point ended
+    throughput_spread_pct: float  # max/min - 1 over the windows the figures come from, in percent
+    p50_spread_pct: float
+    trials: list[tuple[float, float]]  # every window's (requests/s, p50 ms), in order: the evidence of stability
 
     def words(self) -> str:
         server = (f"Triton queue {self.queue_ms:.3f} ms, compute {self.compute_ms:.3f} ms per request"
                   if self.queue_ms is not None and self.compute_ms is not None else "no Triton statistics")
         return (f"concurrency {self.concurrency}, batch {self.batch_size}: {self.status} after {self.windows} "
-                f"window(s); p50 {self.p50_ms:.2f} ms, p90 {self.p90_ms:.2f} ms, p95 {self.p95_ms:.2f} ms, "
-                f"p99 {self.p99_ms:.2f} ms; {self.inferences_per_s:.1f} inferences/s "
+                f"window(s), the figures' windows {self.throughput_spread_pct:.1f}% apart in throughput and "
+                f"{self.p50_spread_pct:.1f}% in p50; p50 {self.p50_ms:.2f} ms, p90 {self.p90_ms:.2f} ms, "
+                f"p95 {self.p95_ms:.2f} ms, p99 {self.p99_ms:.2f} ms; {self.inferences_per_s:.1f} inferences/s "
                 f"({self.requests_per_s:.1f} requests/s); {server}; {self.errors} error(s)"
                 + (f", the first: {self.first_error}" if self.first_error else ""))
 
@@ -291,42 +295,59 @@ class _Load:
             t.join(self.timeout + 5)
 
 
-def measure(http_url: str, model: str, inputs: Sequence[InputSpec] | None = None, *, server_pid: int,
-            settings: Settings = Settings(), progress: Callable[[str], None] | None = None) -> Measurement:
-    """Warm up, then measure every point of the sweep (batch sizes the model's config allows x concurrencies).
-    `http_url` is Triton's HTTP address (`host:port`), `server_pid` the server's process (its session holds
-    the Python backend stubs) for memory; `inputs` default to the config's, variable dims as 1."""
-    started = time.monotonic()
+@dataclass
+class Target:
+    """A model ready to be measured: its batch sizes and one request body per batch size, warmed up."""
+
+    http_url: str  # Triton's HTTP address, host:port
+    model: str
+    server_pid: int  # the server's process; its session holds the Python backend stubs
+    max_batch_size: int
+    batch_sizes: list[int]
+    requests: dict[int, tuple[bytes, dict[str, str]]]  # batch size: body, headers
+
+
+def prepare(http_url: str, model: str, inputs: Sequence[InputSpec] | None = None, *, server_pid: int,
+            settings: Settings = Settings()) -> Target:
+    """Read the model's config (its max_batch_size decides the batch sizes; `inputs` default to the config's,
+    variable dims as 1), build the requests, and warm up: `warmup_requests` per batch size. A request
+    that fails here fails the whole measurement (HilError): the model or its inputs are wrong."""
     control = _Http(http_url, settings.request_timeout_s)
     try:
         config = control.json(f"/v2/models/{model}/config")
         max_batch = int(config.get("max_batch_size", 0))
         specs = list(inputs) if inputs is not None else inputs_from_config(config)
-        batches = _batch_sizes(max_batch, settings.batch_sizes)
-        result = Measurement(model=model, max_batch_size=max_batch, settings=settings)
-        path = f"/v2/models/{model}/infer"
-        bodies = {}
-        for batch in batches:
+        target = Target(http_url, model, server_pid, max_batch, _batch_sizes(max_batch, settings.batch_sizes), {})
+        for batch in target.batch_sizes:
             body, head = infer_body(specs, batch, batched=max_batch > 0)
-            bodies[batch] = (body, {"Inference-Header-Content-Length": str(head),
-                                    "Content-Type": "application/octet-stream"})
+            target.requests[batch] = (body, {"Inference-Header-Content-Length": str(head),
+                                             "Content-Type": "application/octet-stream"})
             for _ in range(settings.warmup_requests):
-                status, answer = control.request("POST", path, *bodies[batch])
+                status, answer = control.request("POST", f"/v2/models/{model}/infer", *target.requests[batch])
                 if status != 200:
                     raise HilError(f"warm-up of {model} at batch {batch}: HTTP {status}: {answer[:300]!r}")
-        result.memory_after_warmup_bytes = result.memory_pss_bytes = server_pss_bytes(server_pid)
-        for batch in batches:
-            for concurrency in settings.concurrencies:
-                point = _measure_point(control, http_url, model, path, bodies[batch], batch, concurrency,
-                                       server_pid, settings)
-                result.points.append(point)
-                result.memory_pss_bytes = max(result.memory_pss_bytes, point.memory_pss_bytes)
-                if progress is not None:
-                    progress(point.words())
-        result.seconds = time.monotonic() - started
-        return result
+        return target
     finally:
         control.close()
+
+
+def measure(http_url: str, model: str, inputs: Sequence[InputSpec] | None = None, *, server_pid: int,
+            settings: Settings = Settings(), progress: Callable[[str], None] | None = None) -> Measurement:
+    """Warm up, then measure every point of the sweep: each batch size the model's config allows, at each
+    concurrency. (To interleave two models point by point, call `prepare` and `measure_point` instead.)"""
+    started = time.monotonic()
+    target = prepare(http_url, model, inputs, server_pid=server_pid, settings=settings)
+    result = Measurement(model=model, max_batch_size=target.max_batch_size, settings=settings)
+    result.memory_after_warmup_bytes = result.memory_pss_bytes = server_pss_bytes(server_pid)
+    for batch in target.batch_sizes:
+        for concurrency in settings.concurrencies:
+            point = measure_point(target, concurrency, batch, settings)
+            result.points.append(point)
+            result.memory_pss_bytes = max(result.memory_pss_bytes, point.memory_pss_bytes)
+            if progress is not None:
+                progress(point.words())
+    result.seconds = time.monotonic() - started
+    return result
 
 
 def _batch_sizes(max_batch: int, wanted: tuple[int, ...] | None) -> list[int]:
@@ -340,43 +361,51 @@ def _batch_sizes(max_batch: int, wanted: tuple[int, ...] | None) -> list[int]:
     return allowed
 
 
-def _measure_point(control: _Http, http_url: str, model: str, path: str, request: tuple[bytes, dict[str, str]],
-                   batch: int, concurrency: int, server_pid: int, settings: Settings) -> Point:
-    stats_path = f"/v2/models/{model}/stats"
+def measure_point(target: Target, concurrency: int, batch: int, settings: Settings = Settings()) -> Point:
+    """Closed-loop load at `concurrency` with requests of `batch` samples, window after window until the
+    last `stable_windows` agree or `max_trials` windows are spent."""
+    stats_path = f"/v2/models/{target.model}/stats"
+    path = f"/v2/models/{target.model}/infer"
+    body, headers = target.requests[batch]
     windows: list[Window] = []
     stable = False
-    with _Load(http_url, path, request[0], request[1], concurrency, settings.request_timeout_s) as load:
-        # The first window starts once every client has had time to send: what came before is dropped.
-        time.sleep(min(0.1, settings.window_s / 4))
-        load.take()
-        before = _stats_totals(control.json(stats_path))
-        start = time.perf_counter()
-        while len(windows) < settings.max_trials:
-            time.sleep(settings.window_s)
-            latencies, errors = load.take()
-            end = time.perf_counter()
-            after = _stats_totals(control.json(stats_path))
-            windows.append(Window(seconds=end - start, latencies_ns=latencies, errors=errors, batch_size=batch,
-                                  server={k: after[k] - before[k] for k in after}))
-            before, start = after, end
-            recent = windows[-settings.stable_windows:]
-            if len(recent) == settings.stable_windows and windows_agree(recent, settings.stability_pct):
-                stable = True
-                break
-    point = _point(windows[-settings.stable_windows:], len(windows), stable, concurrency, batch,
-                   server_pss_bytes(server_pid))
+    control = _Http(target.http_url, settings.request_timeout_s)
+    try:
+        with _Load(target.http_url, path, body, headers, concurrency, settings.request_timeout_s) as load:
+            # The first window starts once every client has had time to send: what came before is dropped.
+            time.sleep(min(0.1, settings.window_s / 4))
+            load.take()
+            before = _stats_totals(control.json(stats_path))
+            start = time.perf_counter()
+            while len(windows) < settings.max_trials:
+                time.sleep(settings.window_s)
+                latencies, errors = load.take()
+                end = time.perf_counter()
+                after = _stats_totals(control.json(stats_path))
+                windows.append(Window(seconds=end - start, latencies_ns=latencies, errors=errors, batch_size=batch,
+                                      server={k: after[k] - before[k] for k in after}))
+                before, start = after, end
+                recent = windows[-settings.stable_windows:]
+                if len(recent) == settings.stable_windows and windows_agree(recent, settings.stability_pct):
+                    stable = True
+                    break
+    finally:
+        control.close()
+    point = _point(windows, settings.stable_windows, stable, concurrency, batch, server_pss_bytes(target.server_pid))
     point.first_error = load.first_error
     return point
 
 
-def _point(recent: list[Window], taken: int, stable: bool, concurrency: int, batch: int, pss: int) -> Point:
+def _point(windows: list[Window], last: int, stable: bool, concurrency: int, batch: int, pss: int) -> Point:
+    """The point's figures from its last `last` windows (the ones that agreed, when it is stable)."""
+    recent = windows[-last:]
     latencies = [ns for w in recent for ns in w.latencies_ns]
     seconds = sum(w.seconds for w in recent)
     server = {k: sum(w.server[k] for w in recent) for k in recent[0].server}
     per_request = server["success"]
     rps = len(latencies) / seconds if seconds > 0 else 0.0
     return Point(
-        concurrency=concurrency, batch_size=batch, status=STABLE if stable else UNSTABLE, windows=taken,
+        concurrency=concurrency, batch_size=batch, status=STABLE if stable else UNSTABLE, windows=len(windows),
         requests=len(latencies), errors=sum(w.errors for w in recent), first_error=None,
         p50_ms=percentile_ms(latencies, 50), p90_ms=percentile_ms(latencies, 90),
         p95_ms=percentile_ms(latencies, 95), p99_ms=percentile_ms(latencies, 99),
@@ -384,4 +413,13 @@ def _point(recent: list[Window], taken: int, stable: bool, concurrency: int, bat
         queue_ms=server["queue_ns"] / per_request / 1e6 if per_request else None,
         compute_ms=server["compute_infer_ns"] / per_request / 1e6 if per_request else None,
         server_requests=per_request, memory_pss_bytes=pss,
+        throughput_spread_pct=_spread_pct([w.requests_per_s for w in recent]),
+        p50_spread_pct=_spread_pct([w.p50_ms for w in recent]),
+        trials=[(w.requests_per_s, w.p50_ms) for w in windows],
     )
+
+
+def _spread_pct(values: list[float]) -> float:
+    if not values or min(values) <= 0 or any(math.isnan(v) for v in values):
+        return math.inf
+    return (max(values) / min(values) - 1) * 100

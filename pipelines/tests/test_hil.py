@@ -10,11 +10,15 @@ import pytest
 from pipelines.hil import (
     STABLE,
     UNSTABLE,
+    HilError,
     InputSpec,
     Settings,
     Window,
+    infer_body,
     measure,
+    measure_point,
     percentile_ms,
+    prepare,
     windows_agree,
 )
 
@@ -31,7 +35,7 @@ class TritonPythonModel:
 
 IDENTITY_CONFIG = '''name: "{name}"
 backend: "python"
-max_batch_size: 8
+max_batch_size: {max_batch}
 input [ {{ name: "x" data_type: TYPE_FP32 dims: [ 4 ] }} ]
 output [ {{ name: "y" data_type: TYPE_FP32 dims: [ 4 ] }} ]
 instance_group [ {{ kind: KIND_CPU count: 1 }} ]
@@ -43,16 +47,19 @@ def triton(tmp_path_factory):
     from pipelines.triton_local import TritonServer
 
     base = tmp_path_factory.mktemp("hil-triton")
-    (base / "repo" / "identity" / "1").mkdir(parents=True)
-    (base / "repo" / "identity" / "1" / "model.py").write_text(IDENTITY_PY)
-    (base / "repo" / "identity" / "config.pbtxt").write_text(IDENTITY_CONFIG.format(name="identity"))
+    models = {"identity": 8, "identity_unbatched": 0}  # name: max_batch_size (0: no batch axis)
+    for name, max_batch in models.items():
+        (base / "repo" / name / "1").mkdir(parents=True)
+        (base / "repo" / name / "1" / "model.py").write_text(IDENTITY_PY)
+        (base / "repo" / name / "config.pbtxt").write_text(IDENTITY_CONFIG.format(name=name, max_batch=max_batch))
     server = TritonServer(base / "repo", base / "work")
     server.start()
     try:
-        load = urllib.request.Request(f"http://{server.url}/v2/repository/models/identity/load", data=b"{}",
-                                      method="POST")
-        with urllib.request.urlopen(load, timeout=60) as resp:
-            assert resp.status == 200
+        for name in models:
+            load = urllib.request.Request(f"http://{server.url}/v2/repository/models/{name}/load", data=b"{}",
+                                          method="POST")
+            with urllib.request.urlopen(load, timeout=60) as resp:
+                assert resp.status == 200
         yield server
     finally:
         server.stop()
@@ -94,6 +101,8 @@ def test_a_sweep_gives_every_point_ordered_percentiles_throughput_triton_times_a
         assert p.compute_ms is not None and p.compute_ms > 0, p.words()
         assert p.server_requests > 0 and p.errors == 0 and p.first_error is None, p.words()
         assert p.memory_pss_bytes > 0
+        assert len(p.trials) == 3 and all(rate > 0 and p50 > 0 for rate, p50 in p.trials)
+        assert 0 <= p.throughput_spread_pct < math.inf and 0 <= p.p50_spread_pct < math.inf
     assert result.memory_after_warmup_bytes > 0
     assert result.memory_pss_bytes >= max(p.memory_pss_bytes for p in result.points)
     words = result.words()
@@ -121,3 +130,45 @@ def test_a_point_whose_windows_never_agree_ends_unstable_after_the_maximum_of_tr
     assert (point.status, point.windows) == (UNSTABLE, 4), point.words()
     assert point.requests > 0 and 0 < point.p50_ms <= point.p99_ms
     assert "1 unstable" in result.words() and "unstable after 4 window(s)" in point.words()
+    assert len(point.trials) == 4 and point.throughput_spread_pct > 1e-7
+
+
+def test_a_model_without_a_batch_axis_is_measured_at_batch_one_only(triton):
+    settings = Settings(concurrencies=(1,), window_s=0.2, stability_pct=1e9, warmup_requests=2)
+    result = measure(triton.url, "identity_unbatched", server_pid=triton.proc.pid, settings=settings)
+
+    assert result.max_batch_size == 0
+    assert [(p.batch_size, p.status, p.errors) for p in result.points] == [(1, STABLE, 0)]
+
+
+def test_two_models_can_be_measured_point_by_point_interleaved(triton):
+    settings = Settings(window_s=0.2, stability_pct=1e9, warmup_requests=2, batch_sizes=(2,))
+    targets = [prepare(triton.url, name, server_pid=triton.proc.pid, settings=settings)
+               for name in ("identity", "identity_unbatched")]
+
+    assert [t.batch_sizes for t in targets] == [[2], [1]]
+    points = [measure_point(t, 2, t.batch_sizes[0], settings) for t in targets]
+    assert [(p.concurrency, p.batch_size, p.status) for p in points] == [(2, 2, STABLE), (2, 1, STABLE)]
+    assert points[0].inferences_per_s == pytest.approx(2 * points[0].requests_per_s)
+
+
+def test_a_request_the_model_refuses_fails_the_warm_up_in_words(triton):
+    with pytest.raises(HilError, match="warm-up of identity at batch 1: HTTP 400"):
+        prepare(triton.url, "identity", [InputSpec("not_x", "FP32", (4,))], server_pid=triton.proc.pid,
+                settings=Settings(batch_sizes=(1,), warmup_requests=1))
+    with pytest.raises(HilError, match="none of the batch sizes"):
+        prepare(triton.url, "identity", server_pid=triton.proc.pid, settings=Settings(batch_sizes=(16,)))
+
+
+def test_a_point_whose_every_request_fails_counts_the_errors_and_is_never_stable(triton):
+    settings = Settings(concurrencies=(1,), batch_sizes=(1,), window_s=0.2, stability_pct=1e9, max_trials=3,
+                        warmup_requests=1)
+    target = prepare(triton.url, "identity", server_pid=triton.proc.pid, settings=settings)
+    body, head = infer_body([InputSpec("not_x", "FP32", (4,))], 1, batched=True)  # an input the model lacks
+    target.requests[1] = (body, {**target.requests[1][1], "Inference-Header-Content-Length": str(head)})
+
+    point = measure_point(target, 1, 1, settings)
+    assert (point.status, point.windows, point.requests) == (UNSTABLE, 3, 0), point.words()
+    assert point.errors > 0 and point.first_error is not None and point.first_error.startswith("HTTP 400")
+    assert math.isnan(point.p50_ms) and point.queue_ms is None and point.requests_per_s == 0
+    assert "error(s), the first: HTTP 400" in point.words()
