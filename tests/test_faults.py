@@ -67,7 +67,15 @@ django.setup()
 from django.db import connection
 from registry.models import OutboxMessage
 broker = redis.Redis.from_url(os.environ["REDIS_URL"])
-time.sleep(2)
+# The dispatcher must be up and connected before the database goes: a message it sends says so (a fixed
+# sleep was not enough on a loaded machine, where its start took longer and it never saw the outage).
+OutboxMessage.objects.create(task="registry.tasks.registry_reconcile", args=[])
+deadline = time.monotonic() + 60
+while OutboxMessage.objects.exists():
+    if dispatcher.poll() is not None or time.monotonic() > deadline:
+        sys.exit(f"the dispatcher never sent the first message: exit code {dispatcher.poll()}")
+    time.sleep(0.2)
+broker.delete("default")
 os.kill(int(open(os.path.join(os.environ["PLATFORM_STATE_DIR"], "pgdata", "postmaster.pid")).readline()),
         signal.SIGKILL)
 time.sleep(3)  # the dispatcher's passes fail meanwhile
