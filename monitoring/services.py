@@ -110,11 +110,15 @@ def window_frame(version: ModelVersion, policy: MonitorPolicy,
                 .values_list("at", "inputs", "prediction")[:policy.max_rows])
     if not rows:
         return pd.DataFrame(), None, None
-    frame = pd.DataFrame.from_records([inputs for _, inputs, _ in rows])
-    predictions = [p for _, _, p in rows]
-    if any(p is not None for p in predictions):
-        frame[PREDICTION] = predictions
-    return frame, rows[-1][0], rows[0][0]
+    return _captured_frame([(inputs, p) for _, inputs, p in rows]), rows[-1][0], rows[0][0]
+
+
+def _captured_frame(rows: list[tuple[dict[str, Any], Any]]) -> pd.DataFrame:
+    """Captured rows (inputs, prediction) as a frame: a column per input, and the predictions if any."""
+    frame = pd.DataFrame.from_records([inputs for inputs, _ in rows])
+    if any(p is not None for _, p in rows):
+        frame[PREDICTION] = [p for _, p in rows]
+    return frame
 
 
 def _numeric_like(reference: pd.DataFrame, current: pd.DataFrame) -> pd.DataFrame:
@@ -224,9 +228,7 @@ def drift_report(check: DriftCheck) -> DriftReport:
     if reference is None or len(rows) < check.current_rows:
         raise RegistryError(f"the rows drift check {check.pk} judged are no longer kept (captured rows are kept "
                             f"{policy.retention_hours} h), so its report cannot be drawn", 404)
-    current = pd.DataFrame.from_records([inputs for inputs, _ in rows])
-    if any(p is not None for _, p in rows):
-        current[PREDICTION] = [p for _, p in rows]
+    current = _captured_frame(rows)
     _, compared = drift.judge(reference, _numeric_like(reference, current), outputs=(PREDICTION,),
                               drift_share=check.drift_share, method=policy.drift_method or None,
                               threshold=policy.drift_threshold)

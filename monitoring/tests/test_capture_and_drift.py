@@ -141,13 +141,20 @@ def test_values_postgresql_json_cannot_hold_are_stored_as_null_and_the_batch_goe
                           ({"input_0": 2.0, "input_1": 3.0, "input_2": 4.0}, 0)]
 
 
-def test_a_shifted_window_is_drift_with_its_columns_and_report_and_a_quiet_one_is_not(unique_name, scientist):
+def _wine_version(name: str) -> tuple[ModelVersion, np.ndarray, np.ndarray]:
+    """A version whose reference set is half the wine data (shuffled), with a policy judging 50 rows; returns
+    it with the shuffled rows and labels."""
     X, y = load_wine(return_X_y=True)
     order = np.random.default_rng(0).permutation(len(X))
     X, y = X[order], y[order]
-    version = _version(unique_name)
+    version = _version(name)
     write_reference(version, X[:89], y[:89].tolist())
     MonitorPolicy.objects.create(model=version.model, min_rows=50)
+    return version, X, y
+
+
+def test_a_shifted_window_is_drift_with_its_columns_and_report_and_a_quiet_one_is_not(unique_name, scientist):
+    version, X, y = _wine_version(unique_name)
 
     capture_rows(version, X[89:], y[89:].tolist())
     quiet = services.drift_check(version)
@@ -190,12 +197,7 @@ def test_too_few_rows_or_no_reference_give_no_verdict_but_say_why(unique_name):
 def test_predictions_that_moved_by_little_are_not_prediction_drift_however_many_rows(unique_name):
     """Evidently's test on the prediction column finds any difference in thousands of rows; a check calls it
     prediction drift (and alerts) only when a tenth of the answers' distribution moved."""
-    X, y = load_wine(return_X_y=True)
-    order = np.random.default_rng(0).permutation(len(X))
-    X, y = X[order], y[order]
-    version = _version(unique_name)
-    write_reference(version, X[:89], y[:89].tolist())
-    MonitorPolicy.objects.create(model=version.model, min_rows=50)
+    version, X, y = _wine_version(unique_name)
     # The reference's own rows, 20 times over, with one answer in 25 moved to class 0.
     nudged = [0 if i % 25 == 0 else label for i, label in enumerate(y[:89].tolist() * 20)]
     capture_rows(version, np.vstack([X[:89]] * 20), nudged)
@@ -205,12 +207,7 @@ def test_predictions_that_moved_by_little_are_not_prediction_drift_however_many_
 
 
 def test_a_quiet_windows_report_is_drawn_when_first_opened_and_not_once_its_rows_are_gone(unique_name, scientist):
-    X, y = load_wine(return_X_y=True)
-    order = np.random.default_rng(0).permutation(len(X))
-    X, y = X[order], y[order]
-    version = _version(unique_name)
-    write_reference(version, X[:89], y[:89].tolist())
-    MonitorPolicy.objects.create(model=version.model, min_rows=50)
+    version, X, y = _wine_version(unique_name)
     capture_rows(version, X[89:], y[89:].tolist())
     first = services.drift_check(version)
     assert first.outcome == DriftOutcome.NO_DRIFT
