@@ -299,21 +299,14 @@ def test_a_release_manager_follows_a_canary_on_its_charts_then_pauses_and_aborts
 
     from deployer.models import AnalysisPoint, Deployment, Endpoint, RolloutStatus
     from deployer.services import deployment_transition
-    from pipelines.models import EngineBuild
-    from registry.models import RegisteredModel
+    from deployer.testing import servable_model
 
     page = browser_page
     user = make_user(Role.RELEASE_MANAGER, password=PASSWORD)
     ARTIFACTS.mkdir(exist_ok=True)
-    model = RegisteredModel.objects.create(name=unique_name, latest_version=2, version_count=2)
-    versions, engines = [], []
-    for number in (1, 2):
-        version = ModelVersion.objects.create(model=model, version=number, status="ready", source="x", origin="test")
-        versions.append(version)
-        engines.append(EngineBuild.objects.create(
-            version=version, target="cpu", precision="fp32", runtime="onnxruntime",
-            content_key=f"{unique_name}-{number}", status="succeeded", engine_uri="mlflow-artifacts:/x",
-            io={"triton_model_name": f"{unique_name}_v{number}"}))
+    model = servable_model(unique_name, int8=False)
+    versions = list(model.versions.order_by("version"))
+    engines = [v.engine_builds.get() for v in versions]
     Endpoint.objects.create(model=model, stable_version=versions[0], stable_engine=engines[0],
                             stable_triton_model=f"{unique_name}_v1")
     d = Deployment.objects.create(
