@@ -17,6 +17,25 @@ from rest_framework.test import APIClient
 
 from registry.roles import Role
 
+# HIL runs take a minute of both cores each: tests that deploy do so without them (the gate off, no runs
+# requested when an engine is kept), here and in the platform processes they start (which inherit this
+# environment). The HIL tests turn both on (the `hil_on` fixture, pipelines/tests).
+HIL_OFF = {"PLATFORM_HIL_GATE": "false", "PLATFORM_HIL_AUTO": "false"}
+os.environ.update(HIL_OFF)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _hil_off_in_process() -> None:
+    from django.conf import settings
+
+    settings.PLATFORM["HIL_GATE"] = settings.PLATFORM["HIL_AUTO"] = False
+
+
+@pytest.fixture
+def hil_on(settings: Any) -> None:
+    """The HIL gate and automatic runs on, for this test (in this process)."""
+    settings.PLATFORM = {**settings.PLATFORM, "HIL_GATE": True, "HIL_AUTO": True}
+
 
 @pytest.fixture
 def make_user(db: None) -> Callable[..., Any]:

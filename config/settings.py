@@ -163,6 +163,22 @@ PLATFORM: dict[str, Any] = {
     # A worker serving hardware targets (pseudo-queue `hil`, pipelines/hardware.py) announces itself this
     # often; three missed announcements and it no longer counts as live.
     "HIL_HEARTBEAT_S": env_float("PLATFORM_HIL_HEARTBEAT_S", 5.0),
+    # Hardware-in-the-loop runs (pipelines/hil_runner.py). The serving fleet's hardware profile per deployment
+    # target ("" for cpu: this machine's, which the local fleet runs on); the profiles each kept engine is
+    # measured on (empty: the fleet's); runs requested when an engine is kept; deployments refused without
+    # a passing run on the fleet's profile (GATE); how long a run waits for a worker of its profile.
+    "FLEET_PROFILE": env_str("PLATFORM_FLEET_PROFILE", ""),
+    "FLEET_GPU_PROFILE": env_str("PLATFORM_FLEET_GPU_PROFILE", ""),
+    "HIL_PROFILES": env_list("PLATFORM_HIL_PROFILES", []),
+    "HIL_AUTO": env_bool("PLATFORM_HIL_AUTO", True),
+    "HIL_GATE": env_bool("PLATFORM_HIL_GATE", True),
+    "HIL_WAIT_TIMEOUT_S": env_int("PLATFORM_HIL_WAIT_TIMEOUT_S", 3600),
+    # The sweep: client concurrencies, seconds per measurement window, windows at most per point, and the
+    # seconds after which a silent running run is handed back to wait for another worker.
+    "HIL_CONCURRENCIES": [int(c) for c in env_list("PLATFORM_HIL_CONCURRENCIES", ["1", "2", "4"])],
+    "HIL_WINDOW_S": env_float("PLATFORM_HIL_WINDOW_S", 1.0),
+    "HIL_MAX_TRIALS": env_int("PLATFORM_HIL_MAX_TRIALS", 10),
+    "HIL_STALE_S": env_int("PLATFORM_HIL_STALE_S", 120),
     # Seconds an engine build may take, and after which a silent build is handed to another worker.
     "BUILD_TIMEOUT_S": env_int("PLATFORM_BUILD_TIMEOUT_S", 900),
     "BUILD_STALE_S": env_int("PLATFORM_BUILD_STALE_S", 120),
@@ -272,6 +288,8 @@ CELERY_BEAT_SCHEDULE = {
                               "options": {"queue": "reconcile", "expires": 5.0}},
     "engine-builds-reconcile": {"task": "pipelines.tasks.engine_builds_reconcile", "schedule": 5.0,
                                 "options": {"queue": "reconcile", "expires": 5.0}},
+    "hil-runs-reconcile": {"task": "pipelines.tasks.hil_runs_reconcile", "schedule": 5.0,
+                           "options": {"queue": "reconcile", "expires": 5.0}},
     # Webhook deliveries due whose message was lost (a broker or worker gone with a retry's countdown).
     "deliveries-reconcile": {"task": "monitoring.tasks.deliveries_reconcile", "schedule": 5.0,
                              "options": {"queue": "reconcile", "expires": 5.0}},

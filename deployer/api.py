@@ -9,14 +9,16 @@ from typing import Any
 from django.http import Http404
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
+from rest_framework.exceptions import PermissionDenied
 from rest_framework.request import Request
 from rest_framework.response import Response
 
 from deployer import champions, selectors, services
 from deployer.models import ACTIVE_ROLLOUT_STATES, AnalysisPoint, Deployment, Endpoint, RolloutMode, RolloutStatus
 from pipelines.models import Target
+from registry.api.permissions import request_roles
 from registry.api.views import BaseView, actor_of, model_or_404
-from registry.roles import Cap
+from registry.roles import Cap, roles_allow
 
 
 class DeploymentIn(serializers.Serializer):
@@ -36,6 +38,9 @@ class DeploymentIn(serializers.Serializer):
                                    help_text="canary: client traffic in steps; shadow: mirrored requests only")
     shadow_share = serializers.IntegerField(min_value=1, max_value=100, required=False,
                                             help_text="shadow mode: percent of stable's requests mirrored (50)")
+    hil_override = serializers.CharField(required=False, default="", max_length=2000, allow_blank=True,
+                                         help_text="deploy without a passing HIL run on the fleet's hardware: the "
+                                                   "reason (release managers; audited)")
 
 
 class PointOut(serializers.ModelSerializer):
@@ -58,7 +63,8 @@ class DeploymentOut(serializers.ModelSerializer):
         fields = ["id", "model", "version", "previous_version", "target", "engine", "triton_model", "status",
                   "active", "mode", "shadow_share", "steps", "step_index", "weight", "step_interval_s", "bake_s",
                   "max_p99_ms", "max_error_rate", "min_requests", "require_approval", "analysis", "reason",
-                  "requested_by", "decided_by", "step_started_at", "created_at", "updated_at", "finished_at"]
+                  "requested_by", "decided_by", "hil_run", "hil_override", "step_started_at", "created_at",
+                  "updated_at", "finished_at"]
 
 
 class DeploymentDetailOut(DeploymentOut):
@@ -111,6 +117,9 @@ class DeploymentListView(BaseView):
         data = DeploymentIn(data=request.data)
         data.is_valid(raise_exception=True)
         args = dict(data.validated_data)
+        if args["hil_override"].strip() and not roles_allow(request_roles(request), Cap.HIL_OVERRIDE):
+            raise PermissionDenied(f"hil_override needs {Cap.HIL_OVERRIDE} (release managers): deploying without "
+                                   "hardware evidence is a release decision")
         model = model_or_404(args.pop("model"))
         d = services.deployment_create(actor_of(request), model, args.pop("version"), **args)
         return Response(DeploymentDetailOut(deployment_or_404(d.pk)).data, status=status.HTTP_201_CREATED)

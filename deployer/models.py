@@ -4,7 +4,7 @@ from django.conf import settings
 from django.contrib.postgres.fields import ArrayField
 from django.db import models
 
-from pipelines.models import EngineBuild, Target
+from pipelines.models import EngineBuild, HilRun, Target
 from registry.models import ModelVersion, RegisteredModel
 
 
@@ -95,6 +95,10 @@ class Deployment(models.Model):
     reason = models.TextField(blank=True, default="", help_text="why it ended, paused or waits")
     requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
                                      related_name="+")
+    # The hardware evidence it was deployed on: the engine's passing HIL run on the fleet's profile, or a
+    # release manager's written reason to deploy without one.
+    hil_run = models.ForeignKey(HilRun, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    hil_override = models.TextField(blank=True, default="", help_text="why it was deployed without a passing HIL run")
     decided_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
                                    related_name="+", help_text="who promoted or aborted by hand")
     created_at = models.DateTimeField(auto_now_add=True)

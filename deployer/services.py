@@ -43,7 +43,8 @@ from monitoring import canary
 from monitoring import services as monitoring_services
 from monitoring import shadow as shadow_analysis
 from monitoring.selectors import policies_for
-from pipelines.models import BuildStatus, EngineBuild, Precision, Runtime, Target
+from pipelines.models import BuildStatus, EngineBuild, HilRun, Precision, Runtime, Target
+from pipelines.services import hil_gate
 from registry import locks, mlflow_store
 from registry.audit import SYSTEM, Actor, audit_record
 from registry.errors import RegistryError, TransitionError
@@ -54,7 +55,7 @@ from registry.outbox import nudge
 
 log = logging.getLogger("deployer")
 
-CHAMPION = "champion"
+CHAMPION = mlflow_store.CHAMPION
 RETIRING_KEY = "deployer:retiring"  # triton model -> {"since": t, "routes_version": n}
 # Engines preferred for serving, best first: fp32 is the fastest at batch 1 on CPUs without VNNI
 # (see bench/engines); int8 and the GPU variants follow.
@@ -124,12 +125,14 @@ def deployment_create(actor: Actor, model: RegisteredModel, version_number: int,
                       bake_s: int | None = None, max_p99_ms: float | None = None,
                       max_error_rate: float | None = None, min_requests: int | None = None,
                       require_approval: bool = False, mode: str = RolloutMode.CANARY,
-                      shadow_share: int | None = None, why: str = "") -> Deployment:
+                      shadow_share: int | None = None, why: str = "", hil_override: str = "") -> Deployment:
     """Start rolling a version out. Refused (409) while the model has another active rollout, when the
     version is not ready, has no kept engine for the target, or already is the stable version. In shadow
     mode the candidate takes no client traffic (one step at weight 0) while the gateway mirrors
     `shadow_share` percent of stable's requests to it. A restore (deployer/champions.py, `why` says why) takes
-    all traffic as soon as it is loaded, without analysis: a champion rollback to a version that served before."""
+    all traffic as soon as it is loaded, without analysis: a champion rollback to a version that served before.
+    The engine needs a passing HIL run on the fleet's hardware profile (PLATFORM_HIL_GATE), unless
+    `hil_override` gives the reason to deploy without one (the caller checks who may); a restore needs none."""
     if target not in Target.values:
         raise DeployError(f"target must be one of {', '.join(Target.values)}, not {target!r}")
     if mode not in RolloutMode.values:
@@ -168,6 +171,7 @@ def deployment_create(actor: Actor, model: RegisteredModel, version_number: int,
             triton_model = engine.io.get("triton_model_name", "")
             if not triton_model:
                 raise DeployError(f"the engine {engine.variant} of version {version_number} has no Triton entry", 409)
+            hil_run, hil_why = _hil_evidence(engine, mode, hil_override)
             endpoint, _ = Endpoint.objects.get_or_create(model=model, defaults={"target": target})
             endpoint = Endpoint.objects.select_for_update().get(pk=endpoint.pk)
             if endpoint.stable_version_id == version.pk:
@@ -179,16 +183,38 @@ def deployment_create(actor: Actor, model: RegisteredModel, version_number: int,
                 model=model, version=version, engine=engine, triton_model=triton_model,
                 target=target, previous_version=endpoint.stable_version, require_approval=require_approval,
                 requested_by=actor.user_or_none, reason=f"loading v{version_number} onto the fleet",
+                hil_run=hil_run, hil_override=hil_override.strip() if hil_why else "",
                 analysis={"restore": why} if mode == RolloutMode.RESTORE else {}, **limits)
             audit_record(actor, "deployment.create", "deployment", d.pk, after={
                 **_view(d), "mode": mode, "target": target, "engine": engine.variant, "steps": limits["steps"],
                 **({"why": why[:500]} if why else {}),
+                "hil": {"run": hil_run.pk, "status": hil_run.status} if hil_run and not hil_why else
+                {"override": hil_override.strip()[:2000], "without": hil_why[:1000]} if hil_why else None,
                 "previous_version": endpoint.stable_version.version if endpoint.stable_version else None})
             transaction.on_commit(enqueue_reconcile)
             return d
     except IntegrityError as exc:  # a concurrent request won the one-active-rollout constraint
         active = Deployment.objects.filter(model=model, status__in=ACTIVE_ROLLOUT_STATES).first()
         raise DeployError(_busy(active) if active else "another rollout of this model just started", 409) from exc
+
+
+def _hil_evidence(engine: EngineBuild, mode: str, override: str) -> tuple[HilRun | None, str]:
+    """(the engine's passing HIL run, "") when it has one; (its newest run, why it may not go) when a written
+    override lets it go anyway; a DeployError (409) otherwise. Nothing is asked of a restore, nor with the gate off."""
+    if mode == RolloutMode.RESTORE or not _setting("HIL_GATE"):
+        return None, ""
+    run, why = hil_gate(engine)
+    if not why:
+        return run, ""
+    if not override.strip():
+        version = engine.version
+        raise DeployError(
+            f"{why}. A deployment needs a passing HIL run of its engine on the fleet's hardware: ask for one with "
+            f"POST /api/v1/models/{version.model.name}/versions/{version.version}/hil/, or, as a release manager, "
+            "deploy anyway with hil_override giving the reason", 409)
+    if len(override.strip()) < 10:
+        raise DeployError("hil_override: give the reason in words (at least 10 characters); it is audited")
+    return run, why
 
 
 def _busy(active: Deployment) -> str:

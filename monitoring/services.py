@@ -22,11 +22,12 @@ from monitoring.canary import ALPHA
 from monitoring.models import AlertKind, CapturedRow, DriftCheck, DriftOutcome, DriftReport, MonitorPolicy
 from monitoring.selectors import policy_for
 from pipelines.builder import reference_upload
-from registry import locks, mlflow_store
+from registry import locks
 from registry.audit import Actor, audit_record
 from registry.errors import RegistryError
 from registry.models import ModelVersion, RegisteredModel
-from registry.samples import MAX_SAMPLE_ROWS
+from registry.samples import MAX_SAMPLE_ROWS, load_reference_set
+from registry.services import model_policy_update
 
 log = logging.getLogger("monitoring")
 
@@ -36,16 +37,7 @@ REPORTS_KEPT = 20  # Evidently reports kept per version (the checks themselves a
 
 def policy_update(actor: Actor, model: RegisteredModel, changes: dict[str, Any]) -> MonitorPolicy:
     """Change some of the model's policy fields (validated by the caller); audited with before and after."""
-    with transaction.atomic():
-        policy, _ = MonitorPolicy.objects.select_for_update().get_or_create(model=model)
-        before = {k: getattr(policy, k) for k in changes}
-        for k, v in changes.items():
-            setattr(policy, k, v)
-        policy.full_clean()
-        policy.save()
-        audit_record(actor, "monitor_policy.update", "registered_model", model.name, before=before,
-                     after=dict(changes))
-    return policy
+    return model_policy_update(actor, MonitorPolicy, model, changes, "monitor_policy.update")  # type: ignore[no-any-return]
 
 
 MIN_PINNED_ROWS = 50  # a reference pinned from traffic needs at least this many captured rows
@@ -84,13 +76,9 @@ def reference_pin(actor: Actor, version: ModelVersion, window_from: datetime, wi
 def reference_frame(version: ModelVersion) -> pd.DataFrame | None:
     """The version's reference set as a frame: columns named as the capture names them (`<input>_<j>`)
     and the original model's prediction; None without one."""
-    if not version.reference_uri:
+    ref = load_reference_set(version.reference_uri)
+    if ref is None:
         return None
-    folder, _, name = version.reference_uri.rpartition("/")
-    text = mlflow_store.read_artifact_text(folder, name, limit=256 * 1024 * 1024)
-    if text is None:
-        return None
-    ref = json.loads(text)
     if "columns" in ref:  # pinned from captured traffic: the rows as captured, columns named
         frame = pd.DataFrame(ref["rows"], columns=ref["columns"])
     else:  # written by the first engine build: one input's rows, named as the capture names them

@@ -9,6 +9,7 @@ Times are the Redis server's clock, so workers on machines whose clocks disagree
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -76,6 +77,11 @@ class Profile:
     def queue(self) -> str:
         return QUEUE_PREFIX + self.name
 
+    @property
+    def target(self) -> str:
+        """The deployment target (engine build target) it serves: gpu or cpu."""
+        return "gpu" if self.gpu else "cpu"
+
     def requirements(self) -> dict[str, Any]:
         return {"arch": self.arch, "cpu_flags": list(self.cpu_flags), "gpu": self.gpu or None}
 
@@ -89,7 +95,7 @@ class Profile:
 PROFILES: tuple[Profile, ...] = (
     Profile("cpu-x86-avx2", "x86-64 CPU with AVX2 and FMA", "x86_64", ("avx2", "fma")),
     Profile("cpu-x86-avx512-vnni", "x86-64 CPU with AVX-512 and VNNI (int8 dot products)", "x86_64",
-            ("avx512f", "avx512_vnni")),
+            ("avx2", "fma", "avx512f", "avx512_vnni")),
     Profile("cpu-arm64", "64-bit Arm CPU", "aarch64"),
     Profile("gpu-h100", "NVIDIA H100", "x86_64", gpu="H100"),
     Profile("gpu-a100", "NVIDIA A100", "x86_64", gpu="A100"),
@@ -100,6 +106,18 @@ PROFILES_BY_NAME = {profile.name: profile for profile in PROFILES}
 
 def matching(facts: Facts) -> list[Profile]:
     return [profile for profile in PROFILES if profile.matches(facts)]
+
+
+def best_match(facts: Facts, gpu: bool) -> Profile | None:
+    """The most specific profile of a kind (cpu or gpu) a machine matches: the one that asks the most."""
+    found = [p for p in matching(facts) if bool(p.gpu) == gpu]
+    return max(found, key=lambda p: len(p.cpu_flags), default=None)
+
+
+@functools.cache
+def local_profile(gpu: bool = False) -> Profile | None:
+    """This machine's best profile of a kind (detected once per process)."""
+    return best_match(detect(), gpu)
 
 
 # --- detection -------------------------------------------------------------------------------------------

@@ -76,6 +76,10 @@ class Window:
     def p50_ms(self) -> float:
         return percentile_ms(self.latencies_ns, 50)
 
+    @property
+    def p99_ms(self) -> float:
+        return percentile_ms(self.latencies_ns, 99)
+
 
 @dataclass
 class Point:
@@ -98,6 +102,7 @@ class Point:
     memory_pss_bytes: int  # the server's PSS when the point ended
     throughput_spread_pct: float  # max/min - 1 over the windows the figures come from, in percent
     p50_spread_pct: float
+    p99_spread_pct: float  # the same for p99 (not part of the stability rule: the noise band of a p99 comparison)
     trials: list[tuple[float, float]]  # every window's (requests/s, p50 ms), in order: the evidence of stability
 
     def words(self) -> str:
@@ -415,6 +420,7 @@ def _point(windows: list[Window], last: int, stable: bool, concurrency: int, bat
         server_requests=per_request, memory_pss_bytes=pss,
         throughput_spread_pct=_spread_pct([w.requests_per_s for w in recent]),
         p50_spread_pct=_spread_pct([w.p50_ms for w in recent]),
+        p99_spread_pct=_spread_pct([w.p99_ms for w in recent]),
         trials=[(w.requests_per_s, w.p50_ms) for w in windows],
     )
 

@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 
 from celery import shared_task
 from django.conf import settings
 from django.utils import timezone
 
+from pipelines import hardware, hil_runner
 from pipelines.builder import engine_build_execute
-from pipelines.models import BuildStatus, EngineBuild
-from pipelines.services import build_enqueue, build_transition, engine_builds_request
+from pipelines.models import BuildStatus, EngineBuild, HilRun, HilStatus
+from pipelines.services import (
+    BuildError,
+    build_enqueue,
+    build_transition,
+    engine_builds_request,
+    hil_enqueue,
+    hil_runs_request,
+    hil_transition,
+)
 from registry import locks
 from registry.audit import SYSTEM
 from registry.errors import TransitionError
 from registry.models import ModelVersion, VersionStatus
 from registry.services import DATABASE_UNAVAILABLE
+
+log = logging.getLogger(__name__)
 
 
 @shared_task(bind=True, acks_late=True)
@@ -60,4 +72,66 @@ def engine_builds_reconcile() -> int:
     for version in unplanned.select_related("model"):
         engine_builds_request(SYSTEM, version)
         healed += 1
+    return healed
+
+
+@shared_task(bind=True, acks_late=True)
+def hil_run_execute(self, run_id: int) -> str:  # type: ignore[no-untyped-def]
+    # Taken from the queue of the run's profile. A database that goes away, or a machine busy measuring
+    # another run, is waited out (the run stays waiting, and times out by its deadline).
+    try:
+        return hil_runner.hil_run_execute(run_id, worker=self.request.hostname or "local")
+    except DATABASE_UNAVAILABLE as exc:
+        raise self.retry(exc=exc, countdown=2, max_retries=30) from exc
+    except hil_runner.MachineBusy as exc:
+        raise self.retry(exc=exc, countdown=10, max_retries=None) from exc
+
+
+@shared_task
+def hil_runs_reconcile() -> int:
+    """Time out runs that waited past their deadline for a worker; hand back running runs no live worker
+    holds (their worker died) or that went silent; send again the message of a waiting run that a live
+    worker of its profile should have taken; and plan the runs of kept engines that have none."""
+    now = timezone.now()
+    stale = now - timedelta(seconds=settings.PLATFORM["HIL_STALE_S"])
+    redispatch = now - timedelta(seconds=settings.PLATFORM["HIL_STALE_S"])
+    healed = 0
+    for run in HilRun.objects.filter(status=HilStatus.WAITING, wait_deadline__lt=now):
+        presence = hardware.profile_presence(run.profile)
+        since = f"; the last one was seen {presence.none_since:%Y-%m-%d %H:%M:%S} UTC" \
+            if presence.none_since else "; none has ever announced itself"
+        why = (f"Timed out: no worker of {run.profile} took it within its wait of "
+               f"{run.sweep.get('wait_timeout_s', 0):.0f} s"
+               + ("" if presence.live else since))
+        try:
+            hil_transition(run.pk, HilStatus.TIMED_OUT, only_from={HilStatus.WAITING}, verdict=why)
+            healed += 1
+        except TransitionError:
+            continue
+    for run in HilRun.objects.filter(status=HilStatus.RUNNING):
+        silent = run.heartbeat_at is None or run.heartbeat_at < stale
+        if not silent and locks.claimed_elsewhere("hil.run", run.pk):
+            continue
+        try:
+            hil_transition(run.pk, HilStatus.WAITING, only_from={HilStatus.RUNNING}, worker="")
+        except TransitionError:
+            continue
+        hil_enqueue(run)
+        healed += 1
+    for run in HilRun.objects.filter(status=HilStatus.WAITING, updated_at__lt=redispatch):
+        if locks.claimed_elsewhere("hil.run", run.pk) or not hardware.profile_presence(run.profile).live:
+            continue  # held, or nobody to send it to: the message already waits in the profile's queue
+        HilRun.objects.filter(pk=run.pk).update(updated_at=now)
+        hil_enqueue(run)
+        healed += 1
+    if settings.PLATFORM["HIL_AUTO"]:
+        settled = now - timedelta(seconds=settings.PLATFORM["REDISPATCH_S"])
+        unplanned = EngineBuild.objects.filter(status=BuildStatus.SUCCEEDED, hil_runs__isnull=True,
+                                               updated_at__lt=settled)
+        for build in unplanned.select_related("version__model"):
+            try:
+                hil_runs_request(SYSTEM, build)
+                healed += 1
+            except BuildError as exc:
+                log.warning("HIL runs of build %s not requested: %s", build.pk, exc)
     return healed

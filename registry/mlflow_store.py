@@ -543,6 +543,9 @@ def resolve_model_version_source(name: str, version_or_alias: str) -> ResolvedSo
 
 # ---- aliases (the deployer moves `champion` on promotion) -----------------------------------------
 
+CHAMPION = "champion"
+
+
 def alias_version(name: str, alias: str) -> int | None:
     """The version number an alias points at, or None when the alias is not set."""
     from mlflow.exceptions import MlflowException
@@ -599,6 +602,22 @@ def run_datasets(run_id: str) -> list[RunDataset]:
                                 source=d.source or "", schema=d.schema or "", profile=d.profile or "",
                                 context=tags.get(DATASET_CONTEXT_TAG, "")))
     return found
+
+
+def log_run_evidence(run_id: str, metrics: dict[str, float], artifact: str, text: str) -> None:
+    """Metrics (one batch, now, step 0) and a text file at `artifact` (a path under the run's artifacts)
+    on an existing run."""
+    from mlflow.entities import Metric
+
+    store = tracking_store()
+    uri = store.get_run(run_id).info.artifact_uri
+    now = _now_ms()
+    store.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in sorted(metrics.items())], params=[],
+                    tags=[])
+    with tempfile.TemporaryDirectory(prefix="evidence-") as tmp:
+        path = Path(tmp) / posixpath.basename(artifact)
+        path.write_text(text)
+        upload_artifacts(Path(tmp), uri, posixpath.dirname(artifact))
 
 
 def run_artifact_uri(run_id: str) -> str | None:

@@ -24,6 +24,7 @@ class Cap(models.TextChoices):
     DEPLOY_CREATE = "deploy.create", "Start a rollout of a version"
     DEPLOY_CONTROL = "deploy.control", "Pause, resume or abort a rollout"
     DEPLOY_PROMOTE = "deploy.promote", "Promote a canary (approve the final step)"
+    HIL_OVERRIDE = "deploy.hil_override", "Deploy an engine without a passing HIL run, giving the reason"
     ALERT_READ = "alert.read", "See alerts, drift checks and notification deliveries"
     ALERT_ACT = "alert.act", "Acknowledge, resolve or silence alerts"
     RECEIVER_MANAGE = "receiver.manage", "Manage notification receivers (webhooks) and redeliver"
@@ -43,6 +44,8 @@ CAPABILITIES: dict[str, set[Role]] = {
     # On-call stops a bad rollout; only release managers decide that a version becomes the champion.
     Cap.DEPLOY_CONTROL: {Role.RELEASE_MANAGER, Role.ONCALL, Role.ADMIN},
     Cap.DEPLOY_PROMOTE: {Role.RELEASE_MANAGER, Role.ADMIN},
+    # Shipping without hardware evidence is a release decision, written down and audited.
+    Cap.HIL_OVERRIDE: {Role.RELEASE_MANAGER, Role.ADMIN},
     Cap.ALERT_READ: _EVERYONE,
     # On-call acts on alerts; a release manager may too (an alert can stop a promotion).
     Cap.ALERT_ACT: {Role.ONCALL, Role.RELEASE_MANAGER, Role.ADMIN},

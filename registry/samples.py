@@ -126,6 +126,18 @@ def load_sample(uri: str) -> list[Any]:
     return rows
 
 
+def load_reference_set(uri: str) -> dict[str, Any] | None:
+    """A version's reference set (`reference_uri`: the sample and the original model's predictions, written by
+    its first engine build, or pinned from captured traffic); None when there is none or it is gone."""
+    from registry import mlflow_store
+
+    if not uri:
+        return None
+    folder, _, name = uri.rpartition("/")
+    text = mlflow_store.read_artifact_text(folder, name, limit=256 * 1024 * 1024)
+    return None if text is None else dict(json.loads(text))
+
+
 # ---- a dataset logged with the version's run ------------------------------------------------------
 
 # The contexts (the tag mlflow.log_input(dataset, context=...) writes) whose dataset may become a version's

@@ -447,3 +447,18 @@ def model_download(version: ModelVersion, into: Path) -> Path:
     shutil.rmtree(into, ignore_errors=True)
     into.mkdir(parents=True)
     return mlflow.download_model(version.storage_location, into)
+
+
+def model_policy_update(actor: Actor, policy_model: Any, model: RegisteredModel, changes: dict[str, Any],
+                        action: str) -> Any:
+    """Change some fields (validated by the caller) of a model's one-row policy (monitoring, HIL), creating it
+    with its defaults first; audited as `action` with before and after."""
+    with transaction.atomic():
+        policy, _ = policy_model.objects.select_for_update().get_or_create(model=model)
+        before = {k: getattr(policy, k) for k in changes}
+        for k, v in changes.items():
+            setattr(policy, k, v)
+        policy.full_clean()
+        policy.save()
+        audit_record(actor, action, "registered_model", model.name, before=before, after=dict(changes))
+    return policy

@@ -218,3 +218,10 @@ def test_a_worker_given_the_hil_queue_consumes_its_hardware_queues_and_announces
         for profile in expected:
             assert worker["hostname"] in [w["hostname"] for w in hardware.profile_presence(profile.name).workers]
     assert not [w for w in hardware.live_workers() if w["hostname"].startswith(f"{name}@")]
+
+
+def test_the_fleets_profile_is_the_most_specific_one_the_machine_matches() -> None:
+    flags = ("avx2", "fma", "avx512f", "avx512_vnni")
+    assert hardware.best_match(_facts(flags=flags), gpu=False).name == "cpu-x86-avx512-vnni"
+    assert hardware.best_match(_facts(flags=("avx2", "fma")), gpu=False).name == "cpu-x86-avx2"
+    assert hardware.best_match(_facts(flags=("avx2", "fma")), gpu=True) is None
