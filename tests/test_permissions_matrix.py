@@ -12,7 +12,7 @@ from registry.roles import CAPABILITIES, Cap, Role, roles_allow
 pytestmark = pytest.mark.django_db
 
 # (method, path template, capability, body). {m} is a model that exists, {t} a token id of another user,
-# {receiver} a notification receiver and {delivery} a failed delivery to it.
+# {receiver} a notification receiver and {delivery} a failed delivery to it, {hil_run} a HIL run of {free}'s engine.
 ENDPOINTS = [
     ("GET", "/api/v1/me/", Cap.MODEL_READ, None),
     ("GET", "/api/v1/models/", Cap.MODEL_READ, None),
@@ -32,6 +32,8 @@ ENDPOINTS = [
     ("GET", "/api/v1/audit/", Cap.AUDIT_READ, None),
     ("GET", "/api/v1/deployments/", Cap.DEPLOY_READ, None),
     ("POST", "/api/v1/deployments/", Cap.DEPLOY_CREATE, {"model": "{free}", "version": 1}),
+    ("POST", "/api/v1/deployments/", Cap.HIL_OVERRIDE, {"model": "{free}", "version": 1,
+                                                        "hil_override": "incident 7: the HIL box is down"}),
     ("GET", "/api/v1/deployments/{progressing}/", Cap.DEPLOY_READ, None),
     ("POST", "/api/v1/deployments/{progressing}/pause/", Cap.DEPLOY_CONTROL, None),
     ("POST", "/api/v1/deployments/{paused}/resume/", Cap.DEPLOY_CONTROL, None),
@@ -39,6 +41,11 @@ ENDPOINTS = [
     ("POST", "/api/v1/deployments/{progressing}/promote/", Cap.DEPLOY_PROMOTE, None),
     ("GET", "/api/v1/endpoints/", Cap.DEPLOY_READ, None),
     ("GET", "/api/v1/targets/", Cap.MODEL_READ, None),
+    ("GET", "/api/v1/models/{free}/versions/1/hil/", Cap.MODEL_READ, None),
+    ("POST", "/api/v1/models/{free}/versions/1/hil/", Cap.MODEL_REGISTER, {"profiles": ["cpu-arm64"]}),
+    ("GET", "/api/v1/hil/{hil_run}/", Cap.MODEL_READ, None),
+    ("GET", "/api/v1/models/{m}/hil-policy/", Cap.MODEL_READ, None),
+    ("PATCH", "/api/v1/models/{m}/hil-policy/", Cap.MONITOR_EDIT, {"p99_ms": 50}),
     ("POST", "/api/v1/models/{champion}/rollback/", Cap.DEPLOY_CONTROL, {"reason": "answers wrong"}),
     ("GET", "/api/v1/models/{m}/monitoring/", Cap.MODEL_READ, None),
     ("PATCH", "/api/v1/models/{m}/monitoring/", Cap.MONITOR_EDIT, {"rollback_on_slo": True}),
@@ -78,17 +85,21 @@ def _servable(name: str):
 
 @pytest.fixture
 def deployments(unique_name):
+    from django.utils import timezone
+
     from deployer.models import Deployment
+    from pipelines.models import HilRun
 
     ids = {}
     for state in ("progressing", "paused"):
         model, version, engine = _servable(f"{unique_name}-{state}")
         ids[state] = Deployment.objects.create(model=model, version=version, engine=engine, triton_model="t",
                                                steps=[10], status=state, step_index=0, weight=10).pk
-    _servable(f"{unique_name}-free")
+    _, _, free_engine = _servable(f"{unique_name}-free")
     champion = servable_model(f"{unique_name}-champion")
     champion_after(champion, 1, 2)  # v2 replaced v1: it can be rolled back
-    return {"free": f"{unique_name}-free", "champion": champion.name, **ids}
+    hil_run = HilRun.objects.create(build=free_engine, profile="cpu-arm64", wait_deadline=timezone.now())
+    return {"free": f"{unique_name}-free", "champion": champion.name, "hil_run": hil_run.pk, **ids}
 
 
 @pytest.fixture

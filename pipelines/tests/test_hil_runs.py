@@ -209,3 +209,27 @@ def test_a_passing_run_lets_the_deployment_through_and_is_recorded_on_it(client_
     assert made.json()["hil_run"] == run.pk and made.json()["hil_override"] == ""
     audit = AuditEvent.objects.get(action="deployment.create", target_id=str(made.json()["id"]))
     assert audit.after["hil"] == {"run": run.pk, "status": "passed"}
+
+
+def test_the_reconciler_hands_back_a_run_whose_worker_died_and_plans_runs_of_kept_engines_without_one(
+        unique_name, hil_on):
+    from deployer.testing import servable_model
+    from registry.kv import redis_client
+
+    servable_model(unique_name, versions=2, int8=False)
+    first, second = EngineBuild.objects.filter(version__model__name=unique_name).order_by("version__version")
+    [run] = hil_runs_request(SYSTEM, first)
+    HilRun.objects.filter(pk=run.pk).update(status=HilStatus.RUNNING, worker="gone@host",
+                                            heartbeat_at=timezone.now() - timedelta(minutes=10))
+    EngineBuild.objects.filter(pk=second.pk).update(updated_at=timezone.now() - timedelta(minutes=1))
+    queue = hardware.PROFILES_BY_NAME[serving_profile("cpu")].queue  # nobody consumes it in this test
+    waiting_before = redis_client().llen(queue)
+    assert hil_runs_reconcile() >= 2
+    run.refresh_from_db()
+    assert run.status == HilStatus.WAITING and run.worker == ""
+    [planned] = HilRun.objects.filter(build=second)
+    assert planned.status == HilStatus.WAITING and planned.profile == serving_profile("cpu")
+    assert AuditEvent.objects.filter(action="hil.waiting", target_id=str(run.pk)).exists()
+    assert AuditEvent.objects.filter(action="hil.request", target_id=str(planned.pk)).exists()
+    # Each was sent to the profile's queue (in the broker's Redis, a list named after the queue).
+    assert redis_client().llen(queue) == waiting_before + 2
