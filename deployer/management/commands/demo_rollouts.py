@@ -1,5 +1,10 @@
 """The `make run` demo of rollouts, on the demo model that seed_demo registered:
 
+Every version's kept engines are measured first (HIL runs on this machine's profile, judged against the p99
+budget its registration declared, `hil.p99_ms`, and against the champion); a version is deployed on its
+passing run, or, where it has none (v3 fails its budget; a run on a machine too busy to settle is unstable),
+with a written override, as a release manager would, which the deployment and the audit log keep.
+
 1. version 1 is deployed (a first deployment: promoted once loaded);
 2. client traffic starts through the gateway (digits rows, ~20 requests/s) and keeps going;
 3. version 2 (a wider network) rolls out as a canary in steps and is promoted: `champion` moves to it;
@@ -29,9 +34,15 @@ from deployer import services
 from deployer.models import ACTIVE_ROLLOUT_STATES, Deployment, Endpoint, RolloutStatus
 from monitoring import services as monitoring_services
 from monitoring.models import Alert, AlertKind, DriftCheck
-from pipelines.models import BuildStatus, EngineBuild
+from pipelines.models import TERMINAL_HIL_STATES, BuildStatus, EngineBuild, HilRun, HilStatus
+from pipelines.services import hil_runs_request, serving_profile
 from registry.audit import SYSTEM
-from registry.management.commands.seed_demo import DEMO_MODEL, demo_reference_sample, train_demo_model
+from registry.management.commands.seed_demo import (
+    DEMO_HIL_TAGS,
+    DEMO_MODEL,
+    demo_reference_sample,
+    train_demo_model,
+)
 from registry.models import ModelVersion, RegisteredModel, VersionStatus
 from registry.services import version_register_from_archive
 
@@ -39,6 +50,7 @@ DRIFT_POLICY = {"window_minutes": 3, "min_rows": 300}  # the demo's drift window
 BRIGHTER = 1.6  # the demo's shift: pixels of two requests in three scaled by this
 DRIFT_WAIT_S = 900.0  # how long the demo waits for its drift alert before saying it did not come
 SLOW_TAGS = {"triton.max_queue_delay_us": "300000", "demo": "deliberately slow"}
+HIL_WAIT_S = 900.0  # how long a deployment waits for its engine's HIL verdict before going without one
 DEMO_ROLLOUT = {"steps": [10, 50], "step_interval_s": 15, "bake_s": 10, "max_p99_ms": 100.0}
 
 
@@ -80,7 +92,9 @@ class Command(BaseCommand):
     def summary(v2: Deployment, v3: Deployment) -> str:
         """What the rollouts really reached (read back from their rows), and whether that was the intent."""
         def line(d: Deployment, intended: str) -> str:
-            reached = f"v{d.version.version} {d.status}"
+            hil = (f"HIL run {d.hil_run_id} {d.hil_run.status}" if d.hil_run and not d.hil_override
+                   else f"HIL override: {d.hil_override}" if d.hil_override else "no HIL evidence")
+            reached = f"v{d.version.version} {d.status} ({hil})"
             if d.status == intended:
                 return reached
             return f"{reached} (NOT the intended {intended}: {d.reason or 'no reason recorded'})"
@@ -138,7 +152,8 @@ class Command(BaseCommand):
             with tempfile.TemporaryDirectory() as tmp:
                 archive = train_demo_model(Path(tmp), hidden)
                 version_register_from_archive(SYSTEM, model.name, archive, description=description,
-                                              tags={"demo": "true", **tags}, sample=demo_reference_sample())
+                                              tags={"demo": "true", **DEMO_HIL_TAGS, **tags},
+                                              sample=demo_reference_sample())
         return self._ready(model, number)
 
     def _ready(self, model: RegisteredModel, number: int, timeout: float = 900) -> ModelVersion:
@@ -159,15 +174,21 @@ class Command(BaseCommand):
 
     def _deploy(self, model: RegisteredModel, number: int, rollout: dict[str, Any]) -> Deployment:
         """Roll the version out (or find the rollout an earlier run made) and return it once it ended."""
-        done = Deployment.objects.select_related("version").filter(model=model, version__version=number).exclude(
-            status__in=ACTIVE_ROLLOUT_STATES).order_by("-pk").first()
+        done = Deployment.objects.select_related("version", "hil_run").filter(
+            model=model, version__version=number).exclude(status__in=ACTIVE_ROLLOUT_STATES).order_by("-pk").first()
         if done is not None:
             self.say(f"v{number} was already deployed by an earlier run: {done.status} ({done.reason})")
             return done
         d = Deployment.objects.filter(model=model, version__version=number, status__in=ACTIVE_ROLLOUT_STATES).first()
         if d is None:
-            d = services.deployment_create(SYSTEM, model, number, **rollout)
-            self.say(f"deployment {d.pk}: rolling out v{number} (steps {d.steps}, {d.step_interval_s}s each)")
+            run = self._hil(services.engine_for(ModelVersion.objects.get(model=model, version=number), "cpu"))
+            override = "" if run is not None and run.status == HilStatus.PASSED else (
+                f"demo: deploying v{number} without a passing HIL run ("
+                + (f"run {run.pk} {run.status}" if run else "none finished in time")
+                + ") to show what the canary analysis makes of it")
+            d = services.deployment_create(SYSTEM, model, number, hil_override=override, **rollout)
+            self.say(f"deployment {d.pk}: rolling out v{number} (steps {d.steps}, {d.step_interval_s}s each)"
+                     + (f"; HIL override: {override}" if override else f" on HIL run {run.pk if run else '-'}"))
         last = ""
         while True:
             d.refresh_from_db()
@@ -176,8 +197,30 @@ class Command(BaseCommand):
                 self.say(line)
                 last = line
             if d.status not in ACTIVE_ROLLOUT_STATES:
-                return Deployment.objects.select_related("version").get(pk=d.pk)
+                return Deployment.objects.select_related("version", "hil_run").get(pk=d.pk)
             time.sleep(1)
+
+    def _hil(self, engine: EngineBuild, timeout: float = HIL_WAIT_S) -> HilRun | None:
+        """The engine's HIL run on the fleet's profile once it has finished (asked for if there is none)."""
+        profile = serving_profile(engine.target)
+        runs = HilRun.objects.filter(build=engine, profile=profile)
+        if not runs.exists():
+            hil_runs_request(SYSTEM, engine, [profile])
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            run = runs.order_by("-pk").first()
+            if run is not None and run.status in TERMINAL_HIL_STATES:
+                self.say(f"HIL run {run.pk} of v{engine.version.version} ({engine.variant}) on {profile}: "
+                         f"{run.verdict}")
+                return run
+            state = run.status if run else "not yet asked for"
+            line = f"HIL run of v{engine.version.version} on {profile}: {state}"
+            if line != last:
+                self.say(line)
+                last = line
+            time.sleep(2)
+        return None
 
     def _traffic(self, gateway: str, rate: float, stopping: threading.Event, shifted: threading.Event) -> None:
         import numpy as np

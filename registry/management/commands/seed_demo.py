@@ -45,6 +45,11 @@ def train_demo_model(into: Path, hidden: tuple[int, ...] = (64,)) -> Path:
     return Path(shutil.make_archive(str(into / "model"), "gztar", root_dir=folder))
 
 
+# What every demo version declares at registration for its HIL runs: a p99 budget of 50 ms (batch 1, one client),
+# and that it may be up to twice as slow as the champion (a bigger network is allowed to cost something).
+DEMO_HIL_TAGS = {"hil.p99_ms": "50", "hil.max_regression_pct": "100"}
+
+
 class Command(BaseCommand):
     help = "Register the demo model (digits classifier) unless it is already there."
 
@@ -58,6 +63,7 @@ class Command(BaseCommand):
             version = version_register_from_archive(
                 SYSTEM, DEMO_MODEL, archive,
                 description="Small neural network (MLP) on scikit-learn's digits (demo)",
-                tags={"demo": "true", "dataset": "sklearn.datasets.load_digits"}, sample=demo_reference_sample(),
+                tags={"demo": "true", "dataset": "sklearn.datasets.load_digits", **DEMO_HIL_TAGS},
+                sample=demo_reference_sample(),
             )
         self.stdout.write(f"Demo model registered: {DEMO_MODEL} v{version.version}")
