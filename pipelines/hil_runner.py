@@ -70,6 +70,8 @@ def hil_run_execute(run_id: int, worker: str) -> str:
         return run.status
     with machine_lock(wait_s=1.0) as ours:  # busy: the task tries again later, freeing the worker's slot
         if not ours:
+            # Still held by this worker's retry: the reconciler must not send it again meanwhile.
+            HilRun.objects.filter(pk=run_id, status=HilStatus.WAITING).update(updated_at=timezone.now())
             raise MachineBusy(f"another HIL run is measuring on this machine; run {run_id} waits")
         with locks.claim("hil.run", run_id) as mine:
             if not mine:
