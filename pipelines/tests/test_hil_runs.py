@@ -233,3 +233,18 @@ def test_the_reconciler_hands_back_a_run_whose_worker_died_and_plans_runs_of_kep
     assert AuditEvent.objects.filter(action="hil.request", target_id=str(planned.pk)).exists()
     # Each was sent to the profile's queue (in the broker's Redis, a list named after the queue).
     assert redis_client().llen(queue) == waiting_before + 2
+
+
+def test_one_run_measures_at_a_time_on_a_machine_the_other_waits_without_holding_a_worker(unique_name, hil_on):
+    from deployer.testing import servable_model
+    from pipelines import hil_runner
+
+    servable_model(unique_name, versions=1, int8=False)
+    [run] = hil_runs_request(SYSTEM, EngineBuild.objects.get(version__model__name=unique_name))
+    HilRun.objects.filter(pk=run.pk).update(updated_at=timezone.now() - timedelta(minutes=5))
+    with hil_runner.machine_lock(wait_s=1) as ours:  # another run measuring here
+        assert ours
+        with pytest.raises(hil_runner.MachineBusy, match=f"run {run.pk} waits"):
+            hil_runner.hil_run_execute(run.pk, "test-worker")
+    run.refresh_from_db()
+    assert run.status == HilStatus.WAITING and run.updated_at > timezone.now() - timedelta(seconds=30)
