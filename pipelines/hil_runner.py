@@ -272,18 +272,25 @@ def _accuracy(url: str, model: str, version: ModelVersion, precision: str) -> di
     control = hil._Http(url, 60)
     try:
         config = control.json(f"/v2/models/{model}/config")
-        spec = next(i for i in hil.inputs_from_config(config) if i.name == input_name)
-        max_batch = int(config.get("max_batch_size", 0)) or 1
+        specs = {i.name: i for i in hil.inputs_from_config(config)}
+        if input_name not in specs:
+            raise hil.HilError(f"the reference set's input {input_name!r} is not an input of {model} "
+                               f"({', '.join(specs)})")
+        spec = specs[input_name]
+        batched = int(config.get("max_batch_size", 0)) > 0
+        step = int(config.get("max_batch_size", 0)) or 1
         outputs: list[Any] = []
-        for start in range(0, len(rows), max_batch):
-            chunk = rows[start:start + max_batch].astype(hil._NUMPY_TYPES[spec.datatype])
+        for start in range(0, len(rows), step):
+            chunk = rows[start:start + step].astype(hil._NUMPY_TYPES[spec.datatype])
+            if not batched:  # one sample per request, without a batch axis
+                chunk = chunk.reshape(spec.shape)
             body = json.dumps({"inputs": [{"name": input_name, "shape": list(chunk.shape),
                                            "datatype": spec.datatype, "data": chunk.ravel().tolist()}]}).encode()
             status, answer = control.request("POST", f"/v2/models/{model}/infer", body,
                                              {"Content-Type": "application/json"})
             if status != 200:
                 raise hil.HilError(f"accuracy request to {model}: HTTP {status}: {answer[:300]!r}")
-            outputs.extend(_predictions(json.loads(answer)["outputs"]))
+            outputs.extend(_predictions(json.loads(answer)["outputs"], batched))
     finally:
         control.close()
     limits = thresholds_for(version, precision)
@@ -308,16 +315,16 @@ def _accuracy(url: str, model: str, version: ModelVersion, precision: str) -> di
                      "mean |reference|)"}
 
 
-def _predictions(outputs: list[dict[str, Any]]) -> list[Any]:
+def _predictions(outputs: list[dict[str, Any]], batched: bool = True) -> list[Any]:
     """One prediction per row from a KServe v2 answer in JSON: the label output when there is one, else the
-    arg max of a score matrix, else the single value."""
+    arg max of a score matrix, else the single value. Unbatched answers are one row without a batch axis."""
     by_name = {o["name"]: o for o in outputs}
     chosen = by_name.get("label") or by_name.get("variable") or outputs[0]
-    shape = chosen["shape"]
-    values = np.asarray(chosen["data"]).reshape(shape)
-    if chosen is not by_name.get("label") and values.ndim == 2 and values.shape[1] > 1:
+    values = np.asarray(chosen["data"]).reshape(chosen["shape"] if batched else [1, -1])
+    values = values.reshape(len(values), -1)
+    if chosen is not by_name.get("label") and values.shape[1] > 1:
         return np.argmax(values, axis=1).tolist()
-    return values.reshape(shape[0], -1)[:, 0].tolist()
+    return values[:, 0].tolist()
 
 
 def _finite(value: Any) -> Any:

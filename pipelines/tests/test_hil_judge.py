@@ -95,3 +95,14 @@ def test_with_nothing_to_compare_with_it_passes_on_its_own_figures_and_says_so()
 def test_compare_keeps_only_points_both_engines_were_measured_at():
     rows = compare([_point(batch=1), _point(batch=64)], [_point(batch=1)], 10)
     assert [(r["batch_size"], r["concurrency"]) for r in rows] == [(1, 1)]
+
+
+def test_predictions_are_read_from_the_label_output_else_the_arg_max_of_scores_else_the_value():
+    from pipelines.hil_runner import _predictions
+
+    labels = [{"name": "probabilities", "shape": [2, 3], "data": [0.1, 0.8, 0.1, 0.7, 0.2, 0.1]},
+              {"name": "label", "shape": [2, 1], "data": [1, 0]}]
+    assert _predictions(labels) == [1, 0]
+    assert _predictions([{"name": "logits", "shape": [2, 3], "data": [0, 1, 5, 9, 1, 0]}]) == [2, 0]
+    assert _predictions([{"name": "variable", "shape": [3, 1], "data": [1.5, 2.5, 3.5]}]) == [1.5, 2.5, 3.5]
+    assert _predictions([{"name": "logits", "shape": [3], "data": [0, 7, 1]}], batched=False) == [1]
