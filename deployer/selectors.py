@@ -11,7 +11,7 @@ from registry.models import AuditEvent, ModelVersion, RegisteredModel
 def deployments() -> Any:
     """Deployments with everything their views show, in one query."""
     return Deployment.objects.select_related("model", "version", "previous_version", "engine", "requested_by",
-                                             "decided_by")
+                                             "decided_by", "hil_run")
 
 
 def active_rollout(model: RegisteredModel) -> Deployment | None:

@@ -145,8 +145,20 @@ class DeploymentForm(forms.Form):
         help_text="Wait on the last step until a release manager promotes it, instead of promoting by itself.",
     )
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    hil_override = forms.CharField(
+        label="Deploy without a passing HIL run: reason", required=False, max_length=2000,
+        widget=forms.Textarea(attrs={"rows": 2, "placeholder": "why it may go without one, e.g. the HIL profile's "
+                                                              "workers are down and this fixes an outage"}),
+        help_text="Only needed when the engine has no passing HIL run on the fleet's hardware; at least 10 "
+                  "characters. Recorded in the audit log and on the deployment.",
+    )
+
+    def __init__(self, *args: Any, hil_override: bool = False, **kwargs: Any) -> None:
+        """`hil_override`: whether this person may deploy without a passing HIL run (Cap.HIL_OVERRIDE); the
+        field is not offered otherwise."""
         super().__init__(*args, **kwargs)
+        if not hil_override:
+            del self.fields["hil_override"]
         defaults = settings.PLATFORM
         self.fields["steps"].initial = ", ".join(str(s) for s in defaults["ROLLOUT_STEPS"])
         placeholders = {
@@ -168,6 +180,8 @@ class DeploymentForm(forms.Form):
         data = self.cleaned_data
         given = {name: data[name] for name in ("target", "steps", "step_interval_s", "bake_s", "max_p99_ms",
                                                "min_requests", "require_approval") if data.get(name) is not None}
+        if str(data.get("hil_override") or "").strip():
+            given["hil_override"] = str(data["hil_override"]).strip()
         if data.get("max_error_rate_pct") is not None:
             given["max_error_rate"] = data["max_error_rate_pct"] / 100
         return given

@@ -29,14 +29,16 @@ from deployer import champions
 from deployer import selectors as deployer_selectors
 from deployer import services as deploy_services
 from deployer.models import ACTIVE_ROLLOUT_STATES, Deployment, Endpoint, RolloutStatus
+from frontend import hil as hil_evidence
 from frontend.forms import AlertResolveForm, AlertSilenceForm, AuditFilterForm, DeploymentForm, RegisterForm, TokenForm
 from monitoring import alerts as alert_services
 from monitoring import selectors as monitoring_selectors
 from monitoring.models import Alert, AlertStatus, DriftCheck, DriftReport
 from monitoring.selectors import policy_for
 from pipelines import hardware
-from pipelines.models import TERMINAL_BUILD_STATES, BuildStatus, EngineBuild
-from pipelines.services import engine_builds_request, planned_variants
+from pipelines import selectors as pipeline_selectors
+from pipelines.models import ACTIVE_HIL_STATES, TERMINAL_BUILD_STATES, BuildStatus, EngineBuild, HilRun, HilStatus
+from pipelines.services import engine_builds_request, hil_runs_request, hil_waiting_words, planned_variants
 from registry import archives, selectors, services
 from registry.audit import Actor
 from registry.models import ApiToken, AuditEvent, ModelVersion, RegisteredModel, VersionStatus
@@ -201,6 +203,9 @@ def _engines_context(version: ModelVersion, error: str = "") -> dict[str, Any]:
     It polls while a build is queued or running, and while the version validates (its builds are
     asked for the moment it becomes ready)."""
     builds = list(EngineBuild.objects.filter(version=version).select_related("reused_from__version__model"))
+    latest_runs = pipeline_selectors.hil_runs_latest(b for b in builds if b.status == BuildStatus.SUCCEEDED)
+    for build in builds:
+        build.hil_latest = latest_runs.get(build.pk, [])  # type: ignore[attr-defined]
     existing = {(b.target, b.precision, b.runtime) for b in builds}
     missing = [variant for variant in planned_variants() if variant not in existing]
     failed = sum(1 for b in builds if b.status == BuildStatus.FAILED)
@@ -213,7 +218,8 @@ def _engines_context(version: ModelVersion, error: str = "") -> dict[str, Any]:
     return {
         "builds": builds, "build_action": action, "engines_error": error,
         "engines_polling": version.status == VersionStatus.VALIDATING
-        or any(b.status not in TERMINAL_BUILD_STATES for b in builds),
+        or any(b.status not in TERMINAL_BUILD_STATES for b in builds)
+        or any(r.status in ACTIVE_HIL_STATES for runs in latest_runs.values() for r in runs),
         "poll_seconds": POLL_SECONDS, "version": version, "model": version.model,
     }
 
@@ -245,6 +251,68 @@ def version_engines_request(request: HttpRequest, name: str, version: int) -> Ht
         messages.info(request, f"Nothing to build: every engine of {label} is already built or being built.")
     url = resolve_url("frontend:version-detail", name=found.model.name, version=found.version)
     return redirect(f"{url}#engines")
+
+
+@require_POST
+@page_needs(Cap.MODEL_REGISTER)
+def build_hil_request(request: HttpRequest, name: str, version: int, build_id: int) -> HttpResponse:
+    """Ask for HIL runs of a kept engine on its profiles; a profile where one is already waiting or running keeps
+    that one (asking twice changes nothing). The service writes the audit rows."""
+    found = _version(name, version)
+    build = get_object_or_404(EngineBuild.objects.select_related("version__model"), pk=build_id, version=found)
+    before = set(HilRun.objects.filter(build=build, status__in=ACTIVE_HIL_STATES).values_list("pk", flat=True))
+    try:
+        runs = hil_runs_request(Actor(request.user, "web"), build)
+    except services.RegistryError as exc:
+        messages.error(request, f"No HIL run was asked for {build.variant}: {exc}")
+    else:
+        new = [r for r in runs if r.pk not in before]
+        kept = [r for r in runs if r.pk in before]
+        said = [f"run {r.pk} on {r.profile} waits for a worker of its profile" for r in new]
+        said += [f"run {r.pk} on {r.profile} is already {r.status}" for r in kept]
+        (messages.success if new else messages.info)(
+            request, f"HIL of {build.variant} ({found.model.name} v{found.version}): {'; '.join(said)}.")
+    url = resolve_url("frontend:version-detail", name=found.model.name, version=found.version)
+    return redirect(f"{url}#build-{build.pk}")
+
+
+# ---- HIL runs -----------------------------------------------------------------------------------
+
+def _hil_run(run_id: int) -> HilRun:
+    run = pipeline_selectors.hil_run_get(run_id)
+    if run is None:
+        raise Http404(f"no HIL run {run_id}")
+    return run
+
+
+def _hil_context(run: HilRun) -> dict[str, Any]:
+    """A run's page: while it waits or runs, why it waits and its log (polled); once finished, its evidence."""
+    active = run.status in ACTIVE_HIL_STATES
+    return {
+        "run": run, "build": run.build, "version": run.build.version, "model": run.build.version.model,
+        "waiting_words": hil_waiting_words(run) if run.status == HilStatus.WAITING else "",
+        "polling": active, "poll_seconds": POLL_SECONDS,
+        **({} if active else hil_evidence.evidence(run)),
+    }
+
+
+@require_GET
+@page_needs(Cap.MODEL_READ)
+def hil_detail(request: HttpRequest, run_id: int) -> HttpResponse:
+    return render(request, "frontend/hil_detail.html", _hil_context(_hil_run(run_id)))
+
+
+@require_GET
+@page_needs(Cap.MODEL_READ)
+def hil_live(request: HttpRequest, run_id: int) -> HttpResponse:
+    """The run page's live part alone, for its poll while the run waits or runs. Once it has finished the page
+    is loaded again whole: the evidence (charts, table) replaces the progress."""
+    run = _hil_run(run_id)
+    if run.status not in ACTIVE_HIL_STATES:
+        response = HttpResponse(status=204)
+        response["HX-Refresh"] = "true"
+        return response
+    return render(request, "frontend/_hil_live.html", _hil_context(run))
 
 
 # ---- register -----------------------------------------------------------------------------------
@@ -524,8 +592,10 @@ def deployment_action(request: HttpRequest, deployment_id: int, action: str) -> 
 @page_needs(Cap.DEPLOY_CREATE)
 def deployment_new(request: HttpRequest) -> HttpResponse:
     status = 200
+    may_override = roles_allow(user_roles(request.user), Cap.HIL_OVERRIDE)
+    hil_refused = None
     if request.method == "POST":
-        form = DeploymentForm(request.POST)
+        form = DeploymentForm(request.POST, hil_override=may_override)
         status = 400
         if form.is_valid():
             model = RegisteredModel.objects.filter(name=form.cleaned_data["model"]).first()
@@ -538,13 +608,16 @@ def deployment_new(request: HttpRequest) -> HttpResponse:
                 except services.RegistryError as exc:
                     form.add_error(None, str(exc))
                     status = exc.status_code
+                    if "passing HIL run" in str(exc):  # the HIL gate's refusal: say where to get one
+                        hil_refused = model.versions.filter(version=form.cleaned_data["version"]).first()
                 else:
                     messages.success(request, f"Started deploying {model.name} v{d.version.version}: the canary "
                                               "is being loaded. This page follows it.")
                     return redirect("frontend:deployment-detail", deployment_id=d.pk)
     else:
-        form = DeploymentForm(initial={"model": request.GET.get("model", ""), "version": request.GET.get("version")})
-    context = {"form": form, "model_names": list(RegisteredModel.objects.order_by("name")
+        form = DeploymentForm(initial={"model": request.GET.get("model", ""), "version": request.GET.get("version")},
+                              hil_override=may_override)
+    context = {"form": form, "hil_refused": hil_refused, "model_names": list(RegisteredModel.objects.order_by("name")
                                                  .values_list("name", flat=True)[:500])}
     return render(request, "frontend/deployment_new.html", context, status=status)
 

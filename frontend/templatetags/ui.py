@@ -342,3 +342,51 @@ def rollout_sentence(d: Any) -> str:
     if d.status == "rolled_back":
         return f"Rolled back: all traffic is on {stable} again." if stable else "Rolled back: the canary was removed."
     return str(d.status)
+
+
+# ---- HIL runs -----------------------------------------------------------------------------------
+
+HIL_HINTS = {
+    "waiting": "Queued for a worker of its hardware profile; this updates by itself",
+    "running": "Being measured in a Triton server of its own on a worker of its profile; this updates by itself",
+    "passed": "Measured, and met its objectives, its accuracy and the champion: deployable on this profile",
+    "failed": "Measured, and missed its objectives, its accuracy or the champion",
+    "unstable": "Some points never settled: no verdict on timing can be given; run it again",
+    "error": "Could not be measured; the log says why",
+    "timed_out": "No worker of its profile took it in time",
+}
+HIL_VERDICT_CLASSES = {"passed": "pass", "unstable": "wait", "failed": "fail", "error": "fail", "timed_out": "fail"}
+HIL_OUTCOMES = {"ok": "met", "fail": "failed", "skipped": "not judged"}
+
+
+@register.filter
+def hil_hint(status: str) -> str:
+    return HIL_HINTS.get(status, "")
+
+
+@register.filter
+def hil_verdict_class(status: str) -> str:
+    return HIL_VERDICT_CLASSES.get(status, "wait")
+
+
+@register.filter
+def hil_outcome(outcome: str) -> str:
+    return HIL_OUTCOMES.get(outcome, outcome)
+
+
+@register.filter
+def signed_pct(value: Any) -> str:
+    """A difference in percent with its sign: +3.2%, -11.0%; a dash when it could not be computed."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return "—"
+    return f"{value:+.1f}%"
+
+
+@register.filter
+def seconds_since(end: datetime | None, start: datetime | None) -> float | None:
+    return (end - start).total_seconds() if end and start else None
+
+
+@register.filter
+def underscores_as_spaces(text: Any) -> str:
+    return str(text).replace("_", " ")
