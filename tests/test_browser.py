@@ -499,3 +499,54 @@ def test_on_call_rolls_a_champion_back_from_its_alert_page(platform_server, brow
                                            f"the v2 promotion (by {user.username})")
     page.goto(f"{platform_server}/alerts/{alert.pk}/")
     assert page.locator("#alert-history tr[data-action='alert.rollback']").count() == 1
+
+
+def test_a_release_manager_opens_a_hil_run_from_the_version_page_and_reads_its_charts(platform_server, browser_page,
+                                                                                       make_user, unique_name):
+    from deployer.testing import servable_model
+    from pipelines.testing import finished_hil_run
+
+    page = browser_page
+    user = make_user(Role.RELEASE_MANAGER, password=PASSWORD)
+    ARTIFACTS.mkdir(exist_ok=True)
+    model = servable_model(unique_name, int8=False)
+    champion, candidate = (model.versions.get(version=n).engine_builds.get() for n in (1, 2))
+    run = finished_hil_run(candidate, champion, slower_pct=4)  # within the 10% allowed: passes, lines apart
+
+    # The version page lists the engine's newest run on its profile; its link opens the run's page.
+    _sign_in(page, platform_server, user.username)
+    page.goto(f"{platform_server}/models/{unique_name}/versions/2/")
+    link = page.locator(f"#build-{candidate.pk}-hil a[data-hil-run='{run.pk}']")
+    assert "passed" in link.inner_text()
+    link.click()
+    page.wait_for_url(f"{platform_server}/hil/{run.pk}/")
+
+    # The verdict in words, then both charts drawn from the embedded evidence with the vendored uPlot: one line per
+    # batch size and engine (p50 and p99 for latency), the champion's over the candidate's, and the p99 budget.
+    assert page.locator("#hil-verdict").inner_text() == run.verdict
+    assert run.verdict.startswith("Passed:")
+    page.locator("#hil-charts[data-drawn='true']").wait_for()
+    assert page.evaluate("typeof uPlot") == "function"
+    for chart, series in (("chart-hil-latency", 2 * 2 * 2 + 1), ("chart-hil-throughput", 2 * 2)):
+        figure = page.locator(f"#{chart}")
+        assert figure.locator(".uplot canvas").count() == 1, chart
+        assert figure.get_attribute("data-series") == str(series) and figure.get_attribute("data-points") == "4"
+        legend = figure.locator(".u-legend").inner_text()
+        assert "v2 (cpu-fp32-onnxruntime) · batch 32" in legend
+        assert "champion v1 (cpu-fp32-onnxruntime) · batch 1" in legend
+    assert "p99 budget" in page.locator("#chart-hil-latency .u-legend").inner_text()
+    # The candidate's first batch size is drawn in its colour on the throughput chart (not an empty canvas).
+    drawn = page.evaluate("""() => {
+        const canvas = document.querySelector('#chart-hil-throughput canvas');
+        const px = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+        let n = 0;
+        for (let i = 0; i < px.length; i += 4) {
+            const blue = Math.abs(px[i] - 31) < 30 && Math.abs(px[i + 1] - 95) < 30 && Math.abs(px[i + 2] - 191) < 30;
+            if (blue && px[i + 3] > 200) n++;
+        }
+        return n;
+    }""")
+    assert drawn > 100, drawn
+    assert page.locator("#hil-points tbody tr").count() == 8
+    assert page.locator("#hil-checks [data-check='champion'][data-outcome='ok']").count() == 1
+    page.screenshot(path=str(ARTIFACTS / "ui-hil-run.png"), full_page=True)

@@ -383,6 +383,14 @@ def signed_pct(value: Any) -> str:
 
 
 @register.filter
+def figure(value: Any) -> str:
+    """A count or rate as people read one: 59,760 rather than 5.976e+04; small figures as `num` gives them."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return num(value)
+
+
+@register.filter
 def seconds_since(end: datetime | None, start: datetime | None) -> float | None:
     return (end - start).total_seconds() if end and start else None
 
