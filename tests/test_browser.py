@@ -518,6 +518,7 @@ def test_a_release_manager_opens_a_hil_run_from_the_version_page_and_reads_its_c
     page.goto(f"{platform_server}/models/{unique_name}/versions/2/")
     link = page.locator(f"#build-{candidate.pk}-hil a[data-hil-run='{run.pk}']")
     assert "passed" in link.inner_text()
+    page.locator("#engines").screenshot(path=str(ARTIFACTS / "ui-version-hil.png"))
     link.click()
     page.wait_for_url(f"{platform_server}/hil/{run.pk}/")
 
@@ -550,3 +551,19 @@ def test_a_release_manager_opens_a_hil_run_from_the_version_page_and_reads_its_c
     assert page.locator("#hil-points tbody tr").count() == 8
     assert page.locator("#hil-checks [data-check='champion'][data-outcome='ok']").count() == 1
     page.screenshot(path=str(ARTIFACTS / "ui-hil-run.png"), full_page=True)
+
+    # A run still waiting says why and follows itself; once a worker has finished it, the page loads the evidence.
+    from django.utils import timezone
+
+    from pipelines.models import HilRun
+
+    waiting = HilRun.objects.create(build=candidate, profile=run.profile, wait_deadline=timezone.now())
+    page.goto(f"{platform_server}/hil/{waiting.pk}/")
+    assert page.locator("#hil-waiting").inner_text().startswith("Waiting: ")
+    assert page.locator("#hil-live[hx-trigger]").count() == 1 and page.locator("#hil-charts").count() == 0
+    HilRun.objects.filter(pk=waiting.pk).update(**{f: getattr(run, f) for f in (
+        "status", "champion_build", "slo", "results", "checks", "verdict", "worker", "hardware", "log",
+        "started_at", "finished_at")})
+    page.locator("#hil-charts[data-drawn='true']").wait_for(timeout=15_000)
+    assert page.locator("#hil-verdict").inner_text() == run.verdict
+    assert page.locator("#hil-live[hx-trigger]").count() == 0
