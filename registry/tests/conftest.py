@@ -26,7 +26,12 @@ def held_by_another_worker(kind: str, key: int) -> Iterator[Any]:
     with psycopg.connect(**{k: v for k, v in params.items() if k in {"host", "port", "user", "password", "dbname"}},
                          autocommit=True) as other:
         other.execute("SELECT pg_advisory_lock(%s, %s)", (locks.KINDS[kind], key))
-        yield other
+        try:
+            yield other
+        finally:
+            # Released before the connection closes: the server ends a closed session's backend (and drops
+            # its locks) a moment later, and on a loaded machine the next claim could come first.
+            other.execute("SELECT pg_advisory_unlock(%s, %s)", (locks.KINDS[kind], key))
 
 
 @contextmanager
