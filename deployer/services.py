@@ -67,6 +67,10 @@ class DeployError(RegistryError):
     pass
 
 
+class HilGateError(DeployError):
+    """The engine has no passing HIL run on the fleet's hardware, and no override was given (409)."""
+
+
 def _setting(name: str) -> Any:
     return settings.PLATFORM[name]
 
@@ -208,7 +212,7 @@ def _hil_evidence(engine: EngineBuild, mode: str, override: str) -> tuple[HilRun
         return run, ""
     if not override.strip():
         version = engine.version
-        raise DeployError(
+        raise HilGateError(
             f"{why}. A deployment needs a passing HIL run of its engine on the fleet's hardware: ask for one with "
             f"POST /api/v1/models/{version.model.name}/versions/{version.version}/hil/, or, as a release manager, "
             "deploy anyway with hil_override giving the reason", 409)

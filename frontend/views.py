@@ -608,7 +608,7 @@ def deployment_new(request: HttpRequest) -> HttpResponse:
                 except services.RegistryError as exc:
                     form.add_error(None, str(exc))
                     status = exc.status_code
-                    if "passing HIL run" in str(exc):  # the HIL gate's refusal: say where to get one
+                    if isinstance(exc, deploy_services.HilGateError):  # the gate's refusal: say where to get a run
                         hil_refused = model.versions.filter(version=form.cleaned_data["version"]).first()
                 else:
                     messages.success(request, f"Started deploying {model.name} v{d.version.version}: the canary "
