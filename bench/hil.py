@@ -29,6 +29,7 @@ Prints tables and ends with one JSON line. Timings are reported, never asserted.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -255,6 +256,7 @@ def _compare(batch: int, concurrency: int, harness: list[Any], client: list[dict
 
 
 def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars in the table
     args = stack_bench_args("bench.hil", __doc__, "1 round per point (default: 3)", argv)
     from django.conf import settings
 
