@@ -9,16 +9,19 @@ measurement of the same engine on the same server, and a whole HIL run of the de
   MLflow logging), with its status;
 - side by side: the same engine's Triton entry in a Triton server started here; at each point (batch 1 and
   the engine's max_batch_size, concurrency 1, 2 and 4) the platform's harness (pipelines/hil.py
-  measure_point, the default window settings) and an independent client, alternately (harness then
-  client, client then harness at the next round) so the machine's noise touches both. perf_analyzer
-  would be the natural independent measurement, but the `perf-analyzer` wheel needs glibc 2.38; so the
-  independent client is written here, sharing no code with the harness: tritonclient.http (a
-  geventhttpclient connection per thread), N threads in a closed loop at the same concurrency and batch
-  size, each timing its own requests with time.perf_counter, for as long as the harness's figures' windows
-  lasted, after a warm-up of its own; p50 as the median of those latencies, throughput as the inferences
-  answered within that span divided by it. The figures of each side are the medians over the rounds.
-  Beside them, what tells noise from a difference of method: Triton's own compute time per request during
-  each side's measurement, and each client's CPU time per request (this process's CPU time over the
+  measure_point, the default window settings) and two independent clients, in turn (each side first in its
+  turn, round after round) so the machine's noise touches all alike. perf_analyzer would be the natural
+  independent measurement, but the `perf-analyzer` wheel needs glibc 2.38; so the independent clients are
+  written here, sharing no code with the harness: N threads in a closed loop at the same concurrency and
+  batch size, each timing its own requests with time.perf_counter, for as long as the harness's figures'
+  windows last (3 windows of 1 s), after a warm-up of their own; p50 as the median of those latencies,
+  throughput as the inferences answered within that span divided by it. "client" is tritonclient.http
+  (InferenceServerClient.infer, a connection per thread: how a user measures); "lean" sends the body
+  tritonclient builds, once, on a plain socket and reads the answer by its length: a client about as light
+  as perf_analyzer's, so that what the client itself costs shows. The figures of each side are the medians
+  over the rounds; the JSON's p50_diff_pct and throughput_diff_pct are against "client", lean_* against
+  "lean". Beside them, what tells noise from a difference of method: Triton's own compute time per request
+  during each side's measurement, and each client's CPU time per request (this process's CPU time over the
   requests it sent; the harness's includes its per-window statistics reads and memory reading).
 
     python -m config.stack --state .state/bench-hil exec --fresh -- python -m bench.hil [--quick]
@@ -46,6 +49,7 @@ TARGET_DIFF_PCT = 10.0
 TARGET_HIL_RUN_S = 60.0
 CONCURRENCIES = (1, 2, 4)
 CLIENT_WARMUP_S = 0.5
+SIDES = ["harness", "client", "lean"]  # the platform's harness; tritonclient.http; its body on a plain socket
 
 _NUMPY = {"BOOL": np.bool_, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
           "UINT8": np.uint8, "FP16": np.float16, "FP32": np.float32, "FP64": np.float64}
@@ -85,9 +89,52 @@ def _server_counts(client: Any, model: str) -> tuple[int, int]:
     return success, compute
 
 
-def independent(url: str, model: str, concurrency: int, batch: int, seconds: float) -> dict[str, Any]:
-    """`concurrency` threads, each with its own tritonclient connection, send requests back to back; after
-    a warm-up, the requests that end within a span of `seconds` are the figures."""
+class _Socket:
+    """The lean transport: one TCP connection, the whole request (tritonclient's own body, built once) sent
+    with one sendall, the answer read by its Content-Length: about the weight of perf_analyzer's client."""
+
+    def __init__(self, url: str, model: str, body: bytes, json_size: int | None) -> None:
+        import socket
+
+        host, _, port = url.partition(":")
+        self.sock = socket.create_connection((host, int(port)), timeout=30.0)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        head = (f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: {url}\r\nContent-Length: {len(body)}\r\n"
+                + (f"Inference-Header-Content-Length: {json_size}\r\nContent-Type: application/octet-stream\r\n"
+                   if json_size is not None else "Content-Type: application/json\r\n") + "\r\n")
+        self.request = head.encode() + body
+        self.pending = b""
+
+    def infer(self) -> None:
+        self.sock.sendall(self.request)
+        data = self.pending
+        while b"\r\n\r\n" not in data:
+            data += self._recv()
+        head, _, rest = data.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split()[1])
+        length = next(int(v) for k, _, v in (line.partition(b":") for line in lines[1:])
+                      if k.strip().lower() == b"content-length")
+        while len(rest) < length:
+            rest += self._recv()
+        self.pending = rest[length:]
+        if status != 200:
+            raise RuntimeError(f"HTTP {status}: {rest[:300]!r}")
+
+    def _recv(self) -> bytes:
+        chunk = self.sock.recv(1 << 20)
+        if not chunk:
+            raise ConnectionError("the server closed the connection")
+        return chunk
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def independent(url: str, model: str, concurrency: int, batch: int, seconds: float, lean: bool) -> dict[str, Any]:
+    """`concurrency` threads, each with its own connection (tritonclient's InferenceServerClient.infer, or
+    with `lean` tritonclient's request body sent on a plain socket), send requests back to back; after a
+    warm-up, the requests that end within a span of `seconds` are the figures."""
     import tritonclient.http as triton
 
     done: list[tuple[float, float]] = []  # (end, latency s) of every answered request
@@ -98,22 +145,33 @@ def independent(url: str, model: str, concurrency: int, batch: int, seconds: flo
 
     def loop() -> None:
         client = triton.InferenceServerClient(url, connection_timeout=30.0, network_timeout=30.0)
+        sock = None
         try:
             inputs, outputs = _inputs(client, model, batch)
+            if lean:
+                sock = _Socket(url, model, *triton.InferenceServerClient.generate_request_body(inputs, outputs))
+                send = sock.infer
+            else:
+                def send() -> None:
+                    client.infer(model, inputs, outputs=outputs)
             ready.wait()
             while not stop.is_set():
                 began = time.perf_counter()
                 try:
-                    client.infer(model, inputs, outputs=outputs)
+                    send()
                 except Exception as exc:  # noqa: BLE001 - counted, the loop goes on
                     with lock:
                         errors.append(f"{type(exc).__name__}: {exc}")
+                    if sock is not None:
+                        break  # a broken socket stays broken
                     continue
                 ended = time.perf_counter()
                 with lock:
                     done.append((ended, ended - began))
         finally:
             client.close()
+            if sock is not None:
+                sock.close()
 
     control = triton.InferenceServerClient(url)
     threads = [threading.Thread(target=loop, daemon=True) for _ in range(concurrency)]
@@ -205,27 +263,31 @@ def side_by_side(build: Any, work: Path, sweep: Any, rounds: int) -> list[dict[s
             assert answer.status == 200
         target = hil.prepare(server.url, name, server_pid=server.proc.pid, settings=sweep)
         turn = 0
+        seconds = sweep.stable_windows * sweep.window_s  # as long as the harness's figures' windows
         for batch in target.batch_sizes:
             for concurrency in CONCURRENCIES:
-                harness, client, harness_cpu = [], [], []
+                seen: dict[str, list[dict[str, Any]]] = {side: [] for side in SIDES}
+                statuses = []
                 for _ in range(rounds):
-                    order = ("harness", "client") if turn % 2 == 0 else ("client", "harness")
+                    order = SIDES[turn % 3:] + SIDES[:turn % 3]  # each side first in turn
                     turn += 1
                     for side in order:
                         if side == "harness":
                             cpu = time.process_time()
-                            harness.append(hil.measure_point(target, concurrency, batch, sweep))
-                            sent = sum(rps for rps, _ in harness[-1].trials) * sweep.window_s
-                            harness_cpu.append((time.process_time() - cpu) / sent * 1e6 if sent else None)
+                            point = hil.measure_point(target, concurrency, batch, sweep)
+                            sent = sum(rps for rps, _ in point.trials) * sweep.window_s
+                            statuses.append(point.status)
+                            seen[side].append({"p50_ms": point.p50_ms, "inferences_per_s": point.inferences_per_s,
+                                               "compute_ms": point.compute_ms, "errors": point.errors,
+                                               "first_error": point.first_error,
+                                               "cpu_us": (time.process_time() - cpu) / sent * 1e6 if sent else None})
                         else:
-                            # as long as the harness's figures' windows (3 windows of 1 s by default)
-                            seconds = sweep.stable_windows * sweep.window_s
-                            client.append(independent(server.url, name, concurrency, batch, seconds))
-                    print(f"  batch {batch}, concurrency {concurrency}: harness p50 {harness[-1].p50_ms:.2f} ms "
-                          f"{harness[-1].inferences_per_s:.0f}/s ({harness[-1].status}, {harness[-1].windows} "
-                          f"windows); client p50 {client[-1]['p50_ms']:.2f} ms "
-                          f"{client[-1]['inferences_per_s']:.0f}/s", flush=True)
-                rows.append(_compare(batch, concurrency, harness, client, harness_cpu))
+                            seen[side].append(independent(server.url, name, concurrency, batch, seconds,
+                                                          lean=side == "lean"))
+                    print(f"  batch {batch}, concurrency {concurrency}: " + "; ".join(
+                        f"{side} p50 {seen[side][-1]['p50_ms']:.3f} ms {seen[side][-1]['inferences_per_s']:.0f}/s"
+                        for side in SIDES) + f" (harness {statuses[-1]})", flush=True)
+                rows.append(_compare(batch, concurrency, seen, statuses))
     finally:
         server.stop()
     return rows
@@ -236,23 +298,21 @@ def _median(values: list[float | None]) -> float | None:
     return statistics.median(known) if known else None
 
 
-def _compare(batch: int, concurrency: int, harness: list[Any], client: list[dict[str, Any]],
-             harness_cpu: list[float | None]) -> dict[str, Any]:
-    h_p50 = statistics.median(p.p50_ms for p in harness)
-    h_tput = statistics.median(p.inferences_per_s for p in harness)
-    c_p50 = statistics.median(c["p50_ms"] for c in client)
-    c_tput = statistics.median(c["inferences_per_s"] for c in client)
-    return {"batch": batch, "concurrency": concurrency,
-            "harness_p50_ms": h_p50, "client_p50_ms": c_p50, "p50_diff_pct": (h_p50 / c_p50 - 1) * 100,
-            "harness_inferences_per_s": h_tput, "client_inferences_per_s": c_tput,
-            "throughput_diff_pct": (h_tput / c_tput - 1) * 100,
-            "harness_status": [p.status for p in harness],
-            "harness_compute_ms": _median([p.compute_ms for p in harness]),
-            "client_compute_ms": _median([c["compute_ms"] for c in client]),
-            "harness_cpu_us": _median(harness_cpu), "client_cpu_us": _median([c["cpu_us"] for c in client]),
-            "errors": sum(p.errors for p in harness) + sum(c["errors"] for c in client),
-            "first_error": next((c["first_error"] for c in client if c["first_error"]), None)
-            or next((p.first_error for p in harness if p.first_error), None)}
+def _compare(batch: int, concurrency: int, seen: dict[str, list[dict[str, Any]]],
+             statuses: list[str]) -> dict[str, Any]:
+    """Each side's medians over the rounds; the harness's differences from each independent client."""
+    row: dict[str, Any] = {"batch": batch, "concurrency": concurrency, "harness_status": statuses}
+    for side, runs in seen.items():
+        for key in ("p50_ms", "inferences_per_s", "compute_ms", "cpu_us"):
+            row[f"{side}_{key}"] = _median([r[key] for r in runs])
+    for side, prefix in (("client", ""), ("lean", "lean_")):
+        row[f"{prefix}p50_diff_pct"] = (row["harness_p50_ms"] / row[f"{side}_p50_ms"] - 1) * 100
+        row[f"{prefix}throughput_diff_pct"] = (row["harness_inferences_per_s"] / row[f"{side}_inferences_per_s"]
+                                               - 1) * 100
+    everything = [r for runs in seen.values() for r in runs]
+    row["errors"] = sum(r["errors"] for r in everything)
+    row["first_error"] = next((r["first_error"] for r in everything if r["first_error"]), None)
+    return row
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -288,26 +348,31 @@ def main(argv: list[str] | None = None) -> None:
                       fmt(q["p50_ms"], 2), fmt(q["p99_ms"], 2), fmt(q["inferences_per_s"], 0)]
                      for q in run["points"]]))
     print()
-    print(table(["point (same server)", "harness p50 ms", "client p50 ms", "p50 diff %", "harness inf/s",
-                 "client inf/s", "inf/s diff %", "Triton compute ms h/c", "client CPU us/req h/c",
-                 "harness status"],
-                [[f"batch {r['batch']}, concurrency {r['concurrency']}", fmt(r["harness_p50_ms"], 2),
-                  fmt(r["client_p50_ms"], 2), fmt(r["p50_diff_pct"], 1), fmt(r["harness_inferences_per_s"], 0),
-                  fmt(r["client_inferences_per_s"], 0), fmt(r["throughput_diff_pct"], 1),
-                  f"{fmt(r['harness_compute_ms'], 3)}/{fmt(r['client_compute_ms'], 3)}",
-                  f"{fmt(r['harness_cpu_us'], 0)}/{fmt(r['client_cpu_us'], 0)}",
+    print(table(["point (same server)", "p50 ms harness/client/lean", "p50 diff % client/lean",
+                 "inferences/s harness/client/lean", "inf/s diff % client/lean", "Triton compute ms h/c/l",
+                 "client CPU us/req h/c/l", "harness status"],
+                [[f"batch {r['batch']}, concurrency {r['concurrency']}",
+                  "/".join(fmt(r[f"{side}_p50_ms"], 3) for side in SIDES),
+                  f"{fmt(r['p50_diff_pct'], 1)}/{fmt(r['lean_p50_diff_pct'], 1)}",
+                  "/".join(fmt(r[f"{side}_inferences_per_s"], 0) for side in SIDES),
+                  f"{fmt(r['throughput_diff_pct'], 1)}/{fmt(r['lean_throughput_diff_pct'], 1)}",
+                  "/".join(fmt(r[f"{side}_compute_ms"], 3) for side in SIDES),
+                  "/".join(fmt(r[f"{side}_cpu_us"], 0) for side in SIDES),
                   ",".join(r["harness_status"])] for r in rows]))
-    p50_diff = max(abs(r["p50_diff_pct"]) for r in rows)
-    tput_diff = max(abs(r["throughput_diff_pct"]) for r in rows)
+    worst = {key: max(abs(r[key]) for r in rows) for key in
+             ("p50_diff_pct", "throughput_diff_pct", "lean_p50_diff_pct", "lean_throughput_diff_pct")}
     errors = sum(r["errors"] for r in rows)
-    print(f"largest difference harness vs independent client: p50 {p50_diff:.1f}%, throughput {tput_diff:.1f}% "
-          f"(target: within {TARGET_DIFF_PCT:g}%); errors {errors}"
+    print(f"largest difference of the harness from the independent client (tritonclient.http): p50 "
+          f"{worst['p50_diff_pct']:.1f}%, throughput {worst['throughput_diff_pct']:.1f}%; from the lean one (its "
+          f"body on a plain socket): p50 {worst['lean_p50_diff_pct']:.1f}%, throughput "
+          f"{worst['lean_throughput_diff_pct']:.1f}% (target: within {TARGET_DIFF_PCT:g}%); errors {errors}"
           + (f" (first: {next(r['first_error'] for r in rows if r['first_error'])})" if errors else ""))
     print(json.dumps({
-        "bench": "hil", "p50_diff_pct": round(p50_diff, 2), "throughput_diff_pct": round(tput_diff, 2),
+        "bench": "hil", **{key: round(value, 2) for key, value in worst.items()},
         "hil_run_s": round(run["seconds"], 2), "hil_status": run["status"], "build_s": round(build_s, 2),
         "target_diff_pct": TARGET_DIFF_PCT, "target_hil_run_s": TARGET_HIL_RUN_S, "rounds": rounds,
         "errors": errors, "independent_client": "tritonclient.http (perf_analyzer's wheel needs glibc 2.38)",
+        "lean_client": "tritonclient.http's request body on a plain socket",
         "points": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k != "first_error"}
                    for r in rows]}))
 
