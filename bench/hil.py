@@ -22,7 +22,9 @@ measurement of the same engine on the same server, and a whole HIL run of the de
   over the rounds; the JSON's p50_diff_pct and throughput_diff_pct are against "client", lean_* against
   "lean". Beside them, what tells noise from a difference of method: Triton's own compute time per request
   during each side's measurement, and each client's CPU time per request (this process's CPU time over the
-  requests it sent; the harness's includes its per-window statistics reads and memory reading).
+  requests it sent; the harness's includes its per-window statistics reads and memory reading), and the
+  requests Triton counted over each side's span per request the side counted (about 1: each counts what
+  was served; the independent clients' span is read a little wider, by the statistics calls around it).
 
     python -m config.stack --state .state/bench-hil exec --fresh -- python -m bench.hil [--quick]
 
@@ -197,7 +199,8 @@ def independent(url: str, model: str, concurrency: int, batch: int, seconds: flo
             "inferences_per_s": len(latencies) * batch / span, "requests": len(latencies), "seconds": span,
             "errors": len(errs), "first_error": errs[0] if errs else None,
             "cpu_us": cpu / len(latencies) * 1e6 if latencies else None,
-            "compute_ms": (after[1] - before[1]) / served / 1e6 if served else None}
+            "compute_ms": (after[1] - before[1]) / served / 1e6 if served else None,
+            "counted": served / len(latencies) if latencies else None}
 
 
 # ---- the platform ----------------------------------------------------------------------------------
@@ -280,6 +283,8 @@ def side_by_side(build: Any, work: Path, sweep: Any, rounds: int) -> list[dict[s
                             seen[side].append({"p50_ms": point.p50_ms, "inferences_per_s": point.inferences_per_s,
                                                "compute_ms": point.compute_ms, "errors": point.errors,
                                                "first_error": point.first_error,
+                                               "counted": point.server_requests / point.requests
+                                               if point.requests else None,
                                                "cpu_us": (time.process_time() - cpu) / sent * 1e6 if sent else None})
                         else:
                             seen[side].append(independent(server.url, name, concurrency, batch, seconds,
@@ -303,7 +308,7 @@ def _compare(batch: int, concurrency: int, seen: dict[str, list[dict[str, Any]]]
     """Each side's medians over the rounds; the harness's differences from each independent client."""
     row: dict[str, Any] = {"batch": batch, "concurrency": concurrency, "harness_status": statuses}
     for side, runs in seen.items():
-        for key in ("p50_ms", "inferences_per_s", "compute_ms", "cpu_us"):
+        for key in ("p50_ms", "inferences_per_s", "compute_ms", "cpu_us", "counted"):
             row[f"{side}_{key}"] = _median([r[key] for r in runs])
     for side, prefix in (("client", ""), ("lean", "lean_")):
         row[f"{prefix}p50_diff_pct"] = (row["harness_p50_ms"] / row[f"{side}_p50_ms"] - 1) * 100
@@ -350,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(table(["point (same server)", "p50 ms harness/client/lean", "p50 diff % client/lean",
                  "inferences/s harness/client/lean", "inf/s diff % client/lean", "Triton compute ms h/c/l",
-                 "client CPU us/req h/c/l", "harness status"],
+                 "client CPU us/req h/c/l", "Triton/client count h/c/l", "harness status"],
                 [[f"batch {r['batch']}, concurrency {r['concurrency']}",
                   "/".join(fmt(r[f"{side}_p50_ms"], 3) for side in SIDES),
                   f"{fmt(r['p50_diff_pct'], 1)}/{fmt(r['lean_p50_diff_pct'], 1)}",
@@ -358,6 +363,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"{fmt(r['throughput_diff_pct'], 1)}/{fmt(r['lean_throughput_diff_pct'], 1)}",
                   "/".join(fmt(r[f"{side}_compute_ms"], 3) for side in SIDES),
                   "/".join(fmt(r[f"{side}_cpu_us"], 0) for side in SIDES),
+                  "/".join(fmt(r[f"{side}_counted"], 2) for side in SIDES),
                   ",".join(r["harness_status"])] for r in rows]))
     worst = {key: max(abs(r[key]) for r in rows) for key in
              ("p50_diff_pct", "throughput_diff_pct", "lean_p50_diff_pct", "lean_throughput_diff_pct")}
