@@ -58,6 +58,7 @@ bench: install
 	$(BIN)/python -m config.stack --state $(STATE)/bench exec --fresh -- $(BIN)/python -m bench.rollback
 	$(BIN)/python -m config.stack --state $(STATE)/bench exec --fresh -- $(BIN)/python -m bench.decisions
 	$(BIN)/python -m config.stack --state $(STATE)/bench exec --fresh -- $(BIN)/python -m bench.drift
+	$(BIN)/python -m config.stack --state $(STATE)/bench exec --fresh -- $(BIN)/python -m bench.hil
 	$(BIN)/python -m bench.chaos --state $(STATE)/bench/chaos
 
 bench-quick: install
@@ -67,6 +68,7 @@ bench-quick: install
 	$(BIN)/python -m config.stack --state $(STATE)/bench exec --fresh -- $(BIN)/python -m bench.rollback --quick
 	$(BIN)/python -m config.stack --state $(STATE)/bench exec --fresh -- $(BIN)/python -m bench.decisions --quick
 	$(BIN)/python -m config.stack --state $(STATE)/bench exec --fresh -- $(BIN)/python -m bench.drift --quick
+	$(BIN)/python -m config.stack --state $(STATE)/bench exec --fresh -- $(BIN)/python -m bench.hil --quick
 	$(BIN)/python -m bench.chaos --quick --state $(STATE)/bench/chaos
 
 clean:
