@@ -1,9 +1,10 @@
 """The measuring part of a hardware-in-the-loop run: closed-loop load against a model already loaded in a
 running Triton server, point by point (concurrency x batch size), until the windows agree.
 
-Pure measurement: no models, no verdict. The client is plain `http.client` with KServe v2 binary tensors
-(the body is built once per batch size; each request is one send and one read on a kept-alive
-connection), the lowest client overhead on a small machine where the client and Triton share the CPUs.
+Pure measurement: no models, no verdict. The client (`HttpClient`) sends KServe v2 binary tensors on a plain
+socket: each request, head and body, is built once per batch size and sent with one `sendall` on a
+kept-alive connection with TCP_NODELAY, and the answer is read by its Content-Length: the least client
+cost Python allows, which matters on a small machine where the client and Triton share the CPUs.
 
 Stability follows perf_analyzer: a point is stable when its last three windows agree, max/min within
 `1 + stability_pct/100`, both on throughput and on p50 latency; after `max_trials` windows without that it
@@ -12,10 +13,10 @@ is `unstable`, and its figures are those of its last three windows all the same.
 
 from __future__ import annotations
 
-import http.client
 import json
 import math
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -175,25 +176,84 @@ def server_pss_bytes(server_pid: int) -> int:
     return total
 
 
-class _Http:
-    """One kept-alive connection to Triton's HTTP endpoint."""
+MAX_HEAD_BYTES = 64 * 1024  # an answer's status line and headers, at most
+MAX_ANSWER_BYTES = 256 * 1024 * 1024  # an answer's body, at most
+
+
+def http_request(host: str, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None) -> bytes:
+    """One HTTP/1.1 request, head and body, as the bytes to send (built once, sent as often as needed)."""
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}", f"Content-Length: {len(body)}",
+             *(f"{k}: {v}" for k, v in (headers or {}).items())]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+class HttpClient:
+    """One kept-alive connection to Triton's HTTP endpoint, as lean as Python allows: each request is a
+    prebuilt bytes object sent with one `sendall` on a socket with TCP_NODELAY, and the answer is read by its
+    Content-Length. (http.client sends head and body apart, without TCP_NODELAY, and parses every answer's
+    headers with the email package: on a small machine, where client and server share the CPUs, that cost
+    showed in the figures; see bench/hil.)"""
 
     def __init__(self, url: str, timeout: float):
         host, _, port = url.removeprefix("http://").rstrip("/").partition(":")
         self.host, self.port, self.timeout = host, int(port or 80), timeout
-        self.conn: http.client.HTTPConnection | None = None
+        self.sock: socket.socket | None = None
+        self.buffer = b""
 
-    def request(self, method: str, path: str, body: bytes | None = None,
-                headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-        if self.conn is None:
-            self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+    def __enter__(self) -> HttpClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def send(self, request: bytes) -> tuple[int, bytes]:
+        """Send a request built by `http_request`; returns the answer's status and body."""
+        if self.sock is None:
+            self.sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.buffer = b""
         try:
-            self.conn.request(method, path, body=body, headers=headers or {})
-            resp = self.conn.getresponse()
-            return resp.status, resp.read()
-        except (OSError, http.client.HTTPException):
+            self.sock.sendall(request)
+            return self._answer()
+        except (OSError, HilError):
             self.close()
             raise
+
+    def _fill(self, at_least: int) -> None:
+        assert self.sock is not None
+        while len(self.buffer) < at_least:
+            chunk = self.sock.recv(max(65536, at_least - len(self.buffer)))
+            if not chunk:
+                raise ConnectionError("the server closed the connection")
+            self.buffer += chunk
+
+    def _answer(self) -> tuple[int, bytes]:
+        while (end := self.buffer.find(b"\r\n\r\n")) < 0:
+            if len(self.buffer) > MAX_HEAD_BYTES:
+                raise HilError(f"an answer's head is over {MAX_HEAD_BYTES} bytes")
+            self._fill(len(self.buffer) + 1)
+        head, self.buffer = self.buffer[:end].split(b"\r\n"), self.buffer[end + 4:]
+        parts = head[0].split(b" ", 2)
+        if len(parts) < 2 or not parts[1].isdigit():
+            raise HilError(f"not an HTTP answer: {head[0][:100]!r}")
+        fields = {}
+        for line in head[1:]:
+            key, _, value = line.partition(b":")
+            fields[key.strip().lower()] = value.strip().lower()
+        if b"content-length" not in fields:
+            raise HilError("an answer without Content-Length (chunked answers are not read)")
+        length = int(fields[b"content-length"])
+        if length > MAX_ANSWER_BYTES:
+            raise HilError(f"an answer of {length} bytes, over {MAX_ANSWER_BYTES}")
+        self._fill(length)
+        body, self.buffer = self.buffer[:length], self.buffer[length:]
+        if fields.get(b"connection") == b"close":
+            self.close()
+        return int(parts[1]), body
+
+    def request(self, method: str, path: str, body: bytes = b"",
+                headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        return self.send(http_request(self.host, method, path, body, headers))
 
     def json(self, path: str) -> Any:
         status, body = self.request("GET", path)
@@ -202,9 +262,9 @@ class _Http:
         return json.loads(body)
 
     def close(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
 
 def inputs_from_config(config: dict[str, Any], dynamic_dim: int = 1) -> list[InputSpec]:
@@ -250,7 +310,8 @@ class _Load:
     Each completed request is recorded with its end time; the measuring thread takes them per window."""
 
     def __init__(self, url: str, path: str, body: bytes, headers: dict[str, str], concurrency: int, timeout: float):
-        self.url, self.path, self.body, self.headers, self.timeout = url, path, body, headers, timeout
+        self.url, self.timeout = url, timeout
+        self.request = http_request(HttpClient(url, timeout).host, "POST", path, body, headers)
         self.lock = threading.Lock()
         self.latencies: list[int] = []
         self.errors = 0
@@ -260,15 +321,15 @@ class _Load:
                         for i in range(concurrency)]
 
     def _run(self) -> None:
-        client = _Http(self.url, self.timeout)
+        client = HttpClient(self.url, self.timeout)
         try:
             while not self.stopping.is_set():
                 start = time.perf_counter_ns()
                 broken = False
                 try:
-                    status, answer = client.request("POST", self.path, self.body, self.headers)
+                    status, answer = client.send(self.request)
                     error = None if status == 200 else f"HTTP {status}: {answer[:300]!r}"
-                except (OSError, http.client.HTTPException) as exc:
+                except (OSError, HilError) as exc:
                     error, broken = f"{type(exc).__name__}: {exc}", True
                 elapsed = time.perf_counter_ns() - start
                 with self.lock:
@@ -317,7 +378,7 @@ def prepare(http_url: str, model: str, inputs: Sequence[InputSpec] | None = None
     """Read the model's config (its max_batch_size decides the batch sizes; `inputs` default to the config's,
     variable dims as 1), build the requests, and warm up: `warmup_requests` per batch size. A request
     that fails here fails the whole measurement (HilError): the model or its inputs are wrong."""
-    control = _Http(http_url, settings.request_timeout_s)
+    control = HttpClient(http_url, settings.request_timeout_s)
     try:
         config = control.json(f"/v2/models/{model}/config")
         max_batch = int(config.get("max_batch_size", 0))
@@ -374,7 +435,7 @@ def measure_point(target: Target, concurrency: int, batch: int, settings: Settin
     body, headers = target.requests[batch]
     windows: list[Window] = []
     stable = False
-    control = _Http(target.http_url, settings.request_timeout_s)
+    control = HttpClient(target.http_url, settings.request_timeout_s)
     try:
         with _Load(target.http_url, path, body, headers, concurrency, settings.request_timeout_s) as load:
             # The first window starts once every client has had time to send: what came before is dropped.

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 PASSED, FAILED, UNSTABLE = "passed", "failed", "unstable"
+DEFAULT_ALLOWED_PCT = 10.0
 OK, FAIL, SKIPPED = "ok", "fail", "skipped"
 
 
@@ -47,11 +48,13 @@ def _band(*spreads: float) -> float:
     return max(finite) if finite else math.inf
 
 
-def compare(candidate: list[dict[str, Any]], champion: list[dict[str, Any]],
-            allowed_pct: float) -> list[dict[str, Any]]:
+def compare(candidate: list[dict[str, Any]], champion: list[dict[str, Any]], allowed_pct: float,
+            confirmations: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Each point both engines were measured at: p99 and throughput of the candidate against the champion in
     percent (positive p99: slower; negative throughput: fewer inferences/s), each with its noise band and
-    whether it regressed beyond allowed + band."""
+    whether it regressed beyond allowed + band. A point measured in several rounds (`confirmations`: each
+    round's flags) regressed only if it did in every round."""
+    rounds = {_key(c): c["rounds"] for c in confirmations or []}
     theirs = {_key(p): p for p in champion}
     rows = []
     for mine in candidate:
@@ -70,12 +73,17 @@ def compare(candidate: list[dict[str, Any]], champion: list[dict[str, Any]],
             "p99_regressed": p99_pct > allowed_pct + p99_band,
             "throughput_regressed": -tput_pct > allowed_pct + tput_band,
             "stable": mine["status"] == "stable" and other["status"] == "stable",
+            "rounds": len(rounds.get(_key(mine), [])) or 1,
         })
+        earlier = rounds.get(_key(mine))
+        if earlier:
+            rows[-1]["p99_regressed"] = all(r["p99_regressed"] for r in earlier)
+            rows[-1]["throughput_regressed"] = all(r["throughput_regressed"] for r in earlier)
     return rows
 
 
 def judge(candidate: dict[str, Any], champion: dict[str, Any] | None, slo: dict[str, Any],
-          accuracy: dict[str, Any]) -> Judgement:
+          accuracy: dict[str, Any], confirmations: list[dict[str, Any]] | None = None) -> Judgement:
     """`candidate` and `champion`: {"points": [...], "memory_bytes": int, "label": str}; `slo`: the objectives,
     each {"value": ..., "source": "..."} (p99_ms, batch, concurrency, min_throughput, max_memory_mb,
     max_regression_pct); `accuracy`: {"measured": bool, "passed": bool, "words": str, ...}."""
@@ -106,11 +114,12 @@ def judge(candidate: dict[str, Any], champion: dict[str, Any] | None, slo: dict[
         j.checks.append(_check("accuracy", SKIPPED, accuracy.get("words", "not measured")))
 
     if champion is not None:  # the evidence, whether or not timing can be judged
-        j.comparison = compare(points, champion["points"], value.get("max_regression_pct", 10.0))
+        j.comparison = compare(points, champion["points"], value.get("max_regression_pct", DEFAULT_ALLOWED_PCT),
+                               confirmations)
     if not unsettled:  # timing is judged only on figures that settled
         _slo_checks(j, points, candidate["memory_bytes"], value, source)
         if champion is not None:
-            _champion_check(j, points, champion, value.get("max_regression_pct", 10.0),
+            _champion_check(j, points, champion, value.get("max_regression_pct", DEFAULT_ALLOWED_PCT),
                             source.get("max_regression_pct", "default"))
         else:
             j.checks.append(_check("champion", SKIPPED, "no champion engine on this target to compare with: "
@@ -176,14 +185,18 @@ def _champion_check(j: Judgement, points: list[dict[str, Any]], champion: dict[s
             (f"p99 {r['p99_pct']:+.1f}% (±{r['p99_band_pct']:.1f}%)" if r["p99_regressed"] else "")
             + (" and " if r["p99_regressed"] and r["throughput_regressed"] else "")
             + (f"throughput {r['throughput_pct']:+.1f}% (±{r['throughput_band_pct']:.1f}%)"
-               if r["throughput_regressed"] else "") + f" at {_at(r)}" for r in worse)
+               if r["throughput_regressed"] else "") + f" at {_at(r)}"
+            + (f" (in all {r['rounds']} rounds)" if r["rounds"] > 1 else "") for r in worse)
         j.checks.append(_check("champion", FAIL, f"regressed against {champion['label']} beyond the {allowed:g}% "
                                                  f"allowed ({allowed_source}) plus the noise band: {detail}",
                                regressed_points=len(worse), allowed_pct=allowed))
     else:
+        unconfirmed = [r for r in j.comparison if r["rounds"] > 1]
+        again = (f"; {len(unconfirmed)} point(s) looked worse once and, measured again, not in every round: "
+                 + ", ".join(_at(r) for r in unconfirmed)) if unconfirmed else ""
         j.checks.append(_check("champion", OK, f"no point regressed against {champion['label']} beyond the "
-                                               f"{allowed:g}% allowed plus the noise band: {summary}",
-                               allowed_pct=allowed))
+                                               f"{allowed:g}% allowed plus the noise band: {summary}{again}",
+                               allowed_pct=allowed, remeasured=len(unconfirmed)))
 
 
 def _words(j: Judgement) -> str:

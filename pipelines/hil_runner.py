@@ -38,6 +38,7 @@ from registry.services import DATABASE_UNAVAILABLE
 log = logging.getLogger(__name__)
 
 LOAD_TIMEOUT_S = 180.0
+CONFIRM_ROUNDS = 3  # a regression against the champion counts only when every round at its point shows it
 ACCURACY_ROWS = 1024  # at most, from the reference set
 
 
@@ -148,12 +149,9 @@ def _fetch(build: EngineBuild, repo: Path) -> str:
 
 
 def _load(server: TritonServer, name: str) -> None:
-    control = hil._Http(server.url, LOAD_TIMEOUT_S)
-    try:
+    with hil.HttpClient(server.url, LOAD_TIMEOUT_S) as control:
         status, body = control.request("POST", f"/v2/repository/models/{name}/load", b"{}",
                                        {"Content-Type": "application/json"})
-    finally:
-        control.close()
     if status != 200:
         raise hil.HilError(f"Triton could not load {name}: HTTP {status}: {body[:500]!r}")
 
@@ -202,14 +200,16 @@ def _run(run: HilRun) -> str:
                 before = hil.server_pss_bytes(pid)
                 _load(server, name)
                 if sweep is None:  # the candidate's config decides the sweep
-                    config = hil._Http(server.url, 30).json(f"/v2/models/{name}/config")
+                    with hil.HttpClient(server.url, 30) as control:
+                        config = control.json(f"/v2/models/{name}/config")
                     sweep = _settings(run, slo, int(config.get("max_batch_size", 0)))
                 targets[role] = hil.prepare(server.url, name, server_pid=pid, settings=sweep)
                 # The engine's memory: an empty server plus what loading and warming it up added.
                 memory[role] = base + max(0, hil.server_pss_bytes(pid) - before)
                 say(f"{role} {name} loaded and warmed up: server memory with it {memory[role] / 2**20:.1f} MiB")
             assert sweep is not None
-            points = _measure(run.pk, targets, sweep)
+            allowed = float(slo.get("max_regression_pct", {}).get("value", hil_judge.DEFAULT_ALLOWED_PCT))
+            points, confirmations = _measure(run.pk, targets, sweep, allowed)
             accuracy = _accuracy(server.url, names["candidate"], version, build.precision)
             say(f"accuracy through the server: {accuracy['words']}")
         finally:
@@ -222,11 +222,11 @@ def _run(run: HilRun) -> str:
         "champion": {"label": label, "version": champion.version.version, "build": champion.pk,
                      "triton_model": names["champion"], "points": points["champion"],
                      "memory_bytes": memory["champion"], "stability_pct": sweep.stability_pct} if champion else None,
-        "accuracy": accuracy, "empty_server_memory_bytes": base,
+        "accuracy": accuracy, "empty_server_memory_bytes": base, "confirmations": confirmations,
         "settings": {**asdict(sweep), "concurrencies": list(sweep.concurrencies),
                      "batch_sizes": list(sweep.batch_sizes or ())},
     }
-    judgement = hil_judge.judge(results["candidate"], results["champion"], slo, accuracy)
+    judgement = hil_judge.judge(results["candidate"], results["champion"], slo, accuracy, confirmations)
     results["comparison"] = judgement.comparison
     run_id = _log_to_mlflow(run, version, results, judgement)
     hil_transition(run.pk, judgement.status, results=_finite(results), checks=_finite(judgement.checks),
@@ -234,22 +234,45 @@ def _run(run: HilRun) -> str:
     return judgement.status
 
 
-def _measure(run_id: int, targets: dict[str, hil.Target], sweep: hil.Settings) -> dict[str, list[dict[str, Any]]]:
+def _measure(run_id: int, targets: dict[str, hil.Target], sweep: hil.Settings,
+             allowed_pct: float) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]]]:
     """Every point of the sweep for each engine, interleaved: at each point both are measured one after the
-    other, the order swapped from one point to the next."""
+    other, the order swapped each time. Where the candidate looks worse than the champion beyond what is
+    allowed, both are measured again at that point (up to CONFIRM_ROUNDS in all): a moment of load on the
+    machine lands on one engine, a regression shows in every round. Returns the points (each engine's last
+    round) and, for points measured more than once, every round's comparison."""
     points: dict[str, list[dict[str, Any]]] = {role: [] for role in targets}
+    confirmations: list[dict[str, Any]] = []
     roles = list(targets)
     order = 0
     for batch in targets["candidate"].batch_sizes:
         for concurrency in sweep.concurrencies:
-            for role in roles if order % 2 == 0 else roles[::-1]:
-                if batch not in targets[role].requests:
-                    continue  # the champion's config does not allow this batch size
-                point = hil.measure_point(targets[role], concurrency, batch, sweep)
-                points[role].append(asdict(point))
-                hil_append_log(run_id, [f"{role}: {point.words()}"])
-            order += 1
-    return points
+            seen: list[dict[str, Any]] = []
+            while True:
+                pair: dict[str, dict[str, Any]] = {}
+                for role in roles if order % 2 == 0 else roles[::-1]:
+                    if batch not in targets[role].requests:
+                        continue  # the champion's config does not allow this batch size
+                    point = hil.measure_point(targets[role], concurrency, batch, sweep)
+                    pair[role] = asdict(point)
+                    hil_append_log(run_id, [f"{role}: {point.words()}"])
+                order += 1
+                if "champion" not in pair:
+                    break
+                [row] = hil_judge.compare([pair["candidate"]], [pair["champion"]], allowed_pct)
+                seen.append({k: row[k] for k in ("p99_pct", "p99_band_pct", "throughput_pct", "throughput_band_pct",
+                                                 "p99_regressed", "throughput_regressed")})
+                if not (row["p99_regressed"] or row["throughput_regressed"]) or len(seen) >= CONFIRM_ROUNDS:
+                    break
+                hil_append_log(run_id, [
+                    f"batch {batch}, concurrency {concurrency}: the candidate looks worse (p99 {row['p99_pct']:+.1f}%, "
+                    f"throughput {row['throughput_pct']:+.1f}%); measuring both again to confirm "
+                    f"(round {len(seen) + 1} of at most {CONFIRM_ROUNDS})"])
+            for role, figures in pair.items():
+                points[role].append(figures)
+            if len(seen) > 1:
+                confirmations.append({"batch_size": batch, "concurrency": concurrency, "rounds": seen})
+    return points, confirmations
 
 
 def _reference(version: ModelVersion) -> tuple[str, np.ndarray, list[Any]] | None:
@@ -269,8 +292,7 @@ def _accuracy(url: str, model: str, version: ModelVersion, precision: str) -> di
         return {"measured": False, "words": "not measured: the version has no reference set with the original "
                                             "model's predictions"}
     input_name, rows, expected = reference
-    control = hil._Http(url, 60)
-    try:
+    with hil.HttpClient(url, 60) as control:
         config = control.json(f"/v2/models/{model}/config")
         specs = {i.name: i for i in hil.inputs_from_config(config)}
         if input_name not in specs:
@@ -291,8 +313,6 @@ def _accuracy(url: str, model: str, version: ModelVersion, precision: str) -> di
             if status != 200:
                 raise hil.HilError(f"accuracy request to {model}: HTTP {status}: {answer[:300]!r}")
             outputs.extend(_predictions(json.loads(answer)["outputs"], batched))
-    finally:
-        control.close()
     limits = thresholds_for(version, precision)
     if all(isinstance(v, int | str) for v in expected):
         agreement = float(np.mean([str(a) == str(b) for a, b in zip(expected, outputs, strict=True)]))

@@ -106,3 +106,20 @@ def test_predictions_are_read_from_the_label_output_else_the_arg_max_of_scores_e
     assert _predictions([{"name": "logits", "shape": [2, 3], "data": [0, 1, 5, 9, 1, 0]}]) == [2, 0]
     assert _predictions([{"name": "variable", "shape": [3, 1], "data": [1.5, 2.5, 3.5]}]) == [1.5, 2.5, 3.5]
     assert _predictions([{"name": "logits", "shape": [3], "data": [0, 7, 1]}], batched=False) == [1]
+
+
+def test_a_regression_counts_only_when_every_round_measured_at_its_point_shows_it():
+    candidate, champion = _engine(_point(p99=2.6)), _engine(_point(p99=2.0))
+    flags = {"p99_pct": 30.0, "p99_band_pct": 4.0, "throughput_pct": 0.0, "throughput_band_pct": 4.0,
+             "throughput_regressed": False}
+    once = [{"batch_size": 1, "concurrency": 1, "rounds": [{**flags, "p99_regressed": True},
+                                                           {**flags, "p99_pct": 2.0, "p99_regressed": False}]}]
+    # The last round's figures are the point's; a spike seen in one round of two is not a regression.
+    passed = judge(_engine(_point(p99=2.04)), champion, _slo(), ACCURATE, once)
+    assert passed.status == PASSED and passed.comparison[0]["rounds"] == 2
+    assert "1 point(s) looked worse once and, measured again, not in every round: batch 1, concurrency 1" \
+        in passed.verdict
+    every = [{"batch_size": 1, "concurrency": 1, "rounds": [{**flags, "p99_regressed": True}] * 3}]
+    failed = judge(candidate, champion, _slo(), ACCURATE, every)
+    assert failed.status == FAILED and "p99 +30.0% (±4.0%) at batch 1, concurrency 1 (in all 3 rounds)" \
+        in failed.verdict
