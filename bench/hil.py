@@ -7,25 +7,25 @@ measurement of the same engine on the same server, and a whole HIL run of the de
   (pipelines.hil_runner.hil_run_execute, the code the HIL worker runs) with the platform's default sweep
   (PLATFORM_HIL_*): timed end to end (fetch, server start, load, warm-up, sweep, accuracy, judgement,
   MLflow logging), with its status;
-- side by side: the same engine's Triton entry in a Triton server started here; at each point (batch 1 and
-  the engine's max_batch_size, concurrency 1, 2 and 4) the platform's harness (pipelines/hil.py
-  measure_point, the default window settings) and two independent clients, in turn (each side first in its
-  turn, round after round) so the machine's noise touches all alike. perf_analyzer would be the natural
-  independent measurement, but the `perf-analyzer` wheel needs glibc 2.38; so the independent clients are
-  written here, sharing no code with the harness: N threads in a closed loop at the same concurrency and
-  batch size, each timing its own requests with time.perf_counter, for as long as the harness's figures'
-  windows last (3 windows of 1 s), after a warm-up of their own; p50 as the median of those latencies,
-  throughput as the inferences answered within that span divided by it. "client" is tritonclient.http
-  (InferenceServerClient.infer, a connection per thread: how a user measures); "lean" sends the body
-  tritonclient builds, once, on a plain socket and reads the answer by its length: a client about as light
-  as perf_analyzer's, so that what the client itself costs shows. The figures of each side are the medians
-  over the rounds; the JSON's p50_diff_pct and throughput_diff_pct are against "lean" (the stand-in for
-  perf_analyzer: as light a client, measuring what the server does), tritonclient_* against "client" (what a
-  user's own script would see, its client's cost included). Beside them, what tells noise from a difference
-  of method: Triton's own compute time per request during each side's measurement, and each client's CPU time per request (this process's CPU time over the
+- side by side: the same engine's Triton entry in a Triton server started here; at each point (batch 1 and the
+  engine's max_batch_size, concurrency 1, 2 and 4) the platform's harness (pipelines/hil.py measure_point, the
+  default window settings) and two independent clients, in turn (each side first in its turn, round after
+  round) so the machine's noise touches all alike. perf_analyzer would be the natural independent measurement,
+  but the `perf-analyzer` wheel needs glibc 2.38; so the independent clients are written here, sharing no code
+  with the harness: N threads in a closed loop at the same concurrency and batch size, each timing its own
+  requests with time.perf_counter, for as long as the harness's figures' windows last (3 windows of 1 s),
+  after a warm-up of their own; p50 as the median of those latencies, throughput as the inferences answered
+  within that span divided by it. "client" is tritonclient.http (InferenceServerClient.infer, a connection per
+  thread: how a user measures); "lean" sends the body tritonclient builds, once, on a plain socket and reads
+  the answer by its length: a client about as light as perf_analyzer's, so that what the client itself costs
+  shows. The figures of each side are the medians over the rounds; the JSON's p50_diff_pct and
+  throughput_diff_pct are against "lean" (the stand-in for perf_analyzer: as light a client, measuring what
+  the server does), tritonclient_* against "client" (what a user's own script would see, its client's cost
+  included). Beside them, what tells noise from a difference of method: Triton's own compute time per request
+  during each side's measurement, and each client's CPU time per request (this process's CPU time over the
   requests it sent; the harness's includes its per-window statistics reads and memory reading), and the
-  requests Triton counted over each side's span per request the side counted (about 1: each counts what
-  was served; the independent clients' span is read a little wider, by the statistics calls around it).
+  requests Triton counted over each side's span per request the side counted (about 1: each counts what was
+  served; the independent clients' span is read a little wider, by the statistics calls around it).
 
     python -m config.stack --state .state/bench-hil exec --fresh -- python -m bench.hil [--quick]
 
