@@ -92,11 +92,13 @@ def judge(candidate: dict[str, Any], champion: dict[str, Any] | None, slo: dict[
     value = {k: v["value"] for k, v in slo.items()}
     source = {k: v["source"] for k, v in slo.items()}
 
-    unsettled = [p for p in points + (champion["points"] if champion else []) if p["status"] != "stable"]
+    unsettled = [(engine["label"], p) for engine in (candidate, champion) if engine
+                 for p in engine["points"] if p["status"] != "stable"]
     if unsettled:
         j.checks.append(_check("stability", FAIL, "; ".join(
-            f"{_at(p)} did not settle in {p['windows']} windows (last three {p['throughput_spread_pct']:.1f}% apart "
-            f"in throughput, {p['p50_spread_pct']:.1f}% in p50)" for p in unsettled), unstable=len(unsettled)))
+            f"{label} at {_at(p)} did not settle in {p['windows']} windows (last three "
+            f"{p['throughput_spread_pct']:.1f}% apart in throughput, {p['p50_spread_pct']:.1f}% in p50)"
+            for label, p in unsettled), unstable=len(unsettled)))
     else:
         j.checks.append(_check("stability", OK, f"every point settled: three windows in a row within "
                                                 f"{candidate.get('stability_pct', 10):g}%", points=len(points)))

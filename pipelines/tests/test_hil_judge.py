@@ -61,10 +61,11 @@ def test_a_regression_counts_only_beyond_the_allowed_percentage_plus_the_noise_b
 
 
 def test_points_that_never_settled_give_unstable_not_a_pass_nor_a_verdict_on_their_timing():
-    j = judge(_engine(_point(p99=50.0, status="unstable", spread=35.0)), _engine(_point(p99=2.0)),
-              _slo(p99_ms=5), ACCURATE)
+    j = judge(_engine(_point(p99=50.0, status="unstable", spread=35.0), label="v2 (cpu-fp32-onnxruntime)"),
+              _engine(_point(p99=2.0)), _slo(p99_ms=5), ACCURATE)
     assert j.status == UNSTABLE and "slo_p99" not in _outcomes(j) and "champion" not in _outcomes(j)
-    assert j.verdict.startswith("Unstable, not passed: batch 1, concurrency 1 did not settle in 10 windows")
+    assert j.verdict.startswith("Unstable, not passed: v2 (cpu-fp32-onnxruntime) at batch 1, concurrency 1 did not "
+                                "settle in 10 windows (last three 35.0% apart in throughput, 35.0% in p50)")
     assert j.comparison  # the figures are still shown
     # Errors and accuracy do not depend on timing: they fail the run even when it did not settle.
     wrong = {"measured": True, "passed": False, "words": "label agreement 0.9100 on 256 reference rows (under 0.97)"}

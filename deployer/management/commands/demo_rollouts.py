@@ -182,10 +182,8 @@ class Command(BaseCommand):
         d = Deployment.objects.filter(model=model, version__version=number, status__in=ACTIVE_ROLLOUT_STATES).first()
         if d is None:
             run = self._hil(services.engine_for(ModelVersion.objects.get(model=model, version=number), "cpu"))
-            override = "" if run is not None and run.status == HilStatus.PASSED else (
-                f"demo: deploying v{number} without a passing HIL run ("
-                + (f"run {run.pk} {run.status}" if run else "none finished in time")
-                + ") to show what the canary analysis makes of it")
+            override = "" if run is not None and run.status == HilStatus.PASSED else self._override_reason(
+                number, run)
             d = services.deployment_create(SYSTEM, model, number, hil_override=override, **rollout)
             self.say(f"deployment {d.pk}: rolling out v{number} (steps {d.steps}, {d.step_interval_s}s each)"
                      + (f"; HIL override: {override}" if override else f" on HIL run {run.pk if run else '-'}"))
@@ -199,6 +197,17 @@ class Command(BaseCommand):
             if d.status not in ACTIVE_ROLLOUT_STATES:
                 return Deployment.objects.select_related("version", "hil_run").get(pk=d.pk)
             time.sleep(1)
+
+    @staticmethod
+    def _override_reason(number: int, run: HilRun | None) -> str:
+        """Why the demo deploys a version without a passing HIL run, in the words a release manager would write."""
+        if run is None:
+            return f"demo: v{number}'s HIL run did not finish in time; deploying on the canary analysis alone"
+        if run.status == HilStatus.UNSTABLE:
+            return (f"demo: this shared machine was too busy for HIL run {run.pk} of v{number} to settle; deploying "
+                    "on the canary analysis alone")
+        return (f"demo: v{number}'s HIL run {run.pk} {run.status}; deploying it anyway to show the canary analysis "
+                "rolling it back")
 
     def _hil(self, engine: EngineBuild, timeout: float = HIL_WAIT_S) -> HilRun | None:
         """The engine's HIL run on the fleet's profile once it has finished (asked for if there is none)."""
