@@ -1,11 +1,11 @@
 """The verdict of a HIL run, from its figures alone (no I/O): stability first, then request errors, accuracy
 through the server, the SLO, and the champion measured beside it in the same run.
 
-A verdict a person would sign: a point whose windows never agreed gives `unstable` (no pass, no fail on
-figures that did not settle), unless something that does not depend on timing already failed (errors,
-accuracy). A regression against the champion counts only beyond the allowed percentage PLUS the noise band
-of that comparison (the larger spread of the two points' agreeing windows), and is shown in percent with
-that band either way.
+A verdict a person would sign: a point whose windows never agreed is not judged, and the run cannot pass
+(`unstable`); it fails only on what was judged: errors, accuracy and memory (which do not depend on timing),
+and the SLO and the champion at the points that settled. A regression against the champion counts only
+beyond the allowed percentage PLUS the noise band of that comparison (the larger spread of the two points'
+agreeing windows), in every round measured at that point, and is shown in percent with that band either way.
 """
 
 from __future__ import annotations
@@ -118,14 +118,14 @@ def judge(candidate: dict[str, Any], champion: dict[str, Any] | None, slo: dict[
     if champion is not None:  # the evidence, whether or not timing can be judged
         j.comparison = compare(points, champion["points"], value.get("max_regression_pct", DEFAULT_ALLOWED_PCT),
                                confirmations)
-    if not unsettled:  # timing is judged only on figures that settled
-        _slo_checks(j, points, candidate["memory_bytes"], value, source)
-        if champion is not None:
-            _champion_check(j, points, champion, value.get("max_regression_pct", DEFAULT_ALLOWED_PCT),
-                            source.get("max_regression_pct", "default"))
-        else:
-            j.checks.append(_check("champion", SKIPPED, "no champion engine on this target to compare with: "
-                                                        "judged on its own figures"))
+    # Timing is judged only on points that settled; a point that did not is left unjudged, and the run cannot pass.
+    _slo_checks(j, points, candidate["memory_bytes"], value, source)
+    if champion is not None:
+        _champion_check(j, champion, value.get("max_regression_pct", DEFAULT_ALLOWED_PCT),
+                        source.get("max_regression_pct", "default"))
+    else:
+        j.checks.append(_check("champion", SKIPPED, "no champion engine on this target to compare with: "
+                                                    "judged on its own figures"))
 
     failed = [c for c in j.checks if c["outcome"] == FAIL and c["name"] != "stability"]
     if failed:
@@ -145,19 +145,29 @@ def _slo_checks(j: Judgement, points: list[dict[str, Any]], memory: int, value: 
         if point is None:
             j.checks.append(_check("slo_p99", FAIL, f"the p99 budget is at batch {at[0]}, concurrency {at[1]}, "
                                                     "which the sweep did not measure", budget_ms=budget))
+        elif point["status"] != "stable":
+            j.checks.append(_check("slo_p99", SKIPPED, f"the p99 budget of {budget:g} ms ({source['p99_ms']}) not "
+                                                       f"judged: its point, {_at(point)}, did not settle",
+                                   budget_ms=budget))
         else:
             ok = point["p99_ms"] <= budget
             j.checks.append(_check("slo_p99", OK if ok else FAIL,
                                    f"p99 {point['p99_ms']:.2f} ms at {_at(point)} "
                                    f"{'within' if ok else 'over'} the {budget:g} ms budget ({source['p99_ms']})",
                                    p99_ms=point["p99_ms"], budget_ms=budget))
-    if value.get("min_throughput") is not None:
-        best = max(points, key=lambda p: p["inferences_per_s"])
+    settled = [p for p in points if p["status"] == "stable"]
+    if value.get("min_throughput") is not None and not settled:
+        j.checks.append(_check("slo_throughput", SKIPPED, "the throughput asked for not judged: no point settled"))
+    elif value.get("min_throughput") is not None:
+        best = max(settled, key=lambda p: p["inferences_per_s"])
         floor = float(value["min_throughput"])
         ok = best["inferences_per_s"] >= floor
-        j.checks.append(_check("slo_throughput", OK if ok else FAIL,
+        # Under the floor at every settled point, while some did not settle: one of those might meet it.
+        outcome = OK if ok else FAIL if len(settled) == len(points) else SKIPPED
+        j.checks.append(_check("slo_throughput", outcome,
                                f"best {best['inferences_per_s']:.1f} inferences/s (at {_at(best)}) "
-                               f"{'meets' if ok else 'is under'} the {floor:g} asked for ({source['min_throughput']})",
+                               f"{'meets' if ok else 'is under'} the {floor:g} asked for ({source['min_throughput']})"
+                               + ("" if outcome != SKIPPED else "; not judged: some points did not settle"),
                                inferences_per_s=best["inferences_per_s"], minimum=floor))
     if value.get("max_memory_mb") is not None:
         cap = float(value["max_memory_mb"])
@@ -171,14 +181,15 @@ def _slo_checks(j: Judgement, points: list[dict[str, Any]], memory: int, value: 
                                                "hil.min_throughput, hil.max_memory_mb, or the model's HIL policy)"))
 
 
-def _champion_check(j: Judgement, points: list[dict[str, Any]], champion: dict[str, Any], allowed: float,
-                    allowed_source: str) -> None:
-    if not j.comparison:
-        j.checks.append(_check("champion", SKIPPED, f"{champion['label']} was measured at no point in common"))
+def _champion_check(j: Judgement, champion: dict[str, Any], allowed: float, allowed_source: str) -> None:
+    judged = [r for r in j.comparison if r["stable"]]  # both engines' figures settled there
+    if not judged:
+        why = "was measured at no point in common" if not j.comparison else "settled at no point where both did"
+        j.checks.append(_check("champion", SKIPPED, f"{champion['label']} {why}: not compared"))
         return
-    worse = [r for r in j.comparison if r["p99_regressed"] or r["throughput_regressed"]]
-    worst_p99 = max(j.comparison, key=lambda r: r["p99_pct"])
-    worst_tput = min(j.comparison, key=lambda r: r["throughput_pct"])
+    worse = [r for r in judged if r["p99_regressed"] or r["throughput_regressed"]]
+    worst_p99 = max(judged, key=lambda r: r["p99_pct"])
+    worst_tput = min(judged, key=lambda r: r["throughput_pct"])
     summary = (f"worst p99 {worst_p99['p99_pct']:+.1f}% (noise band ±{worst_p99['p99_band_pct']:.1f}%) at "
                f"{_at(worst_p99)}; worst throughput {worst_tput['throughput_pct']:+.1f}% "
                f"(±{worst_tput['throughput_band_pct']:.1f}%) at {_at(worst_tput)}")
@@ -193,7 +204,7 @@ def _champion_check(j: Judgement, points: list[dict[str, Any]], champion: dict[s
                                                  f"allowed ({allowed_source}) plus the noise band: {detail}",
                                regressed_points=len(worse), allowed_pct=allowed))
     else:
-        unconfirmed = [r for r in j.comparison if r["rounds"] > 1]
+        unconfirmed = [r for r in judged if r["rounds"] > 1]
         again = (f"; {len(unconfirmed)} point(s) looked worse once and, measured again, not in every round: "
                  + ", ".join(_at(r) for r in unconfirmed)) if unconfirmed else ""
         j.checks.append(_check("champion", OK, f"no point regressed against {champion['label']} beyond the "
@@ -206,11 +217,13 @@ def _words(j: Judgement) -> str:
     if j.status == FAILED:
         head = "Failed: " + "; ".join(failed) + "."
         if any(c["name"] == "stability" and c["outcome"] == FAIL for c in j.checks):
-            head += " Timing was not judged: some points did not settle."
+            head += " Points that did not settle were not judged."
         return head
     if j.status == UNSTABLE:
         stability = next(c for c in j.checks if c["name"] == "stability")
-        return ("Unstable, not passed: " + stability["words"] + ". Latency and throughput are not judged on "
-                "figures that did not settle; run it again on a quieter machine or with longer windows.")
+        met = [c["words"] for c in j.checks if c["outcome"] == OK and c["name"] != "stability"]
+        return ("Unstable, not passed: " + stability["words"] + ". Figures that did not settle are not judged; run "
+                "it again on a quieter machine or with longer windows." + (" Judged and met: " + "; ".join(met) + "."
+                                                                            if met else ""))
     return "Passed: " + "; ".join(c["words"] for c in j.checks if c["outcome"] != SKIPPED) + "." + "".join(
         f" ({c['words']}.)" for c in j.checks if c["outcome"] == SKIPPED)

@@ -63,7 +63,7 @@ def test_a_regression_counts_only_beyond_the_allowed_percentage_plus_the_noise_b
 def test_points_that_never_settled_give_unstable_not_a_pass_nor_a_verdict_on_their_timing():
     j = judge(_engine(_point(p99=50.0, status="unstable", spread=35.0), label="v2 (cpu-fp32-onnxruntime)"),
               _engine(_point(p99=2.0)), _slo(p99_ms=5), ACCURATE)
-    assert j.status == UNSTABLE and "slo_p99" not in _outcomes(j) and "champion" not in _outcomes(j)
+    assert j.status == UNSTABLE and _outcomes(j)["slo_p99"] == "skipped" and _outcomes(j)["champion"] == "skipped"
     assert j.verdict.startswith("Unstable, not passed: v2 (cpu-fp32-onnxruntime) at batch 1, concurrency 1 did not "
                                 "settle in 10 windows (last three 35.0% apart in throughput, 35.0% in p50)")
     assert j.comparison  # the figures are still shown
@@ -72,7 +72,13 @@ def test_points_that_never_settled_give_unstable_not_a_pass_nor_a_verdict_on_the
     failed = judge(_engine(_point(status="unstable", errors=3)), None, _slo(), wrong)
     assert failed.status == FAILED
     assert "3 request(s) failed under load, the first: HTTP 500: boom" in failed.verdict
-    assert "label agreement 0.9100" in failed.verdict and "Timing was not judged" in failed.verdict
+    assert "label agreement 0.9100" in failed.verdict and "Points that did not settle were not judged" \
+        in failed.verdict
+    # What settled is judged: an SLO missed at a settled point fails the run, whatever else did not settle.
+    slow = judge(_engine(_point(p99=300.0), _point(batch=8, status="unstable")), None, _slo(p99_ms=50), ACCURATE)
+    assert slow.status == FAILED and "p99 300.00 ms at batch 1, concurrency 1 over the 50 ms budget" in slow.verdict
+    met = judge(_engine(_point(p99=3.0), _point(batch=8, status="unstable")), None, _slo(p99_ms=50), ACCURATE)
+    assert met.status == UNSTABLE and "Judged and met: no request failed" in met.verdict
 
 
 def test_the_slo_is_judged_where_it_is_declared_and_says_what_was_missed():
