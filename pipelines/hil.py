@@ -6,7 +6,8 @@ socket: each request, head and body, is built once per batch size and sent with 
 kept-alive connection with TCP_NODELAY, and the answer is read by its Content-Length: the least client
 cost Python allows, which matters on a small machine where the client and Triton share the CPUs.
 
-Stability follows perf_analyzer: a point is stable when its last three windows agree, max/min within
+Stability follows perf_analyzer: a window lasts `window_s` and until `min_window_requests` were answered (at
+most `max_window_s`); a point is stable when its last three windows agree, max/min within
 `1 + stability_pct/100`, both on throughput and on p50 latency; after `max_trials` windows without that it
 is `unstable`, and its figures are those of its last three windows all the same.
 """
@@ -55,6 +56,10 @@ class Settings:
     stability_pct: float = 10.0
     stable_windows: int = 3
     max_trials: int = 10
+    # A window lasts at least window_s and until this many requests were answered (at most max_window_s): with
+    # a slow engine a 1 s window holds 3 or 4 requests, 33% apart for counting alone.
+    min_window_requests: int = 20
+    max_window_s: float = 10.0
     warmup_requests: int = 20  # per batch size, one after another
     request_timeout_s: float = 30.0
 
@@ -343,6 +348,11 @@ class _Load:
         finally:
             client.close()
 
+    def answered(self) -> int:
+        """Requests answered (or failed) since the last take."""
+        with self.lock:
+            return len(self.latencies) + self.errors
+
     def take(self) -> tuple[list[int], int]:
         """The latencies of the requests answered since the last take, and the errors."""
         with self.lock:
@@ -445,6 +455,9 @@ def measure_point(target: Target, concurrency: int, batch: int, settings: Settin
             start = time.perf_counter()
             while len(windows) < settings.max_trials:
                 time.sleep(settings.window_s)
+                limit = start + max(settings.max_window_s, settings.window_s)
+                while load.answered() < settings.min_window_requests and time.perf_counter() < limit:
+                    time.sleep(min(0.05, settings.window_s / 4))
                 latencies, errors = load.take()
                 end = time.perf_counter()
                 after = _stats_totals(control.json(stats_path))

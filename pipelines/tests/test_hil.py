@@ -33,6 +33,10 @@ class TritonPythonModel:
                 for r in requests]
 '''
 
+# The identity, 50 ms a request: a slow engine.
+SLOW_PY = IDENTITY_PY.replace("    def execute(self, requests):\n",
+                              "    def execute(self, requests):\n        import time\n        time.sleep(0.05)\n")
+
 IDENTITY_CONFIG = '''name: "{name}"
 backend: "python"
 max_batch_size: {max_batch}
@@ -47,10 +51,10 @@ def triton(tmp_path_factory):
     from pipelines.triton_local import TritonServer
 
     base = tmp_path_factory.mktemp("hil-triton")
-    models = {"identity": 8, "identity_unbatched": 0}  # name: max_batch_size (0: no batch axis)
+    models = {"identity": 8, "identity_unbatched": 0, "slow": 8}  # name: max_batch_size (0: no batch axis)
     for name, max_batch in models.items():
         (base / "repo" / name / "1").mkdir(parents=True)
-        (base / "repo" / name / "1" / "model.py").write_text(IDENTITY_PY)
+        (base / "repo" / name / "1" / "model.py").write_text(SLOW_PY if name == "slow" else IDENTITY_PY)
         (base / "repo" / name / "config.pbtxt").write_text(IDENTITY_CONFIG.format(name=name, max_batch=max_batch))
     server = TritonServer(base / "repo", base / "work")
     server.start()
@@ -131,6 +135,16 @@ def test_a_point_whose_windows_never_agree_ends_unstable_after_the_maximum_of_tr
     assert point.requests > 0 and 0 < point.p50_ms <= point.p99_ms
     assert "1 unstable" in result.words() and "unstable after 4 window(s)" in point.words()
     assert len(point.trials) == 4 and point.throughput_spread_pct > 1e-7
+
+
+def test_a_window_of_a_slow_engine_lasts_until_it_holds_enough_requests_to_count_on(triton):
+    # 50 ms a request: a 0.2 s window alone would hold 4 requests, 25% apart for one more or less.
+    settings = Settings(concurrencies=(1,), batch_sizes=(1,), window_s=0.2, min_window_requests=12, max_trials=4,
+                        warmup_requests=2)
+    target = prepare(triton.url, "slow", server_pid=triton.proc.pid, settings=settings)
+    point = measure_point(target, 1, 1, settings)
+    assert point.requests >= 3 * 12, point.words()  # the figures' three windows, each with at least 12
+    assert all(rate < 25 for rate, _ in point.trials) and point.p50_ms >= 50
 
 
 def test_a_model_without_a_batch_axis_is_measured_at_batch_one_only(triton):
