@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from pipelines.models import (
@@ -248,9 +248,14 @@ def hil_runs_request(actor: Actor, build: EngineBuild, profiles: list[str] | Non
         if active is not None:
             runs.append(active)
             continue
-        run = HilRun.objects.create(build=build, profile=name, sweep={**hil_sweep(), "wait_timeout_s": timeout},
-                                    requested_by=actor.user_or_none,
-                                    wait_deadline=timezone.now() + timedelta(seconds=timeout))
+        try:
+            with transaction.atomic():  # a concurrent request may have made the run just now
+                run = HilRun.objects.create(build=build, profile=name, requested_by=actor.user_or_none,
+                                            sweep={**hil_sweep(), "wait_timeout_s": timeout},
+                                            wait_deadline=timezone.now() + timedelta(seconds=timeout))
+        except IntegrityError:
+            runs.append(HilRun.objects.get(build=build, profile=name, status__in=ACTIVE_HIL_STATES))
+            continue
         audit_record(actor, "hil.request", "hil_run", run.pk, after={
             "status": run.status, "profile": name, "build": build.pk, "variant": build.variant,
             "version": build.version.version, "wait_timeout_s": timeout})
