@@ -89,12 +89,11 @@ def hil_run_execute(self, run_id: int) -> str:  # type: ignore[no-untyped-def]
 
 @shared_task
 def hil_runs_reconcile() -> int:
-    """Time out runs that waited past their deadline for a worker; hand back running runs no live worker
-    holds (their worker died) or that went silent; send again the message of a waiting run that a live
+    """Time out runs that waited past their deadline for a worker; hand back silent running runs that no live
+    worker holds (their worker died); send again the message of a waiting run that a live
     worker of its profile should have taken; and plan the runs of kept engines that have none."""
     now = timezone.now()
     stale = now - timedelta(seconds=settings.PLATFORM["HIL_STALE_S"])
-    redispatch = now - timedelta(seconds=settings.PLATFORM["HIL_STALE_S"])
     healed = 0
     for run in HilRun.objects.filter(status=HilStatus.WAITING, wait_deadline__lt=now):
         presence = hardware.profile_presence(run.profile)
@@ -108,9 +107,10 @@ def hil_runs_reconcile() -> int:
             healed += 1
         except TransitionError:
             continue
-    for run in HilRun.objects.filter(status=HilStatus.RUNNING):
-        silent = run.heartbeat_at is None or run.heartbeat_at < stale
-        if not silent and locks.claimed_elsewhere("hil.run", run.pk):
+    for run in HilRun.objects.filter(status=HilStatus.RUNNING, heartbeat_at__lt=stale):
+        # Silent, and no live worker holds its claim (the database drops a dead worker's at once): a worker
+        # still holding it is measuring a long point (every wait in a run is bounded), not to be cut short.
+        if locks.claimed_elsewhere("hil.run", run.pk):
             continue
         try:
             hil_transition(run.pk, HilStatus.WAITING, only_from={HilStatus.RUNNING}, worker="")
@@ -118,7 +118,7 @@ def hil_runs_reconcile() -> int:
             continue
         hil_enqueue(run)
         healed += 1
-    for run in HilRun.objects.filter(status=HilStatus.WAITING, updated_at__lt=redispatch):
+    for run in HilRun.objects.filter(status=HilStatus.WAITING, updated_at__lt=stale):
         if locks.claimed_elsewhere("hil.run", run.pk) or not hardware.profile_presence(run.profile).live:
             continue  # held, or nobody to send it to: the message already waits in the profile's queue
         HilRun.objects.filter(pk=run.pk).update(updated_at=now)
