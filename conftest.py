@@ -98,7 +98,9 @@ def sklearn_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = LogisticRegression(max_iter=200).fit(X[:1000], y[:1000])
     path = tmp_path_factory.mktemp("models") / "digits-logreg"
     signature = infer_signature(X[:5], model.predict(X[:5]))
-    mlflow.sklearn.save_model(model, str(path), input_example=X[:5], signature=signature)
+    # Requirements given: MLflow's inference of them loads the model in a subprocess (6-8 s, 25 s on a busy machine).
+    mlflow.sklearn.save_model(model, str(path), input_example=X[:5], signature=signature,
+                              pip_requirements=["scikit-learn"])
     return path
 
 

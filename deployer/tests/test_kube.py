@@ -195,7 +195,7 @@ def test_the_init_container_script_fetches_the_triton_entry_with_the_platform_to
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Artifacts)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}"
         fetch = KubernetesFleet(platform_url=url).manifests(CPU)["Deployment"]["spec"]["template"]["spec"][

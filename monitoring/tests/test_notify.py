@@ -126,7 +126,8 @@ def receiver_server() -> Iterator[ReceiverServer]:
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     state = ReceiverServer(f"http://127.0.0.1:{server.server_address[1]}")
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # shutdown() waits for serve_forever to look again: every 0.05 s, not its default 0.5 s (each test's teardown)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
         yield state

@@ -21,8 +21,9 @@ def _save_sklearn(model, X, path: Path) -> dict:
     import mlflow.sklearn
     from mlflow.models import infer_signature
 
+    # Requirements given: MLflow's inference of them loads the model in a subprocess (seconds per model).
     mlflow.sklearn.save_model(model, str(path), serialization_format="cloudpickle", input_example=X[:5],
-                              signature=infer_signature(X[:5], model.predict(X[:5])))
+                              signature=infer_signature(X[:5], model.predict(X[:5])), pip_requirements=["scikit-learn"])
     return _spec_for(path, X[:5])
 
 
@@ -108,7 +109,7 @@ def test_a_pytorch_cnn_exports_with_the_torch_exporter(tmp_path):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
                               torch.nn.Linear(8 * 8 * 8, 10))
-    mlflow.pytorch.save_model(net, str(tmp_path / "cnn"), input_example=images[:4])
+    mlflow.pytorch.save_model(net, str(tmp_path / "cnn"), input_example=images[:4], pip_requirements=["torch"])
     result = sandbox.build(_spec_for(tmp_path / "cnn", images[:4]))
     assert result["ok"], result.get("error")
     assert result["parity"]["passed"] and result["parity"]["figures"]["label_agreement"] == 1.0
@@ -124,7 +125,7 @@ def test_an_onnx_model_is_taken_as_it_is(tmp_path):
     X, y = load_wine(return_X_y=True)
     X = X.astype(np.float32)
     onx = to_onnx(LogisticRegression(max_iter=2000).fit(X, y), X[:1], options={"zipmap": False})
-    mlflow.onnx.save_model(onx, str(tmp_path / "onnx-model"), input_example=X[:5])
+    mlflow.onnx.save_model(onx, str(tmp_path / "onnx-model"), input_example=X[:5], pip_requirements=["onnxruntime"])
     result = sandbox.build(_spec_for(tmp_path / "onnx-model", X[:5]))
     assert result["ok"] and result["parity"]["passed"], result
 
