@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
@@ -268,14 +269,26 @@ class CanaryInputs:
     figures: dict[str, Any]
 
 
-def _answers(version: ModelVersion, since: datetime, limit: int) -> list[Any]:
-    return list(CapturedRow.objects.filter(version=version, at__gte=since).exclude(prediction=None)
-                .order_by("-at").values_list("prediction", flat=True)[:limit])
+def _answers_alike(canary: ModelVersion, stable: ModelVersion, since: datetime,
+                   limit: int) -> tuple[list[Any], list[Any]]:
+    """The canary's newest `limit` answers since `since`, and stable's over the same seconds (a random `limit`
+    of them, widened by one capture interval each side): traffic changes over time, so answers from other
+    seconds could differ for that alone."""
+    mine = list(CapturedRow.objects.filter(version=canary, at__gte=since).exclude(prediction=None)
+                .order_by("-at").values_list("at", "prediction")[:limit])
+    if not mine:
+        return [], []
+    margin = timedelta(seconds=float(settings.PLATFORM["CAPTURE_S"]))
+    theirs = (CapturedRow.objects.filter(version=stable, at__gte=max(since, mine[-1][0] - margin),
+                                         at__lte=mine[0][0] + margin)
+              .exclude(prediction=None).order_by("?").values_list("prediction", flat=True)[:limit])
+    return [p for _, p in mine], list(theirs)
 
 
 def canary_inputs(canary: ModelVersion, stable: ModelVersion, since: datetime) -> CanaryInputs:
     """The canary's captured traffic since `since` (the rollout's start): its answers against stable's over
-    the same seconds (both arms take random shares of the same requests, so their answers should be alike),
+    the same seconds (both arms take random shares of the same requests, so their answers should be alike;
+    stable's from before the canary took traffic are left out),
     and its inputs against its own reference set. Each fails only with confidence 1 - ALPHA and an effect
     that matters; too few captured rows judge nothing, and say so."""
     policy = policy_for(canary.model_id)
@@ -285,7 +298,7 @@ def canary_inputs(canary: ModelVersion, stable: ModelVersion, since: datetime) -
     failed: list[str] = []
     passed: list[str] = []
     figures: dict[str, Any] = {}
-    mine, theirs = _answers(canary, since, policy.max_rows), _answers(stable, since, policy.max_rows)
+    mine, theirs = _answers_alike(canary, stable, since, policy.max_rows)
     if min(len(mine), len(theirs)) < MIN_ANSWERS:
         passed.append(f"answers not compared yet: {len(mine)} canary and {len(theirs)} stable answers captured "
                       f"since the rollout began, {MIN_ANSWERS} of each needed")

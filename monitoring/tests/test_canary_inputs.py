@@ -113,3 +113,15 @@ def test_too_little_traffic_judges_nothing_and_says_so_and_the_policy_can_turn_i
     MonitorPolicy.objects.filter(model=canary.model).update(canary_drift_gate=False)
     off = services.canary_inputs(canary, stable, since)
     assert not off.failed and off.figures == {"judged": False} and "off in the model's monitoring policy" in off.reason
+
+
+def test_stables_answers_from_before_the_canary_took_traffic_are_not_compared(two_versions):
+    """Traffic changes over time: stable's answers are taken over the canary's seconds only."""
+    stable, canary, X, y = two_versions
+    since = timezone.now() - timedelta(minutes=10)
+    capture_rows(stable, X[:150], [0] * 150, at=since + timedelta(minutes=1))  # earlier traffic: all class 0
+    capture_rows(canary, X[:150], y[:150].tolist())
+    capture_rows(stable, X[150:], y[150:].tolist())
+    found = services.canary_inputs(canary, stable, since)
+    assert not found.failed, found.reason
+    assert "between the canary's 150 and stable's 169 answers on the same traffic" in found.reason
