@@ -118,12 +118,15 @@ def test_a_run_slower_than_the_champion_fails_and_its_regressed_points_are_marke
     assert "figure-fail" in row and "diff-regressed" in row and "+40.0%" in row and "✗" in row
 
 
-def test_an_unstable_run_gives_no_verdict_on_timing_and_marks_the_point_that_never_settled(browser_as, unique_name):
+def test_an_unstable_run_judges_only_what_settled_and_marks_the_point_that_never_did(browser_as, unique_name):
     champion, candidate = engines(unique_name)
     run = finished_hil_run(candidate, champion, unstable_at=(32, 8))
     html = browser_as(Role.RELEASE_MANAGER).get(hil_url(run)).content.decode()
     assert run.status == HilStatus.UNSTABLE and 'class="badge badge-unstable"' in html
-    assert text_of(html, "hil-verdict").startswith("Unstable, not passed: batch 32, concurrency 8 did not settle")
+    verdict = text_of(html, "hil-verdict")
+    assert verdict.startswith("Unstable, not passed: v2 (cpu-fp32-onnxruntime) at batch 32, concurrency 8 did not "
+                              "settle")
+    assert "Judged and met: " in verdict  # what settled was judged
     unsettled = point_row(html, 32, 8)
     assert "point-unstable" in unsettled and ">unstable</span>" in unsettled
     assert "point-unstable" not in point_row(html, 32, 4)
