@@ -97,7 +97,7 @@ def judge(candidate: dict[str, Any], champion: dict[str, Any] | None, slo: dict[
     if unsettled:
         j.checks.append(_check("stability", FAIL, "; ".join(
             f"{label} at {_at(p)} did not settle in {p['windows']} windows (last three "
-            f"{p['throughput_spread_pct']:.1f}% apart in throughput, {p['p50_spread_pct']:.1f}% in p50)"
+            f"{p['throughput_spread_pct']:.1f}% apart in throughput, {p['latency_spread_pct']:.1f}% in mean latency)"
             for label, p in unsettled), unstable=len(unsettled)))
     else:
         j.checks.append(_check("stability", OK, f"every point settled: three windows in a row within "

@@ -36,7 +36,7 @@ def sweep_points(service_ms: float = 0.42, per_row_ms: float = 0.018, cores: int
                 "p99_ms": round(p50 * 1.8, 4), "requests_per_s": round(requests_per_s, 2),
                 "inferences_per_s": round(requests_per_s * batch, 2), "queue_ms": round(0.02 * concurrency, 4),
                 "compute_ms": round(per_request * 0.8, 4), "server_requests": int(requests_per_s * windows),
-                "memory_pss_bytes": 212 * MIB, "throughput_spread_pct": spread, "p50_spread_pct": spread * 1.2,
+                "memory_pss_bytes": 212 * MIB, "throughput_spread_pct": spread, "latency_spread_pct": spread * 1.2,
                 "p99_spread_pct": spread * 2.0,
                 "trials": [[round(requests_per_s * (1 + (i % 2) * spread / 100), 2), round(p50, 4)]
                            for i in range(windows)],

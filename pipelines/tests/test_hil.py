@@ -106,7 +106,7 @@ def test_a_sweep_gives_every_point_ordered_percentiles_throughput_triton_times_a
         assert p.server_requests > 0 and p.errors == 0 and p.first_error is None, p.words()
         assert p.memory_pss_bytes > 0
         assert len(p.trials) == 3 and all(rate > 0 and p50 > 0 for rate, p50 in p.trials)
-        assert 0 <= p.throughput_spread_pct < math.inf and 0 <= p.p50_spread_pct < math.inf
+        assert 0 <= p.throughput_spread_pct < math.inf and 0 <= p.latency_spread_pct < math.inf
     assert result.memory_after_warmup_bytes > 0
     assert result.memory_pss_bytes >= max(p.memory_pss_bytes for p in result.points)
     words = result.words()

@@ -16,7 +16,7 @@ def _point(batch: int = 1, concurrency: int = 1, p99: float = 2.0, rate: float =
     return {"batch_size": batch, "concurrency": concurrency, "status": status,
             "windows": 3 if status == "stable" else 10, "errors": errors,
             "first_error": "HTTP 500: boom" if errors else None, "p50_ms": p99 / 2,
-            "p99_ms": p99, "inferences_per_s": rate, "throughput_spread_pct": spread, "p50_spread_pct": spread,
+            "p99_ms": p99, "inferences_per_s": rate, "throughput_spread_pct": spread, "latency_spread_pct": spread,
             "p99_spread_pct": spread}
 
 
@@ -65,7 +65,7 @@ def test_points_that_never_settled_give_unstable_not_a_pass_nor_a_verdict_on_the
               _engine(_point(p99=2.0)), _slo(p99_ms=5), ACCURATE)
     assert j.status == UNSTABLE and _outcomes(j)["slo_p99"] == "skipped" and _outcomes(j)["champion"] == "skipped"
     assert j.verdict.startswith("Unstable, not passed: v2 (cpu-fp32-onnxruntime) at batch 1, concurrency 1 did not "
-                                "settle in 10 windows (last three 35.0% apart in throughput, 35.0% in p50)")
+                                "settle in 10 windows (last three 35.0% apart in throughput, 35.0% in mean latency)")
     assert j.comparison  # the figures are still shown
     # Errors and accuracy do not depend on timing: they fail the run even when it did not settle.
     wrong = {"measured": True, "passed": False, "words": "label agreement 0.9100 on 256 reference rows (under 0.97)"}
