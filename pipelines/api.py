@@ -4,15 +4,13 @@ them, read their evidence; a model's HIL policy."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from django.http import Http404
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from pipelines import hardware
+from pipelines import hardware, selectors
 from pipelines.models import BuildStatus, EngineBuild, HilPolicy, HilRun, HilStatus
 from pipelines.services import (
     BuildError,
@@ -128,16 +126,12 @@ class HilRequestIn(serializers.Serializer):
                                      help_text="hardware profiles (default: PLATFORM_HIL_PROFILES, else the fleet's)")
 
 
-def _hil_runs() -> Any:
-    return HilRun.objects.select_related("build__version__model", "champion_build__version", "requested_by")
-
-
 class HilRunListView(BaseView):
     capabilities = {"GET": Cap.MODEL_READ, "POST": Cap.MODEL_REGISTER}
 
     @extend_schema(responses=HilRunOut(many=True), description="The HIL runs of the version's engines, newest first.")
     def get(self, request: Request, name: str, version: int) -> Response:
-        runs = _hil_runs().filter(build__version=version_or_404(name, version))
+        runs = selectors.hil_runs().filter(build__version=version_or_404(name, version))
         return self.paginate(runs.order_by("-created_at", "-id"), HilRunOut)
 
     @extend_schema(request=HilRequestIn, responses={202: HilRunOut(many=True)},
@@ -166,7 +160,7 @@ class HilRunDetailView(BaseView):
                    description="A HIL run with its evidence: every point of both engines, the comparison with the "
                                "champion (percent, noise band), the checks and the verdict, and its log.")
     def get(self, request: Request, run_id: int) -> Response:
-        run = _hil_runs().filter(pk=run_id).first()
+        run = selectors.hil_runs().filter(pk=run_id).first()
         if run is None:
             raise Http404(f"no HIL run {run_id}")
         return Response(HilRunDetailOut(run).data)
