@@ -111,7 +111,11 @@ class HilRunOut(serializers.ModelSerializer):
                   "mlflow_run_id", "attempts", "started_at", "finished_at", "created_at"]
 
     def get_waiting(self, run: HilRun) -> str | None:
-        return hil_waiting_words(run) if run.status == HilStatus.WAITING else None
+        if run.status != HilStatus.WAITING:
+            return None
+        if "presence" not in self.context:  # read once for a page of runs
+            self.context["presence"] = hardware.presences_by_name()
+        return hil_waiting_words(run, self.context["presence"][run.profile])
 
 
 class HilRunDetailOut(HilRunOut):

@@ -268,6 +268,16 @@ class Presence:
         """When the last worker serving it was last heard from, if none is live now (None: live, or never)."""
         return None if self.workers else self.last_seen
 
+    def words(self) -> str:
+        """Who serves the profile now, in words (what a waiting HIL run says)."""
+        name = self.profile.name
+        if self.workers:
+            hosts = ", ".join(w["hostname"] for w in self.workers)
+            return f"{len(self.workers)} live worker(s) ({hosts})"
+        if self.none_since is not None:
+            return f"no live worker of {name} since {_when(self.none_since):%Y-%m-%d %H:%M:%S} UTC"
+        return f"no worker of {name} has ever announced itself"
+
 
 def presences() -> list[Presence]:
     """Every profile with its live workers and when it last had one."""
@@ -294,10 +304,14 @@ def targets_overview() -> list[dict[str, Any]]:
     return rows
 
 
+def presences_by_name() -> dict[str, Presence]:
+    """Every profile's presence, read once (for a pass over many runs)."""
+    return {p.profile.name: p for p in presences()}
+
+
 def profile_presence(name: str) -> Presence:
     """Whether profile `name` has a live worker, and since when none (what a HIL run waits on)."""
-    profile = PROFILES_BY_NAME[name]
-    return next(p for p in presences() if p.profile == profile)
+    return presences_by_name()[name]
 
 
 # --- the worker's side -----------------------------------------------------------------------------------

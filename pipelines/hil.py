@@ -30,7 +30,7 @@ import psutil
 STABLE = "stable"
 UNSTABLE = "unstable"
 
-_NUMPY_TYPES = {"BOOL": np.bool_, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
+NUMPY_TYPES = {"BOOL": np.bool_, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
                 "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
                 "FP16": np.float16, "FP32": np.float32, "FP64": np.float64}
 
@@ -190,6 +190,11 @@ MAX_HEAD_BYTES = 64 * 1024  # an answer's status line and headers, at most
 MAX_ANSWER_BYTES = 256 * 1024 * 1024  # an answer's body, at most
 
 
+def host_port(url: str) -> tuple[str, int]:
+    host, _, port = url.removeprefix("http://").rstrip("/").partition(":")
+    return host, int(port or 80)
+
+
 def http_request(host: str, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None) -> bytes:
     """One HTTP/1.1 request, head and body, as the bytes to send (built once, sent as often as needed)."""
     lines = [f"{method} {path} HTTP/1.1", f"Host: {host}", f"Content-Length: {len(body)}",
@@ -205,8 +210,8 @@ class HttpClient:
     showed in the figures; see bench/hil.)"""
 
     def __init__(self, url: str, timeout: float):
-        host, _, port = url.removeprefix("http://").rstrip("/").partition(":")
-        self.host, self.port, self.timeout = host, int(port or 80), timeout
+        self.host, self.port = host_port(url)
+        self.timeout = timeout
         self.sock: socket.socket | None = None
         self.buffer = b""
 
@@ -291,10 +296,10 @@ def infer_body(inputs: Sequence[InputSpec], batch_size: int, batched: bool, seed
     header: dict[str, Any] = {"inputs": [], "parameters": {"binary_data_output": True}}
     blobs = []
     for spec in inputs:
-        if spec.datatype not in _NUMPY_TYPES:
+        if spec.datatype not in NUMPY_TYPES:
             raise HilError(f"input {spec.name}: datatype {spec.datatype} is not supported by the HIL client")
         shape = (batch_size, *spec.shape) if batched else spec.shape
-        blob = rng.random(shape).astype(_NUMPY_TYPES[spec.datatype]).tobytes()
+        blob = rng.random(shape).astype(NUMPY_TYPES[spec.datatype]).tobytes()
         header["inputs"].append({"name": spec.name, "shape": list(shape), "datatype": spec.datatype,
                                  "parameters": {"binary_data_size": len(blob)}})
         blobs.append(blob)
@@ -321,7 +326,7 @@ class _Load:
 
     def __init__(self, url: str, path: str, body: bytes, headers: dict[str, str], concurrency: int, timeout: float):
         self.url, self.timeout = url, timeout
-        self.request = http_request(HttpClient(url, timeout).host, "POST", path, body, headers)
+        self.request = http_request(host_port(url)[0], "POST", path, body, headers)
         self.lock = threading.Lock()
         self.latencies: list[int] = []
         self.errors = 0

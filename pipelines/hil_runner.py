@@ -303,7 +303,7 @@ def _accuracy(url: str, model: str, version: ModelVersion, precision: str) -> di
         step = int(config.get("max_batch_size", 0)) or 1
         outputs: list[Any] = []
         for start in range(0, len(rows), step):
-            chunk = rows[start:start + step].astype(hil._NUMPY_TYPES[spec.datatype])
+            chunk = rows[start:start + step].astype(hil.NUMPY_TYPES[spec.datatype])
             if not batched:  # one sample per request, without a batch axis
                 chunk = chunk.reshape(spec.shape)
             body = json.dumps({"inputs": [{"name": input_name, "shape": list(chunk.shape),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
@@ -270,19 +270,13 @@ def hil_enqueue(run: HilRun) -> None:
     outbox_enqueue("pipelines.tasks.hil_run_execute", [run.pk], queue=hardware.PROFILES_BY_NAME[run.profile].queue)
 
 
-def hil_waiting_words(run: HilRun) -> str:
-    """Why a waiting run waits, from the profile's live workers now."""
+def hil_waiting_words(run: HilRun, presence: Any = None) -> str:
+    """Why a waiting run waits, from its profile's live workers now (`presence`: read already, for many runs)."""
     from pipelines import hardware
 
-    presence = hardware.profile_presence(run.profile)
+    presence = presence or hardware.profile_presence(run.profile)
     deadline = f"it times out at {run.wait_deadline:%Y-%m-%d %H:%M:%S} UTC"
-    if presence.live:
-        names = ", ".join(w["hostname"] for w in presence.workers)
-        return f"queued for {run.profile}: {len(presence.workers)} live worker(s) ({names}); {deadline}"
-    if presence.none_since:
-        seen = datetime.fromtimestamp(presence.none_since, tz=UTC)
-        return f"no live worker of {run.profile} since {seen:%Y-%m-%d %H:%M:%S} UTC; {deadline}"
-    return f"no worker of {run.profile} has ever announced itself; {deadline}"
+    return f"{'queued for ' + run.profile + ': ' if presence.live else ''}{presence.words()}; {deadline}"
 
 
 def hil_latest(build: EngineBuild, profile: str) -> HilRun | None:

@@ -95,13 +95,12 @@ def hil_runs_reconcile() -> int:
     now = timezone.now()
     stale = now - timedelta(seconds=settings.PLATFORM["HIL_STALE_S"])
     healed = 0
+    presence = hardware.presences_by_name()  # read once for the whole pass
     for run in HilRun.objects.filter(status=HilStatus.WAITING, wait_deadline__lt=now):
-        presence = hardware.profile_presence(run.profile)
-        since = f"; the last one was seen {presence.none_since:%Y-%m-%d %H:%M:%S} UTC" \
-            if presence.none_since else "; none has ever announced itself"
         why = (f"Timed out: no worker of {run.profile} took it within its wait of "
                f"{run.sweep.get('wait_timeout_s', 0):.0f} s"
-               + ("" if presence.live else since))
+               + ("" if presence[run.profile].live else "; none has ever announced itself"
+                  if presence[run.profile].none_since is None else f"; {presence[run.profile].words()}"))
         try:
             hil_transition(run.pk, HilStatus.TIMED_OUT, only_from={HilStatus.WAITING}, verdict=why)
             healed += 1
@@ -119,7 +118,7 @@ def hil_runs_reconcile() -> int:
         hil_enqueue(run)
         healed += 1
     for run in HilRun.objects.filter(status=HilStatus.WAITING, updated_at__lt=stale):
-        if locks.claimed_elsewhere("hil.run", run.pk) or not hardware.profile_presence(run.profile).live:
+        if locks.claimed_elsewhere("hil.run", run.pk) or not presence[run.profile].live:
             continue  # held, or nobody to send it to: the message already waits in the profile's queue
         HilRun.objects.filter(pk=run.pk).update(updated_at=now)
         hil_enqueue(run)

@@ -248,3 +248,18 @@ def test_one_run_measures_at_a_time_on_a_machine_the_other_waits_without_holding
             hil_runner.hil_run_execute(run.pk, "test-worker")
     run.refresh_from_db()
     assert run.status == HilStatus.WAITING and run.updated_at > timezone.now() - timedelta(seconds=30)
+
+
+def test_a_run_that_times_out_after_its_profiles_worker_went_away_says_since_when(unique_name, hil_on):
+    from deployer.testing import servable_model
+
+    servable_model(unique_name, versions=1, int8=False)
+    arm = hardware.PROFILES_BY_NAME["cpu-arm64"]
+    hardware.worker_announce(f"gone-{unique_name}@arm", hardware.detect(), [arm])
+    hardware.worker_withdraw(f"gone-{unique_name}@arm")
+    [run] = hil_runs_request(SYSTEM, EngineBuild.objects.get(version__model__name=unique_name), ["cpu-arm64"])
+    HilRun.objects.filter(pk=run.pk).update(wait_deadline=timezone.now() - timedelta(seconds=1))
+    hil_runs_reconcile()
+    run.refresh_from_db()
+    assert run.status == HilStatus.TIMED_OUT
+    assert "; no live worker of cpu-arm64 since 20" in run.verdict and run.verdict.endswith(" UTC")
