@@ -18,7 +18,7 @@ from django.utils import timezone
 from pipelines.builder import engine_build_execute
 from pipelines.models import BuildStatus, EngineBuild
 from pipelines.tasks import engine_builds_reconcile
-from registry import mlflow_store
+from registry import locks, mlflow_store
 from registry.audit import SYSTEM
 from registry.models import VersionStatus
 from registry.services import version_register_from_archive, version_transition
@@ -138,7 +138,12 @@ def test_a_worker_killed_mid_build_leaves_no_engine_and_the_build_restarts_clean
     assert build.status == BuildStatus.RUNNING and build.engine_uri == ""  # nothing usable recorded
 
     # Its heartbeat is fresh, but its claim died with its worker: requeued at the next pass, not after a timeout.
+    # (The server drops a killed connection's claim a moment after the kill; on a loaded machine the pass came
+    # first: wait, boundedly, until the database sees the worker gone.)
     assert build.heartbeat_at > timezone.now() - timedelta(seconds=settings.PLATFORM["BUILD_STALE_S"])
+    gone = time.monotonic() + 10
+    while locks.claimed_elsewhere("build.run", build.pk) and time.monotonic() < gone:
+        time.sleep(0.05)
     assert engine_builds_reconcile() >= 1
     build.refresh_from_db()
     assert build.status == BuildStatus.QUEUED
