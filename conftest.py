@@ -22,6 +22,10 @@ from registry.roles import Role
 # environment). The HIL tests turn both on (the `hil_on` fixture, pipelines/tests).
 HIL_OFF = {"PLATFORM_HIL_GATE": "false", "PLATFORM_HIL_AUTO": "false"}
 os.environ.update(HIL_OFF)
+# Likewise the protection a deployed model gets by default (its champion moves only through an approved
+# promotion): the rollout tests deploy a model again and again and test the rollout's own mechanics. The
+# governance tests turn it on (the `governed` fixture), as do `make run` and the demo.
+os.environ["PLATFORM_PROTECT_DEPLOYED"] = "false"
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -29,12 +33,19 @@ def _hil_off_in_process() -> None:
     from django.conf import settings
 
     settings.PLATFORM["HIL_GATE"] = settings.PLATFORM["HIL_AUTO"] = False
+    settings.PLATFORM["PROTECT_DEPLOYED"] = False
 
 
 @pytest.fixture
 def hil_on(settings: Any) -> None:
     """The HIL gate and automatic runs on, for this test (in this process)."""
     settings.PLATFORM = {**settings.PLATFORM, "HIL_GATE": True, "HIL_AUTO": True}
+
+
+@pytest.fixture
+def governed(settings: Any) -> None:
+    """Deployed models protected, as outside the tests, for this test (in this process)."""
+    settings.PLATFORM = {**settings.PLATFORM, "PROTECT_DEPLOYED": True}
 
 
 @pytest.fixture

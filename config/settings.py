@@ -172,6 +172,8 @@ PLATFORM: dict[str, Any] = {
     "HIL_PROFILES": env_list("PLATFORM_HIL_PROFILES", []),
     "HIL_AUTO": env_bool("PLATFORM_HIL_AUTO", True),
     "HIL_GATE": env_bool("PLATFORM_HIL_GATE", True),
+    # A model with no explicit protection setting is protected once it has been deployed (registry/governance.py).
+    "PROTECT_DEPLOYED": env_bool("PLATFORM_PROTECT_DEPLOYED", True),
     "HIL_WAIT_TIMEOUT_S": env_int("PLATFORM_HIL_WAIT_TIMEOUT_S", 3600),
     # The sweep: client concurrencies, seconds per measurement window, windows at most per point, and the
     # seconds after which a silent running run is handed back to wait for another worker.

@@ -13,9 +13,20 @@ from rest_framework.exceptions import PermissionDenied
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from deployer import champions, selectors, services
-from deployer.models import ACTIVE_ROLLOUT_STATES, AnalysisPoint, Deployment, Endpoint, RolloutMode, RolloutStatus
+from deployer import champions, promotions, selectors, services
+from deployer.models import (
+    ACTIVE_ROLLOUT_STATES,
+    AnalysisPoint,
+    Deployment,
+    Endpoint,
+    PromotionRequest,
+    PromotionReview,
+    PromotionStatus,
+    RolloutMode,
+    RolloutStatus,
+)
 from pipelines.models import Target
+from registry import governance
 from registry.api.permissions import request_roles
 from registry.api.views import BaseView, actor_of, model_or_404
 from registry.roles import Cap, roles_allow
@@ -186,6 +197,170 @@ class ChampionRollbackView(BaseView):
         data.is_valid(raise_exception=True)
         d = champions.champion_rollback(actor_of(request), model_or_404(name), data.validated_data["reason"])
         return Response(DeploymentDetailOut(deployment_or_404(d.pk)).data, status=status.HTTP_201_CREATED)
+
+
+# ---- promotion requests (deployer/promotions.py) ------------------------------------------------------------
+
+
+class ReasonIn(serializers.Serializer):
+    reason = serializers.CharField(max_length=2000, required=False, default="", allow_blank=True)
+
+
+class CommentIn(serializers.Serializer):
+    comment = serializers.CharField(max_length=2000, required=False, default="", allow_blank=True)
+
+
+class ReviewOut(serializers.ModelSerializer):
+    class Meta:
+        model = PromotionReview
+        fields = ["reviewer_name", "roles", "decision", "comment", "at"]
+
+
+class PromotionOut(serializers.ModelSerializer):
+    model = serializers.CharField(source="model.name")
+    version = serializers.IntegerField(source="version.version")
+    deployment_status = serializers.CharField(source="deployment.status")
+    approvals = serializers.SerializerMethodField()
+    approvals_required = serializers.SerializerMethodField()
+
+    class Meta:
+        model = PromotionRequest
+        fields = ["id", "model", "version", "deployment", "deployment_status", "status", "requested_by_name",
+                  "reason", "approvals", "approvals_required", "outcome", "break_glass", "created_at", "decided_at"]
+
+    def get_approvals(self, req: PromotionRequest) -> int:
+        return len(promotions.approvals(req))
+
+    def get_approvals_required(self, req: PromotionRequest) -> int:
+        return governance.promotion_policy(req.model).approvals_required
+
+
+class PromotionDetailOut(PromotionOut):
+    reviews = ReviewOut(many=True)
+    policy = serializers.SerializerMethodField()
+    your_review = serializers.SerializerMethodField(help_text="why you may not approve it, or empty when you may")
+
+    class Meta(PromotionOut.Meta):
+        fields = [*PromotionOut.Meta.fields, "evidence", "champion_evidence", "evidence_at", "reviews", "policy",
+                  "your_review"]
+
+    def get_policy(self, req: PromotionRequest) -> dict[str, Any]:
+        return governance.policy_words(governance.promotion_policy(req.model))
+
+    def get_your_review(self, req: PromotionRequest) -> str:
+        request = self.context.get("request")
+        if request is None:
+            return ""
+        return promotions.reviewer_problem(request.user, request_roles(request), req,
+                                           governance.promotion_policy(req.model))
+
+
+def promotion_or_404(req_id: int) -> PromotionRequest:
+    found = selectors.promotion_requests().filter(pk=req_id).first()
+    if found is None:
+        raise Http404(f"no promotion request {req_id}")
+    return found
+
+
+def _promotion_answer(request: Request, req_id: int, code: int = status.HTTP_200_OK) -> Response:
+    return Response(PromotionDetailOut(promotion_or_404(req_id), context={"request": request}).data, status=code)
+
+
+class DeploymentPromotionView(BaseView):
+    """Request that the rollout's version become the champion; release managers approve it."""
+
+    capabilities = {"POST": Cap.PROMOTION_REQUEST}
+
+    @extend_schema(request=ReasonIn, responses={201: PromotionDetailOut})
+    def post(self, request: Request, deployment_id: int) -> Response:
+        data = ReasonIn(data=request.data)
+        data.is_valid(raise_exception=True)
+        req = promotions.promotion_request(actor_of(request), deployment_or_404(deployment_id),
+                                           data.validated_data["reason"])
+        return _promotion_answer(request, req.pk, status.HTTP_201_CREATED)
+
+
+class DeploymentBreakGlassView(BaseView):
+    """Promote the canary now without the approvals its policy asks for (administrators, with a written reason;
+    audited and announced)."""
+
+    capabilities = {"POST": Cap.BREAK_GLASS}
+
+    @extend_schema(request=ReasonIn, responses=PromotionDetailOut)
+    def post(self, request: Request, deployment_id: int) -> Response:
+        data = ReasonIn(data=request.data)
+        data.is_valid(raise_exception=True)
+        req = promotions.promotion_break_glass(actor_of(request), request_roles(request),
+                                               deployment_or_404(deployment_id), data.validated_data["reason"])
+        return _promotion_answer(request, req.pk)
+
+
+class PromotionListView(BaseView):
+    capabilities = {"GET": Cap.DEPLOY_READ}
+
+    @extend_schema(parameters=[OpenApiParameter("status", str, enum=PromotionStatus.values),
+                               OpenApiParameter("model", str, description="only this model's requests")],
+                   responses=PromotionOut(many=True))
+    def get(self, request: Request) -> Response:
+        found = selectors.promotion_requests()
+        if state := request.query_params.get("status"):
+            if state not in PromotionStatus.values:
+                raise serializers.ValidationError({"status": f"one of {', '.join(PromotionStatus.values)}"})
+            found = found.filter(status=state)
+        if model := request.query_params.get("model"):
+            found = found.filter(model__name=model)
+        return self.paginate(found.order_by("-created_at", "-id"), PromotionOut)
+
+
+class PromotionDetailView(BaseView):
+    capabilities = {"GET": Cap.DEPLOY_READ}
+
+    @extend_schema(responses=PromotionDetailOut,
+                   description="A request with its evidence and the champion's side by side, its reviews, the policy, "
+                               "and whether you may review it (`your_review` says why not).")
+    def get(self, request: Request, req_id: int) -> Response:
+        return _promotion_answer(request, req_id)
+
+
+class _ReviewView(BaseView):
+    capabilities = {"POST": Cap.DEPLOY_PROMOTE}
+    decide: Any = None
+
+    @extend_schema(request=CommentIn, responses=PromotionDetailOut)
+    def post(self, request: Request, req_id: int) -> Response:
+        data = CommentIn(data=request.data)
+        data.is_valid(raise_exception=True)
+        promotion_or_404(req_id)
+        self.decide(actor_of(request), request_roles(request), req_id, data.validated_data["comment"])
+        return _promotion_answer(request, req_id)
+
+
+class PromotionApproveView(_ReviewView):
+    """Approve (a comment is optional); with the policy's number of approvals the rollout is promoted."""
+
+    decide = staticmethod(promotions.promotion_approve)
+
+
+class PromotionRejectView(_ReviewView):
+    """Reject (a comment is required): the canary is rolled back."""
+
+    decide = staticmethod(promotions.promotion_reject)
+
+
+class PromotionCancelView(BaseView):
+    """Withdraw a pending request: its requester, or a release manager."""
+
+    capabilities = {"POST": Cap.PROMOTION_REQUEST}
+
+    @extend_schema(request=CommentIn, responses=PromotionDetailOut)
+    def post(self, request: Request, req_id: int) -> Response:
+        data = CommentIn(data=request.data)
+        data.is_valid(raise_exception=True)
+        req = promotion_or_404(req_id)
+        if req.requested_by_id != request.user.pk and not roles_allow(request_roles(request), Cap.DEPLOY_PROMOTE):
+            raise PermissionDenied("only its requester or a release manager can withdraw a promotion request")
+        promotions.promotion_cancel(actor_of(request), req_id, data.validated_data["comment"] or "withdrawn")
+        return _promotion_answer(request, req_id)
 
 
 class EndpointOut(serializers.ModelSerializer):

@@ -142,3 +142,78 @@ class AnalysisPoint(models.Model):
 
     def __str__(self) -> str:
         return f"{self.deployment_id} {self.at:%H:%M:%S} {self.outcome}"
+
+
+# ---- promotion requests (deployer/promotions.py) ------------------------------------------------------------
+
+
+class PromotionStatus(models.TextChoices):
+    PENDING = "pending", "Waiting for approvals"
+    APPROVED = "approved", "Approved"
+    REJECTED = "rejected", "Rejected"
+    CANCELLED = "cancelled", "Cancelled"
+
+
+PROMOTION_TRANSITIONS: dict[str, set[str]] = {
+    PromotionStatus.PENDING: {PromotionStatus.APPROVED, PromotionStatus.REJECTED, PromotionStatus.CANCELLED},
+    PromotionStatus.APPROVED: set(),
+    PromotionStatus.REJECTED: set(),
+    PromotionStatus.CANCELLED: set(),
+}
+
+
+class PromotionRequest(models.Model):
+    """A request that a rollout's version become the model's champion, with the evidence gathered for it
+    (and the champion's, side by side); approved by as many eligible people as the model's promotion policy
+    asks, rejected by one, or approved at once by an administrator's break-glass with a written reason."""
+
+    model = models.ForeignKey(RegisteredModel, on_delete=models.PROTECT, related_name="promotion_requests")
+    version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="promotion_requests")
+    deployment = models.ForeignKey(Deployment, on_delete=models.PROTECT, related_name="promotion_requests")
+    status = models.CharField(max_length=16, choices=PromotionStatus.choices, default=PromotionStatus.PENDING)
+    requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                     related_name="+")
+    requested_by_name = models.CharField(max_length=150, help_text="kept if the account is deleted")
+    reason = models.TextField(blank=True, default="", help_text="why the requester asks")
+    evidence = models.JSONField(default=dict, help_text="the candidate's evidence, gathered when last refreshed")
+    champion_evidence = models.JSONField(default=dict, blank=True, help_text="the champion's, for comparison")
+    evidence_at = models.DateTimeField(null=True, blank=True)
+    outcome = models.TextField(blank=True, default="", help_text="how it ended, in words")
+    break_glass = models.TextField(blank=True, default="", help_text="an administrator's reason to skip approvals")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    decided_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [models.UniqueConstraint(fields=["deployment"], condition=models.Q(status="pending"),
+                                               name="one_pending_promotion_per_deployment")]
+        indexes = [models.Index(fields=["status", "-created_at"])]
+
+    def __str__(self) -> str:
+        return f"promotion request {self.pk} ({self.model.name} v{self.version.version}, {self.status})"
+
+
+class ReviewDecision(models.TextChoices):
+    APPROVE = "approve", "Approved"
+    REJECT = "reject", "Rejected"
+    BREAK_GLASS = "break_glass", "Break-glass"
+
+
+class PromotionReview(models.Model):
+    """One person's decision on a request, with their comment and the roles they held."""
+
+    request = models.ForeignKey(PromotionRequest, on_delete=models.CASCADE, related_name="reviews")
+    reviewer = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    reviewer_name = models.CharField(max_length=150)
+    roles = ArrayField(models.CharField(max_length=32), default=list)
+    decision = models.CharField(max_length=16, choices=ReviewDecision.choices)
+    comment = models.TextField()
+    at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["request_id", "at", "id"]
+        constraints = [models.UniqueConstraint(fields=["request", "reviewer"], name="one_review_per_person")]
+
+    def __str__(self) -> str:
+        return f"{self.reviewer_name} {self.decision} request {self.request_id}"

@@ -38,3 +38,11 @@ def serving_versions() -> list[ModelVersion]:
     ids = set(Endpoint.objects.exclude(stable_version=None).values_list("stable_version_id", flat=True))
     ids |= set(Deployment.objects.filter(status__in=SERVING_ROLLOUT_STATES).values_list("version_id", flat=True))
     return list(ModelVersion.objects.filter(pk__in=ids).select_related("model").order_by("model__name", "version"))
+
+
+def promotion_requests() -> Any:
+    """Promotion requests with what their lists and pages show."""
+    from deployer.models import PromotionRequest
+
+    return (PromotionRequest.objects.select_related("model", "version__created_by", "deployment", "requested_by")
+            .prefetch_related("reviews"))

@@ -45,7 +45,7 @@ from monitoring import shadow as shadow_analysis
 from monitoring.selectors import policies_for
 from pipelines.models import BuildStatus, EngineBuild, HilRun, Precision, Runtime, Target
 from pipelines.services import hil_gate
-from registry import locks, mlflow_store
+from registry import governance, locks, mlflow_store
 from registry.audit import SYSTEM, Actor, audit_record
 from registry.errors import RegistryError, TransitionError
 from registry.kv import redis_client
@@ -252,7 +252,7 @@ def deployment_transition(deployment_id: int, to: str, actor: Actor = SYSTEM, on
     return DEPLOYMENTS.move(deployment_id, to, actor, only_from=only_from, note=note, **fields)
 
 
-def _promote(d: Deployment, actor: Actor, reason: str, only_from: set[str] | None = None) -> Deployment:
+def promote(d: Deployment, actor: Actor, reason: str, only_from: set[str] | None = None) -> Deployment:
     with transaction.atomic():
         endpoint, _ = Endpoint.objects.get_or_create(model=d.model, defaults={"target": d.target})
         endpoint = Endpoint.objects.select_for_update().get(pk=endpoint.pk)
@@ -264,11 +264,12 @@ def _promote(d: Deployment, actor: Actor, reason: str, only_from: set[str] | Non
             updated_at=timezone.now())
         audit_record(actor, "endpoint.stable", "endpoint", d.model.name, before={"stable_version": before},
                      after={"stable_version": d.version.version, "deployment": d.pk})
+        governance.model_mark_deployed(d.model)  # from its first champion on, the model's aliases are protected
     canary.SnapshotStore(redis_client(), d.pk).clear()
     return done
 
 
-def _roll_back(d: Deployment, actor: Actor, reason: str, only_from: set[str] | None = None) -> Deployment:
+def roll_back(d: Deployment, actor: Actor, reason: str, only_from: set[str] | None = None) -> Deployment:
     done = deployment_transition(d.pk, RolloutStatus.ROLLED_BACK, actor, only_from=only_from, weight=0,
                                  reason=reason, decided_by=actor.user_or_none)
     canary.SnapshotStore(redis_client(), d.pk).clear()
@@ -289,14 +290,20 @@ def deployment_resume(actor: Actor, d: Deployment) -> Deployment:
 
 
 def deployment_promote(actor: Actor, d: Deployment) -> Deployment:
+    """Promote by hand: only for a model that is not protected; a protected model's champion changes through an
+    approved promotion request (deployer/promotions.py)."""
+    if governance.is_protected(governance.promotion_policy(d.model)):
+        raise DeployError(f"{d.model.name} is protected: its champion changes only through an approved promotion "
+                          f"request. Request one (POST /api/v1/deployments/{d.pk}/promotion/) and have it approved "
+                          "in the approvals inbox (/approvals/); the rollout waits for it once every step passed", 403)
     if d.step_index < 0:
         raise DeployError("the canary has not taken traffic yet; it can be promoted once it is loaded", 409)
-    return _promote(d, actor, f"promoted by {actor.name}",
+    return promote(d, actor, f"promoted by {actor.name}",
                     only_from={RolloutStatus.PROGRESSING, RolloutStatus.PAUSED, RolloutStatus.AWAITING_APPROVAL})
 
 
 def deployment_abort(actor: Actor, d: Deployment) -> Deployment:
-    return _roll_back(d, actor, f"aborted by {actor.name}", only_from=set(ACTIVE_ROLLOUT_STATES))
+    return roll_back(d, actor, f"aborted by {actor.name}", only_from=set(ACTIVE_ROLLOUT_STATES))
 
 
 # ---- the reconciler ---------------------------------------------------------------------------------------
@@ -331,21 +338,21 @@ def rollout_advance(d: Deployment) -> None:
         except FleetNotReady as exc:
             waiting_since = d.step_started_at or d.created_at  # resuming a paused load restarts the clock
             if now - waiting_since > timedelta(seconds=_setting("ROLLOUT_LOAD_TIMEOUT_S")):
-                _roll_back(d, SYSTEM, f"the canary did not become ready within "
+                roll_back(d, SYSTEM, f"the canary did not become ready within "
                                       f"{_setting('ROLLOUT_LOAD_TIMEOUT_S')}s: {exc}")
             else:
                 Deployment.objects.filter(pk=d.pk).update(reason=f"loading: {exc}")
             return
         except FleetError as exc:
-            _roll_back(d, SYSTEM, f"the fleet cannot serve the canary: {exc}")
+            roll_back(d, SYSTEM, f"the fleet cannot serve the canary: {exc}")
             return
         endpoint = Endpoint.objects.get(model=d.model)
         if d.mode == RolloutMode.RESTORE:
-            _promote(d, SYSTEM, f"champion rollback: v{d.version.version} restored in place of "
+            promote(d, SYSTEM, f"champion rollback: v{d.version.version} restored in place of "
                                 f"v{d.previous_version.version if d.previous_version else '?'}: "
                                 f"{d.analysis.get('restore', '')}", only_from={RolloutStatus.PENDING})
         elif endpoint.stable_version_id is None:
-            _promote(d, SYSTEM, "first deployment of the model: no stable version to compare with",
+            promote(d, SYSTEM, "first deployment of the model: no stable version to compare with",
                      only_from={RolloutStatus.PENDING})
         else:
             deployment_transition(d.pk, RolloutStatus.PROGRESSING, only_from={RolloutStatus.PENDING}, step_index=0,
@@ -371,7 +378,7 @@ def rollout_advance(d: Deployment) -> None:
             stable_requests=f.get("stable_requests", 0), stable_error_rate=f.get("stable_error_rate", 0.0),
             stable_p99_ms=f.get("stable_p99_ms"))
     if verdict.outcome == "fail":
-        _roll_back(d, SYSTEM, f"automatic rollback: {verdict.reason}", only_from=set(SERVING_ROLLOUT_STATES))
+        roll_back(d, SYSTEM, f"automatic rollback: {verdict.reason}", only_from=set(SERVING_ROLLOUT_STATES))
         return
     if d.status != RolloutStatus.PROGRESSING or d.step_started_at is None:
         return
@@ -392,18 +399,20 @@ def rollout_advance(d: Deployment) -> None:
         return
     verdict = _with_traffic_inputs(d, verdict)
     if verdict.outcome == "fail":
-        _roll_back(d, SYSTEM, f"automatic rollback at step {d.step_index + 1}: {verdict.reason}",
+        roll_back(d, SYSTEM, f"automatic rollback at step {d.step_index + 1}: {verdict.reason}",
                    only_from={RolloutStatus.PROGRESSING})
         return
     if not last:
         deployment_transition(d.pk, RolloutStatus.PROGRESSING, only_from={RolloutStatus.PROGRESSING},
                               step_index=d.step_index + 1, weight=d.steps[d.step_index + 1], step_started_at=now,
                               reason=f"step {d.step_index + 1} passed: {verdict.reason}")
-    elif d.require_approval:
+    elif d.require_approval or governance.is_protected(governance.promotion_policy(d.model)):
+        policy = governance.promotion_policy(d.model)
         deployment_transition(d.pk, RolloutStatus.AWAITING_APPROVAL, only_from={RolloutStatus.PROGRESSING},
-                              reason=f"all steps passed ({verdict.reason}); a release manager must promote")
+                              reason=f"all steps passed ({verdict.reason}); waiting for its promotion request's "
+                                     f"approval ({policy.approvals_required} needed)")
     else:
-        _promote(d, SYSTEM, f"all steps passed: {verdict.reason}", only_from={RolloutStatus.PROGRESSING})
+        promote(d, SYSTEM, f"all steps passed: {verdict.reason}", only_from={RolloutStatus.PROGRESSING})
 
 
 def _with_traffic_inputs(d: Deployment, live: canary.Verdict) -> canary.Verdict:
@@ -575,10 +584,10 @@ def _move_champions(endpoints: list[Endpoint]) -> None:
     for ep in endpoints:
         number = ep.stable_version.version  # type: ignore[union-attr]
         try:
-            if mlflow_store.alias_version(ep.model.name, CHAMPION) != number:
+            was = mlflow_store.alias_version(ep.model.name, CHAMPION)
+            if was != number:
                 mlflow_store.alias_set(ep.model.name, CHAMPION, number)
-                audit_record(SYSTEM, "alias.set", "registered_model", ep.model.name,
-                             after={"alias": CHAMPION, "version": number})
+                governance.alias_recorded(SYSTEM, ep.model.name, CHAMPION, was, number)
         except Exception as exc:  # noqa: BLE001 - MLflow's store errors vary; the next pass tries again
             log.warning("moving %s of %s to v%s: %s", CHAMPION, ep.model.name, number, exc)
 

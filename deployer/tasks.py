@@ -8,7 +8,7 @@ from typing import Any
 
 from celery import shared_task
 
-from deployer import champions
+from deployer import champions, promotions
 from deployer.selectors import serving_versions
 from deployer.services import live_gateways, redis_client
 from deployer.services import rollouts_reconcile as _reconcile
@@ -20,6 +20,7 @@ from monitoring import slo
 def rollouts_reconcile() -> dict[str, Any]:
     done = _reconcile()
     done["champion_rollbacks"] = champions.champions_guard()
+    done["promotions"] = promotions.promotions_reconcile()
     return done
 
 

@@ -15,7 +15,7 @@ from django.db import DatabaseError, connection
 # One namespace (the first key of the two-key lock) per kind of work.
 KINDS = {"version.validate": 7301, "build.run": 7302, "rollouts.reconcile": 7303, "model.register": 7304,
          "monitoring.capture": 7305, "monitoring.drift": 7306, "monitoring.deliver": 7307,
-         "deployer.champions": 7308, "hil.run": 7309}
+         "deployer.champions": 7308, "hil.run": 7309, "deployer.promotions": 7310}
 
 
 def name_key(name: str) -> int:

@@ -22,7 +22,7 @@ from django.db import close_old_connections
 from django.http.request import split_domain_port, validate_host
 from django.utils.encoding import repercent_broken_unicode
 
-from registry import archives, services
+from registry import archives, governance, mlflow_store, services
 from registry.api.guard import url_problem
 from registry.audit import Actor
 from registry.auth import authenticate_header
@@ -124,6 +124,10 @@ class MlflowGate:
         needed = Cap.MODEL_READ
         if method not in ("GET", "HEAD") and endpoint not in _READ_POSTS:
             needed = Cap.USER_MANAGE if endpoint in _ADMIN_ONLY else Cap.MODEL_REGISTER
+        if endpoint == "webhooks" or endpoint.startswith("webhooks/"):
+            # MLflow's webhooks make the server call URLs of the caller's choosing: administrators only (the
+            # platform's own are /api/v1/receivers/).
+            needed = Cap.USER_MANAGE
         if not roles_allow(roles, needed):
             return _json_error(start_response, "403 Forbidden", "PERMISSION_DENIED",
                                f"your roles ({', '.join(sorted(roles)) or 'none'}) do not allow {method} {endpoint}")
@@ -142,6 +146,8 @@ class MlflowGate:
                                "deleting a registered model is not supported: delete (archive) its versions")
         if method == "DELETE" and endpoint == "model-versions/delete":
             return self._delete_version(environ, start_response, actor)
+        if method in ("POST", "DELETE") and endpoint == "registered-models/alias":
+            return self._change_alias(environ, start_response, actor, method)
         return self.app(environ, start_response)
 
     # -- the endpoints the platform takes part in ------------------------------------------------
@@ -173,6 +179,8 @@ class MlflowGate:
         body = environ["wsgi.input"].read(length) if length else b""
         try:
             data = json.loads(body or b"{}")
+            if isinstance(data, str):  # double-encoded, as old clients send it: MLflow decodes it again too
+                data = json.loads(data)
         except json.JSONDecodeError:
             data = {}
         return body, data if isinstance(data, dict) else {}
@@ -227,10 +235,39 @@ class MlflowGate:
 
     def _delete_version(self, environ: dict[str, Any], start_response: StartResponse, actor: Actor) -> list[bytes]:
         body, data = self._read_json(environ)
+        try:
+            governance.version_guard(str(data.get("name", "")), int(data.get("version", 0) or 0))
+        except governance.ProtectedAliasError as exc:
+            return _json_error(start_response, "403 Forbidden", "PERMISSION_DENIED", str(exc))
+        except (ValueError, TypeError):
+            pass  # not a number: MLflow answers that
         status, headers, out = self._call(environ, body)
         if status.startswith("200"):
             version = ModelVersion.objects.filter(model__name=str(data.get("name", "")),
                                                   version=int(data.get("version", 0) or 0)).first()
             if version is not None and version.status != VersionStatus.ARCHIVED:
                 services.version_transition(version.pk, VersionStatus.ARCHIVED, actor, "deleted through MLflow")
+        return self._reply(start_response, status, headers, out)
+
+    def _change_alias(self, environ: dict[str, Any], start_response: StartResponse, actor: Actor,
+                      method: str) -> list[bytes]:
+        """Set (POST) or delete (DELETE) an alias: refused for a protected model's production aliases, whoever
+        asks; recorded in the audit log when it happens."""
+        body, data = self._read_json(environ)
+        name, alias = data.get("name"), data.get("alias")
+        if not isinstance(name, str) or not isinstance(alias, str) or not name or not alias:
+            return _json_error(start_response, "400 Bad Request", "INVALID_PARAMETER_VALUE",
+                               "give the model's name and the alias as JSON strings: {\"name\": ..., \"alias\": ...}")
+        try:
+            governance.alias_guard(name, alias, "set" if method == "POST" else "delete")
+        except governance.ProtectedAliasError as exc:
+            return _json_error(start_response, "403 Forbidden", "PERMISSION_DENIED", str(exc))
+        try:
+            before = mlflow_store.aliases(name).get(alias)
+        except Exception:  # noqa: BLE001 - no such model: MLflow's answer below says so
+            before = None
+        status, headers, out = self._call(environ, body)
+        if status.startswith("200"):
+            version = int(data["version"]) if method == "POST" and str(data.get("version", "")).isdigit() else None
+            governance.alias_recorded(actor, name, alias, before, version)
         return self._reply(start_response, status, headers, out)

@@ -560,6 +560,16 @@ def alias_set(name: str, alias: str, version: int) -> None:
     registry_store().set_registered_model_alias(name, alias, str(version))
 
 
+def alias_delete(name: str, alias: str) -> None:
+    registry_store().delete_registered_model_alias(name, alias)
+
+
+def aliases(name: str) -> dict[str, int]:
+    """Every alias of a model and the version it points at."""
+    model = registry_store().get_registered_model(name)
+    return {a.alias: int(a.version) for a in model.aliases}
+
+
 def download_file(location: str, relative: str, dst_dir: Path) -> Path:
     """One file under an artifact location, into dst_dir."""
     dst_dir.mkdir(parents=True, exist_ok=True)

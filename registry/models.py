@@ -178,3 +178,26 @@ class IdempotencyRecord(models.Model):
 
     def __str__(self) -> str:
         return f"{self.user_id}:{self.key} -> {self.status_code}"
+
+
+class PromotionPolicy(models.Model):
+    """Who may make a version a model's champion, and which aliases only a promotion moves (registry/governance.py).
+
+    A protected model's production aliases (`champion` and `protected_aliases`) move only through an approved
+    promotion request or a rollback; setting or deleting them through MLflow's API or /api/v1 is refused."""
+
+    model = models.OneToOneField(RegisteredModel, on_delete=models.CASCADE, related_name="promotion_policy")
+    protected = models.BooleanField(null=True, blank=True, help_text=(
+        "empty: protected once the model has been deployed (deployed_at); true or false: as set"))
+    protected_aliases = ArrayField(models.CharField(max_length=255), default=list, blank=True,
+                                   help_text="aliases protected beside `champion`")
+    approvals_required = models.PositiveSmallIntegerField(default=1)
+    release_manager_required = models.BooleanField(default=True, help_text=(
+        "approvals count only from people holding the release manager role"))
+    author_may_approve = models.BooleanField(default=False, help_text="the version's author may approve it")
+    requester_may_approve = models.BooleanField(default=False, help_text="the request's author may approve it")
+    deployed_at = models.DateTimeField(null=True, blank=True, help_text="when the model first got a champion")
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"promotion policy of {self.model.name}"

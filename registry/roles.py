@@ -23,7 +23,10 @@ class Cap(models.TextChoices):
     DEPLOY_READ = "deploy.read", "See deployments, their traffic and analysis"
     DEPLOY_CREATE = "deploy.create", "Start a rollout of a version"
     DEPLOY_CONTROL = "deploy.control", "Pause, resume or abort a rollout"
-    DEPLOY_PROMOTE = "deploy.promote", "Promote a canary (approve the final step)"
+    DEPLOY_PROMOTE = "deploy.promote", "Approve or reject a promotion (promote a canary)"
+    PROMOTION_REQUEST = "promotion.request", "Request a version's promotion to champion"
+    BREAK_GLASS = "promotion.break_glass", "Promote without the approvals policy asks for, giving the reason"
+    POLICY_EDIT = "promotion.policy", "Change a model's promotion policy (protection, approvals)"
     HIL_OVERRIDE = "deploy.hil_override", "Deploy an engine without a passing HIL run, giving the reason"
     ALERT_READ = "alert.read", "See alerts, drift checks and notification deliveries"
     ALERT_ACT = "alert.act", "Acknowledge, resolve or silence alerts"
@@ -44,6 +47,12 @@ CAPABILITIES: dict[str, set[Role]] = {
     # On-call stops a bad rollout; only release managers decide that a version becomes the champion.
     Cap.DEPLOY_CONTROL: {Role.RELEASE_MANAGER, Role.ONCALL, Role.ADMIN},
     Cap.DEPLOY_PROMOTE: {Role.RELEASE_MANAGER, Role.ADMIN},
+    # Anyone who ships a version may ask for its promotion (CI included); approving is never CI's.
+    Cap.PROMOTION_REQUEST: {Role.DATA_SCIENTIST, Role.RELEASE_MANAGER, Role.CI, Role.ADMIN},
+    # An emergency path, written down and announced (deployer/promotions.py promotion_break_glass).
+    Cap.BREAK_GLASS: {Role.ADMIN},
+    # Those the policy gates do not set the gate.
+    Cap.POLICY_EDIT: {Role.ADMIN},
     # Shipping without hardware evidence is a release decision, written down and audited.
     Cap.HIL_OVERRIDE: {Role.RELEASE_MANAGER, Role.ADMIN},
     Cap.ALERT_READ: _EVERYONE,

@@ -13,13 +13,13 @@ from django.db import transaction
 from django.http import Http404
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import OpenApiParameter, extend_schema
-from rest_framework import status
+from rest_framework import serializers, status
 from rest_framework.parsers import BaseParser, FormParser, JSONParser, MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from registry import people, selectors, services
+from registry import governance, mlflow_store, people, selectors, services
 from registry.api import idempotency
 from registry.api import serializers as s
 from registry.api.errors import DATABASE_UNAVAILABLE, error_response, unavailable_response
@@ -27,7 +27,7 @@ from registry.api.guard import checked_parser
 from registry.api.pagination import PagedRows, Pagination
 from registry.api.permissions import HasCapability, request_roles
 from registry.audit import Actor
-from registry.models import ApiToken, ModelVersion, RegisteredModel
+from registry.models import ApiToken, ModelVersion, PromotionPolicy, RegisteredModel
 from registry.roles import CAPABILITIES, Cap, roles_allow
 from registry.samples import parse_reference_sample
 from registry.tokens import token_create, token_revoke
@@ -322,3 +322,84 @@ class MeView(BaseView):
         roles = request_roles(request)
         caps = sorted(c for c in CAPABILITIES if roles_allow(roles, c))
         return Response({"username": request.user.get_username(), "roles": sorted(roles), "capabilities": caps})
+
+
+# ---- aliases and promotion policy (registry/governance.py) --------------------------------------------------
+
+
+class AliasIn(serializers.Serializer):
+    version = serializers.IntegerField(min_value=1)
+
+
+class AliasListView(BaseView):
+    capabilities = {"GET": Cap.MODEL_READ}
+
+    @extend_schema(description="The model's aliases (alias: version) and which of them are protected.")
+    def get(self, request: Request, name: str) -> Response:
+        model = model_or_404(name)
+        return Response({"model": model.name, "aliases": mlflow_store.aliases(model.name),
+                         "protected": sorted(governance.protected_aliases(model))})
+
+
+class AliasDetailView(BaseView):
+    """Set or delete an alias. A protected model's production aliases (`champion` and those its promotion
+    policy lists) are refused (403) for everyone: they move through an approved promotion or a rollback."""
+
+    capabilities = {"PUT": Cap.MODEL_EDIT, "DELETE": Cap.MODEL_EDIT}
+
+    @extend_schema(request=AliasIn)
+    def put(self, request: Request, name: str, alias: str) -> Response:
+        model = model_or_404(name)
+        data = AliasIn(data=request.data)
+        data.is_valid(raise_exception=True)
+        number = data.validated_data["version"]
+        version_or_404(name, number)
+        governance.alias_change(actor_of(request), model, alias, number)
+        return Response({"model": model.name, "alias": alias, "version": number})
+
+    def delete(self, request: Request, name: str, alias: str) -> Response:
+        governance.alias_change(actor_of(request), model_or_404(name), alias, None)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class PromotionPolicyIO(serializers.ModelSerializer):
+    model = serializers.CharField(source="model.name", read_only=True)
+    protected_now = serializers.SerializerMethodField(help_text="whether the production aliases are protected now")
+
+    class Meta:
+        model = PromotionPolicy
+        fields = ["model", "protected", "protected_now", "protected_aliases", "approvals_required",
+                  "release_manager_required", "author_may_approve", "requester_may_approve", "deployed_at",
+                  "updated_at"]
+        read_only_fields = ["deployed_at", "updated_at"]
+        extra_kwargs = {"approvals_required": {"min_value": 1, "max_value": 10}}
+
+    def get_protected_now(self, policy: PromotionPolicy) -> bool:
+        return governance.is_protected(policy)
+
+    def validate_protected_aliases(self, value: list[str]) -> list[str]:
+        for alias in value:
+            problem = governance.alias_problem(alias)
+            if problem:
+                raise serializers.ValidationError(problem)
+        return sorted(set(value))
+
+
+class PromotionPolicyView(BaseView):
+    """Who approves a model's promotions and which aliases only a promotion moves. `protected` empty: protected
+    once the model has been deployed."""
+
+    capabilities = {"GET": Cap.MODEL_READ, "PATCH": Cap.POLICY_EDIT}
+
+    @extend_schema(responses=PromotionPolicyIO)
+    def get(self, request: Request, name: str) -> Response:
+        return Response(PromotionPolicyIO(governance.promotion_policy(model_or_404(name))).data)
+
+    @extend_schema(request=PromotionPolicyIO, responses=PromotionPolicyIO)
+    def patch(self, request: Request, name: str) -> Response:
+        model = model_or_404(name)
+        current = governance.promotion_policy(model)
+        data = PromotionPolicyIO(current if current.pk else None, data=request.data, partial=True)
+        data.is_valid(raise_exception=True)
+        return Response(PromotionPolicyIO(services.model_policy_update(
+            actor_of(request), PromotionPolicy, model, dict(data.validated_data), "promotion_policy.update")).data)

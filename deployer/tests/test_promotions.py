@@ -1,0 +1,189 @@
+"""Promotion requests (deployer/promotions.py): filed when a protected model's rollout waits for approval, with
+its evidence and the champion's; approved by eligible people only (four eyes, never CI), rejected with a
+comment, or promoted at once by an administrator's audited break-glass."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from deployer import promotions, services
+from deployer.models import (
+    Deployment,
+    Endpoint,
+    PromotionRequest,
+    PromotionStatus,
+    RolloutStatus,
+)
+from deployer.testing import champion_after, servable_model
+from registry import governance
+from registry.audit import SYSTEM
+from registry.models import AuditEvent, PromotionPolicy
+from registry.roles import Role
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def waiting(unique_name, make_user, governed) -> dict[str, Any]:
+    """A deployed (so protected) model: v2 its champion, v3's canary waiting for approval; v3 registered by
+    `author`, its rollout started by `releaser`."""
+    model = servable_model(unique_name, versions=3)
+    champion_after(model, 1, 2)
+    governance.model_mark_deployed(model)
+    author, releaser = make_user(Role.DATA_SCIENTIST), make_user(Role.RELEASE_MANAGER)
+    v3 = model.versions.get(version=3)
+    v3.created_by = author
+    v3.save()
+    d = Deployment.objects.create(model=model, version=v3, engine=v3.engine_builds.get(precision="fp32"),
+                                  previous_version=model.versions.get(version=2), triton_model=f"{unique_name}_v3",
+                                  steps=[10, 50], step_index=1, weight=50, status=RolloutStatus.AWAITING_APPROVAL,
+                                  requested_by=releaser, analysis={"outcome": "pass", "reason": "p99 12 ms <= 500 ms",
+                                                                   "canary_requests": 400, "canary_p99_ms": 12.0})
+    return {"model": model, "deployment": d, "author": author, "releaser": releaser}
+
+
+def _filed(waiting: dict[str, Any]) -> PromotionRequest:
+    assert promotions.promotions_reconcile()["filed"] == 1
+    return PromotionRequest.objects.get(deployment=waiting["deployment"])
+
+
+def test_a_waiting_rollout_gets_a_request_with_its_evidence_and_the_champions_side_by_side(waiting, client_as):
+    req = _filed(waiting)
+    assert (req.status, req.requested_by, req.version.version) == (PromotionStatus.PENDING, waiting["releaser"], 3)
+    sections = {s["name"]: s for s in req.evidence["sections"]}
+    assert list(sections) == ["lineage", "parity", "hil", "canary", "traffic", "alerts"]
+    assert f"registered by {waiting['author'].username}" in sections["lineage"]["words"]
+    assert sections["canary"]["outcome"] == "ok" and "p99 12 ms <= 500 ms" in sections["canary"]["words"]
+    assert sections["alerts"]["words"] == "no open alert on v3"
+    assert req.champion_evidence["version"] == 2
+    assert promotions.promotions_reconcile()["filed"] == 0  # once
+    body = client_as(Role.ONCALL).get(f"/api/v1/promotions/{req.pk}/").json()
+    assert (body["approvals"], body["approvals_required"], body["policy"]["protected"]) == (0, 1, True)
+    assert body["your_review"].startswith("approving needs deploy.promote")
+    row = AuditEvent.objects.get(action="promotion.requested", target_id=str(req.pk))
+    assert (row.after["model"], row.after["version"], row.after["deployment"]) == (
+        waiting["model"].name, 3, waiting["deployment"].pk)
+
+
+def test_four_eyes_neither_the_author_nor_the_requester_nor_ci_can_approve(waiting, client_as, make_user, token_for):
+    from rest_framework.test import APIClient
+
+    req = _filed(waiting)
+    url = f"/api/v1/promotions/{req.pk}/approve/"
+    for user, why in ((waiting["releaser"], "you requested this promotion"),):
+        client = APIClient()
+        client.credentials(HTTP_AUTHORIZATION=f"Bearer {token_for(user)}")
+        resp = client.post(url, {"comment": "mine"}, format="json")
+        assert resp.status_code == 403 and why in resp.json()["error"]["message"]
+    # the version's author, even holding the release manager role too
+    author = waiting["author"]
+    author.profile.roles = [Role.DATA_SCIENTIST, Role.RELEASE_MANAGER]
+    author.profile.save()
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {token_for(author)}")
+    resp = client.post(url, {}, format="json")
+    assert resp.status_code == 403 and "you registered v3" in resp.json()["error"]["message"]
+    # CI: refused by its role, and a release manager's roles carried with CI's are refused too
+    assert client_as(Role.CI).post(url, {}, format="json").status_code == 403
+    both = make_user(Role.RELEASE_MANAGER, Role.CI)
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {token_for(both)}")
+    resp = client.post(url, {}, format="json")
+    assert resp.status_code == 403 and "never approve" in resp.json()["error"]["message"]
+    # an administrator is not a release manager: the policy counts release managers only
+    resp = client_as(Role.ADMIN).post(url, {}, format="json")
+    assert resp.status_code == 403 and "release managers only" in resp.json()["error"]["message"]
+    assert PromotionRequest.objects.get(pk=req.pk).status == PromotionStatus.PENDING
+    assert Deployment.objects.get(pk=waiting["deployment"].pk).status == RolloutStatus.AWAITING_APPROVAL
+
+    approver = client_as(Role.RELEASE_MANAGER)
+    resp = approver.post(url, {"comment": "HIL and canary look right"}, format="json")
+    assert resp.status_code == 200, resp.content
+    body = resp.json()
+    assert (body["status"], body["approvals"]) == ("approved", 1)
+    assert body["outcome"] == f"approved by {approver.user.username} (1 of 1)"
+    d = Deployment.objects.get(pk=waiting["deployment"].pk)
+    assert d.status == RolloutStatus.PROMOTED and d.decided_by == approver.user
+    assert Endpoint.objects.get(model=waiting["model"]).stable_version.version == 3
+    approved = AuditEvent.objects.get(action="promotion.approved", target_id=str(req.pk))
+    assert approved.after["approvers"] == [approver.user.username]
+
+
+def test_a_policy_of_two_approvals_promotes_on_the_second(waiting, client_as):
+    PromotionPolicy.objects.filter(model=waiting["model"]).update(approvals_required=2)
+    req = _filed(waiting)
+    first, second = client_as(Role.RELEASE_MANAGER), client_as(Role.RELEASE_MANAGER)
+    url = f"/api/v1/promotions/{req.pk}/approve/"
+    assert first.post(url, {}, format="json").json()["approvals"] == 1
+    assert Deployment.objects.get(pk=waiting["deployment"].pk).status == RolloutStatus.AWAITING_APPROVAL
+    again = first.post(url, {}, format="json")
+    assert again.status_code == 403 and "already reviewed" in again.json()["error"]["message"]
+    assert second.post(url, {}, format="json").json()["status"] == "approved"
+    assert Deployment.objects.get(pk=waiting["deployment"].pk).status == RolloutStatus.PROMOTED
+
+
+def test_a_rejection_needs_a_comment_and_rolls_the_canary_back(waiting, client_as):
+    req = _filed(waiting)
+    manager = client_as(Role.RELEASE_MANAGER)
+    url = f"/api/v1/promotions/{req.pk}/reject/"
+    assert manager.post(url, {}, format="json").status_code == 400
+    resp = manager.post(url, {"comment": "p99 is fine but the drift check is stale"}, format="json")
+    assert resp.status_code == 200 and resp.json()["status"] == "rejected"
+    d = Deployment.objects.get(pk=waiting["deployment"].pk)
+    assert d.status == RolloutStatus.ROLLED_BACK
+    assert d.reason == (f"promotion request {req.pk} rejected by {manager.user.username}: p99 is fine but the drift "
+                        "check is stale")
+    assert Endpoint.objects.get(model=waiting["model"]).stable_version.version == 2
+
+
+def test_approval_waits_until_every_canary_step_has_passed(waiting, client_as):
+    Deployment.objects.filter(pk=waiting["deployment"].pk).update(status=RolloutStatus.PROGRESSING, step_index=0,
+                                                                  weight=10)
+    resp = client_as(Role.DATA_SCIENTIST).post(f"/api/v1/deployments/{waiting['deployment'].pk}/promotion/",
+                                               {"reason": "the release train leaves at 5"}, format="json")
+    assert resp.status_code == 201, resp.content
+    again = client_as(Role.CI).post(f"/api/v1/deployments/{waiting['deployment'].pk}/promotion/", {}, format="json")
+    assert again.status_code == 409 and "pending already" in again.json()["error"]["message"]
+    early = client_as(Role.RELEASE_MANAGER).post(f"/api/v1/promotions/{resp.json()['id']}/approve/", {},
+                                                 format="json")
+    assert early.status_code == 409 and "still progressing" in early.json()["error"]["message"]
+
+
+def test_break_glass_is_for_administrators_with_a_written_reason_and_is_audited(waiting, client_as):
+    Deployment.objects.filter(pk=waiting["deployment"].pk).update(status=RolloutStatus.PROGRESSING, step_index=0,
+                                                                  weight=10)
+    url = f"/api/v1/deployments/{waiting['deployment'].pk}/break-glass/"
+    assert client_as(Role.RELEASE_MANAGER).post(url, {"reason": "x" * 40}, format="json").status_code == 403
+    admin = client_as(Role.ADMIN)
+    short = admin.post(url, {"reason": "urgent"}, format="json")
+    assert short.status_code == 400 and "at least 20 characters" in short.json()["error"]["message"]
+    reason = "INC-412: v2 mislabels every EU request; v3 fixes it and the release managers are unreachable"
+    resp = admin.post(url, {"reason": reason}, format="json")
+    assert resp.status_code == 200, resp.content
+    body = resp.json()
+    assert (body["status"], body["break_glass"]) == ("approved", reason)
+    assert [r["decision"] for r in body["reviews"]] == ["break_glass"]
+    assert Deployment.objects.get(pk=waiting["deployment"].pk).status == RolloutStatus.PROMOTED
+    row = AuditEvent.objects.get(action="promotion.break_glass", target_id=str(body["id"]))
+    assert (row.actor_name, row.after["reason"]) == (admin.user.username, reason)
+
+
+def test_a_protected_models_canary_cannot_be_promoted_by_hand_but_an_unprotected_ones_can(waiting, client_as):
+    manager = client_as(Role.RELEASE_MANAGER)
+    resp = manager.post(f"/api/v1/deployments/{waiting['deployment'].pk}/promote/", format="json")
+    assert resp.status_code == 403
+    assert "only through an approved promotion request" in resp.json()["error"]["message"]
+    PromotionPolicy.objects.filter(model=waiting["model"]).update(protected=False)
+    assert manager.post(f"/api/v1/deployments/{waiting['deployment'].pk}/promote/",
+                        format="json").json()["status"] == "promoted"
+
+
+def test_the_pending_request_of_a_rollout_that_ended_is_cancelled(waiting):
+    req = _filed(waiting)
+    services.deployment_abort(SYSTEM, waiting["deployment"])
+    assert promotions.promotions_reconcile()["cancelled"] == 1
+    req.refresh_from_db()
+    assert req.status == PromotionStatus.CANCELLED
+    assert req.outcome.startswith(f"deployment {waiting['deployment'].pk} ended (rolled_back)")
