@@ -322,7 +322,7 @@ def _compare(batch: int, concurrency: int, seen: dict[str, list[dict[str, Any]]]
     # The independent clients' own spread over the rounds: at a point the harness cannot settle, the point
     # itself moves (two modes, as requests queue behind each other or not), and this shows it for them too.
     lean = [r["p50_ms"] for r in seen["lean"]]
-    row["lean_p50_spread_pct"] = (max(lean) / min(lean) - 1) * 100 if lean and min(lean) > 0 else None
+    row["lean_p50_spread_pct"] = (max(lean) / min(lean) - 1) * 100 if len(lean) > 1 and min(lean) > 0 else None
     row["settled"] = all(s == "stable" for s in statuses)
     everything = [r for runs in seen.values() for r in runs]
     row["errors"] = sum(r["errors"] for r in everything)
@@ -393,8 +393,9 @@ def main(argv: list[str] | None = None) -> None:
     if unsettled:
         print(f"{len(unsettled)} point(s) the harness did not settle (reported unstable, not judged): "
               + "; ".join(f"batch {r['batch']}, concurrency {r['concurrency']}: p50 {r['p50_diff_pct']:+.1f}%, "
-                          f"throughput {r['throughput_diff_pct']:+.1f}% from lean, whose own p50 moved "
-                          f"{fmt(r['lean_p50_spread_pct'], 1)}% between rounds" for r in unsettled))
+                          f"throughput {r['throughput_diff_pct']:+.1f}% from lean"
+                          + (f", whose own p50 moved {r['lean_p50_spread_pct']:.1f}% between rounds"
+                             if r["lean_p50_spread_pct"] is not None else "") for r in unsettled))
     print(json.dumps({
         "bench": "hil", **{key: round(value, 2) for key, value in worst.items()},
         **{key: round(value, 2) for key, value in loose.items()},
