@@ -567,7 +567,7 @@ def alias_delete(name: str, alias: str) -> None:
 def aliases(name: str) -> dict[str, int]:
     """Every alias of a model and the version it points at."""
     model = registry_store().get_registered_model(name)
-    return {a.alias: int(a.version) for a in model.aliases}
+    return {alias: int(version) for alias, version in model.aliases.items()}
 
 
 def download_file(location: str, relative: str, dst_dir: Path) -> Path:
