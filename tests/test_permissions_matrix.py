@@ -39,6 +39,20 @@ ENDPOINTS = [
     ("POST", "/api/v1/deployments/{paused}/resume/", Cap.DEPLOY_CONTROL, None),
     ("POST", "/api/v1/deployments/{progressing}/abort/", Cap.DEPLOY_CONTROL, None),
     ("POST", "/api/v1/deployments/{progressing}/promote/", Cap.DEPLOY_PROMOTE, None),
+    ("POST", "/api/v1/deployments/{progressing}/promotion/", Cap.PROMOTION_REQUEST, {"reason": "release 7"}),
+    ("POST", "/api/v1/deployments/{progressing}/break-glass/", Cap.BREAK_GLASS,
+     {"reason": "INC-9: the champion mislabels every request"}),
+    ("GET", "/api/v1/promotions/", Cap.DEPLOY_READ, None),
+    ("GET", "/api/v1/promotions/{promotion}/", Cap.DEPLOY_READ, None),
+    ("POST", "/api/v1/promotions/{promotion}/approve/", Cap.DEPLOY_PROMOTE, {"comment": "evidence read"}),
+    ("POST", "/api/v1/promotions/{promotion}/reject/", Cap.DEPLOY_PROMOTE, {"comment": "drift"}),
+    # its requester may withdraw it too (deployer/tests/test_promotions.py); anyone else needs deploy.promote
+    ("POST", "/api/v1/promotions/{promotion}/cancel/", Cap.DEPLOY_PROMOTE, {"comment": "not now"}),
+    ("GET", "/api/v1/models/{m}/aliases/", Cap.MODEL_READ, None),
+    ("PUT", "/api/v1/models/{m}/aliases/canary-eu/", Cap.MODEL_EDIT, {"version": 1}),
+    ("DELETE", "/api/v1/models/{m}/aliases/staging/", Cap.MODEL_EDIT, None),
+    ("GET", "/api/v1/models/{m}/promotion-policy/", Cap.MODEL_READ, None),
+    ("PATCH", "/api/v1/models/{m}/promotion-policy/", Cap.POLICY_EDIT, {"approvals_required": 2}),
     ("GET", "/api/v1/endpoints/", Cap.DEPLOY_READ, None),
     ("GET", "/api/v1/targets/", Cap.MODEL_READ, None),
     ("GET", "/api/v1/models/{free}/versions/1/hil/", Cap.MODEL_READ, None),
@@ -67,6 +81,9 @@ def registered(scientist, model_archive, unique_name):
     with open(model_archive, "rb") as fh:
         resp = scientist.post(f"/api/v1/models/{unique_name}/versions/", {"archive": fh}, format="multipart")
     assert resp.status_code == 201
+    from registry import mlflow_store
+
+    mlflow_store.alias_set(unique_name, "staging", 1)  # a free alias to delete
     return unique_name, scientist.user.username
 
 
@@ -87,8 +104,11 @@ def _servable(name: str):
 def deployments(unique_name):
     from django.utils import timezone
 
+    from deployer import promotions
     from deployer.models import Deployment
     from pipelines.models import HilRun
+    from registry.audit import SYSTEM
+    from registry.models import PromotionPolicy
 
     ids = {}
     for state in ("progressing", "paused"):
@@ -99,7 +119,17 @@ def deployments(unique_name):
     champion = servable_model(f"{unique_name}-champion")
     champion_after(champion, 1, 2)  # v2 replaced v1: it can be rolled back
     hil_run = HilRun.objects.create(build=free_engine, profile="cpu-arm64", wait_deadline=timezone.now())
-    return {"free": f"{unique_name}-free", "champion": champion.name, "hil_run": hil_run.pk, **ids}
+    # a promotion request waiting for approval; its policy counts administrators' approvals too
+    waiting = servable_model(f"{unique_name}-waiting")
+    champion_after(waiting, 1, 2)
+    PromotionPolicy.objects.create(model=waiting, release_manager_required=False)
+    v2 = waiting.versions.get(version=2)
+    awaiting = Deployment.objects.create(model=waiting, version=v2, engine=v2.engine_builds.get(precision="fp32"),
+                                         triton_model="t", steps=[10], status="awaiting_approval", step_index=0,
+                                         weight=10)
+    promotion = promotions.promotion_request(SYSTEM, awaiting, "the canary passed")
+    return {"free": f"{unique_name}-free", "champion": champion.name, "hil_run": hil_run.pk,
+            "promotion": promotion.pk, **ids}
 
 
 @pytest.fixture

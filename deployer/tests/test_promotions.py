@@ -187,3 +187,42 @@ def test_the_pending_request_of_a_rollout_that_ended_is_cancelled(waiting):
     req.refresh_from_db()
     assert req.status == PromotionStatus.CANCELLED
     assert req.outcome.startswith(f"deployment {waiting['deployment'].pk} ended (rolled_back)")
+
+
+def test_the_last_step_of_a_protected_models_rollout_waits_for_approval_where_an_unprotected_one_promotes(
+        waiting, monkeypatch):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from monitoring import canary
+
+    passed = canary.Verdict("pass", "p99 12 ms <= 500 ms", {"canary_requests": 400, "canary_error_rate": 0.0,
+                                                             "canary_p99_ms": 12.0})
+    monkeypatch.setattr(services, "analyse", lambda d, now: passed)
+    monkeypatch.setattr(services, "_with_traffic_inputs", lambda d, live: live)
+    d = waiting["deployment"]
+    Deployment.objects.filter(pk=d.pk).update(status=RolloutStatus.PROGRESSING,
+                                              step_started_at=timezone.now() - timedelta(hours=1))
+    services.rollout_advance(Deployment.objects.get(pk=d.pk))
+    d.refresh_from_db()
+    assert d.status == RolloutStatus.AWAITING_APPROVAL
+    assert d.reason == "all steps passed (p99 12 ms <= 500 ms); waiting for its promotion request's approval (1 needed)"
+    assert _filed(waiting).requested_by == waiting["releaser"]
+
+    PromotionPolicy.objects.filter(model=waiting["model"]).update(protected=False)
+    Deployment.objects.filter(pk=d.pk).update(status=RolloutStatus.PROGRESSING)
+    services.rollout_advance(Deployment.objects.get(pk=d.pk))
+    assert Deployment.objects.get(pk=d.pk).status == RolloutStatus.PROMOTED
+
+
+def test_its_requester_may_withdraw_a_request_and_another_data_scientist_may_not(waiting, client_as):
+    requester = client_as(Role.DATA_SCIENTIST)
+    Deployment.objects.filter(pk=waiting["deployment"].pk).update(status=RolloutStatus.PROGRESSING)
+    req = requester.post(f"/api/v1/deployments/{waiting['deployment'].pk}/promotion/", {}, format="json").json()
+    other = client_as(Role.DATA_SCIENTIST).post(f"/api/v1/promotions/{req['id']}/cancel/", {}, format="json")
+    assert other.status_code == 403 and "only its requester" in other.json()["error"]["message"]
+    mine = requester.post(f"/api/v1/promotions/{req['id']}/cancel/", {"comment": "wrong version"}, format="json")
+    assert mine.status_code == 200
+    assert (mine.json()["status"], mine.json()["outcome"]) == (
+        "cancelled", f"cancelled by {requester.user.username}: wrong version")
