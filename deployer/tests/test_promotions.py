@@ -226,3 +226,21 @@ def test_its_requester_may_withdraw_a_request_and_another_data_scientist_may_not
     assert mine.status_code == 200
     assert (mine.json()["status"], mine.json()["outcome"]) == (
         "cancelled", f"cancelled by {requester.user.username}: wrong version")
+
+
+def test_the_demos_release_manager_approves_a_waiting_rollout_quoting_its_evidence(waiting):
+    from io import StringIO
+
+    from deployer.management.commands.demo_rollouts import DEMO_APPROVER, Command
+
+    command = Command(stdout=StringIO())
+    command._approve(waiting["deployment"])  # nothing filed yet: nothing to approve
+    req = _filed(waiting)
+    command._approve(Deployment.objects.get(pk=waiting["deployment"].pk))
+    req.refresh_from_db()
+    assert req.status == PromotionStatus.APPROVED
+    [review] = req.reviews.all()
+    assert review.reviewer_name == DEMO_APPROVER
+    assert review.comment == ("demo: approved after reading the evidence (parity: none; hil: warn; canary: ok; "
+                              "alerts: ok)")
+    assert Deployment.objects.get(pk=waiting["deployment"].pk).status == RolloutStatus.PROMOTED

@@ -7,7 +7,10 @@ with a written override, as a release manager would, which the deployment and th
 
 1. version 1 is deployed (a first deployment: promoted once loaded);
 2. client traffic starts through the gateway (digits rows, ~20 requests/s) and keeps going;
-3. version 2 (a wider network) rolls out as a canary in steps and is promoted: `champion` moves to it;
+3. version 2 (a wider network) rolls out as a canary in steps; the model is protected from its first champion
+   on, so once every step has passed the rollout waits for its promotion request, which the demo's release
+   manager (`demo-release-manager`, not the version's author nor the requester) approves with the evidence's
+   words in the comment, as on /approvals/: then `champion` moves to it;
 4. version 3 is deliberately slow (its Triton config holds each request up to 300 ms hoping to fill a
    batch: a real misconfiguration) and is rolled back automatically by the latency analysis;
 5. then two of every three requests become brightness-scaled digits (each pixel 1.6 times brighter: a
@@ -27,16 +30,24 @@ import time
 from pathlib import Path
 from typing import Any
 
+from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
-from deployer import services
-from deployer.models import ACTIVE_ROLLOUT_STATES, Deployment, Endpoint, RolloutStatus
+from deployer import promotions, services
+from deployer.models import (
+    ACTIVE_ROLLOUT_STATES,
+    Deployment,
+    Endpoint,
+    PromotionRequest,
+    PromotionStatus,
+    RolloutStatus,
+)
 from monitoring import services as monitoring_services
 from monitoring.models import Alert, AlertKind, DriftCheck
 from pipelines.models import TERMINAL_HIL_STATES, BuildStatus, EngineBuild, HilRun, HilStatus
 from pipelines.services import hil_runs_request, serving_profile
-from registry.audit import SYSTEM
+from registry.audit import SYSTEM, Actor
 from registry.management.commands.seed_demo import (
     DEMO_HIL_TAGS,
     DEMO_MODEL,
@@ -44,6 +55,8 @@ from registry.management.commands.seed_demo import (
     train_demo_model,
 )
 from registry.models import ModelVersion, RegisteredModel, VersionStatus
+from registry.people import user_create
+from registry.roles import Role
 from registry.services import version_register_from_archive
 
 DRIFT_POLICY = {"window_minutes": 3, "min_rows": 300}  # the demo's drift window: the last 3 minutes of traffic
@@ -51,6 +64,7 @@ BRIGHTER = 1.6  # the demo's shift: pixels of two requests in three scaled by th
 DRIFT_WAIT_S = 900.0  # how long the demo waits for its drift alert before saying it did not come
 SLOW_TAGS = {"triton.max_queue_delay_us": "300000", "demo": "deliberately slow"}
 HIL_WAIT_S = 900.0  # how long a deployment waits for its engine's HIL verdict before going without one
+DEMO_APPROVER = "demo-release-manager"  # approves the demo's promotion requests
 DEMO_ROLLOUT = {"steps": [10, 50], "step_interval_s": 15, "bake_s": 10, "max_p99_ms": 100.0}
 
 
@@ -196,7 +210,25 @@ class Command(BaseCommand):
                 last = line
             if d.status not in ACTIVE_ROLLOUT_STATES:
                 return Deployment.objects.select_related("version", "hil_run").get(pk=d.pk)
+            if d.status == RolloutStatus.AWAITING_APPROVAL:
+                self._approve(d)
             time.sleep(1)
+
+    def _approve(self, d: Deployment) -> None:
+        """As the demo's release manager, approve the rollout's pending promotion request (filed by the
+        reconciler), quoting the evidence it shows."""
+        req = PromotionRequest.objects.filter(deployment=d, status=PromotionStatus.PENDING).first()
+        if req is None:
+            return  # not filed yet: the reconciler's next pass
+        User = get_user_model()
+        manager = User.objects.filter(username=DEMO_APPROVER).first() or user_create(
+            SYSTEM, DEMO_APPROVER, [Role.RELEASE_MANAGER])
+        evidence = {s["name"]: s for s in req.evidence.get("sections", [])}
+        seen = "; ".join(f"{name}: {evidence[name]['outcome']}" for name in ("parity", "hil", "canary", "alerts")
+                         if name in evidence)
+        comment = f"demo: approved after reading the evidence ({seen})"
+        done = promotions.promotion_approve(Actor(manager, "demo"), {Role.RELEASE_MANAGER}, req.pk, comment)
+        self.say(f"promotion request {req.pk} of v{d.version.version}: {done.status} by {DEMO_APPROVER}: {comment}")
 
     @staticmethod
     def _override_reason(number: int, run: HilRun | None) -> str:
