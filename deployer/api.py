@@ -356,10 +356,9 @@ class PromotionCancelView(BaseView):
     def post(self, request: Request, req_id: int) -> Response:
         data = CommentIn(data=request.data)
         data.is_valid(raise_exception=True)
-        req = promotion_or_404(req_id)
-        if req.requested_by_id != request.user.pk and not roles_allow(request_roles(request), Cap.DEPLOY_PROMOTE):
-            raise PermissionDenied("only its requester or a release manager can withdraw a promotion request")
-        promotions.promotion_cancel(actor_of(request), req_id, data.validated_data["comment"] or "withdrawn")
+        promotion_or_404(req_id)
+        promotions.promotion_cancel(actor_of(request), request_roles(request), req_id,
+                                    data.validated_data["comment"] or "withdrawn")
         return _promotion_answer(request, req_id)
 
 

@@ -319,10 +319,14 @@ def promotion_reject(actor: Actor, roles: set[str], req_id: int, comment: str) -
     return done
 
 
-def promotion_cancel(actor: Actor, req_id: int, why: str) -> PromotionRequest:
-    """Withdraw a pending request (its rollout goes on and will wait for approval again)."""
+def promotion_cancel(actor: Actor, roles: set[str], req_id: int, why: str) -> PromotionRequest:
+    """Withdraw a pending request: its requester, or a release manager (its rollout goes on, and the reconciler
+    files a new request when it waits for approval)."""
     with transaction.atomic():
         req = _locked(req_id)
+        mine = req.requested_by_id is not None and req.requested_by_id == getattr(actor.user, "pk", None)
+        if not mine and not roles_allow(roles, Cap.DEPLOY_PROMOTE):
+            raise PromotionError("only its requester or a release manager can withdraw a promotion request", 403)
         return PROMOTIONS.move(req.pk, PromotionStatus.CANCELLED, actor, only_from={PromotionStatus.PENDING},
                                note={"why": why[:500]}, outcome=f"cancelled by {actor.name}: {why}")
 
@@ -341,6 +345,9 @@ def promotion_break_glass(actor: Actor, roles: set[str], d: Deployment, reason: 
         pending = PromotionRequest.objects.filter(deployment=d, status=PromotionStatus.PENDING).first()
         req = pending or promotion_request(actor, d, f"break-glass: {reason.strip()}")
         req = _locked(req.pk)
+        if req.reviews.filter(reviewer=actor.user_or_none).exists():
+            raise PromotionError(f"you have already reviewed promotion request {req.pk}; another administrator can "
+                                 "break glass, or approvals can complete it", 409)
         _refresh(req)
         PromotionReview.objects.create(request=req, reviewer=actor.user_or_none, reviewer_name=actor.name,
                                        roles=sorted(roles), decision=ReviewDecision.BREAK_GLASS,
