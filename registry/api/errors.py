@@ -75,7 +75,8 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     if isinstance(exc, (ArchiveError, TokenError)):
         return error_response(status.HTTP_400_BAD_REQUEST, "invalid_input", str(exc))
     if isinstance(exc, RegistryError):
-        code = {404: "not_found", 409: "conflict", 413: "too_large"}.get(exc.status_code, "invalid_input")
+        code = {403: "permission_denied", 404: "not_found", 409: "conflict", 413: "too_large"}.get(
+            exc.status_code, "invalid_input")
         return error_response(exc.status_code, code, str(exc))
     if isinstance(exc, Http404):
         exc = exceptions.NotFound(str(exc) or "not found")
