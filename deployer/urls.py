@@ -11,4 +11,5 @@ urlpatterns = [
     path("deployments/<int:deployment_id>/abort/", api.DeploymentAbortView.as_view(), name="deployment-abort"),
     path("endpoints/", api.EndpointListView.as_view(), name="endpoint-list"),
     path("models/<str:name>/rollback/", api.ChampionRollbackView.as_view(), name="champion-rollback"),
+    path("models/<str:name>/history/", api.ModelHistoryView.as_view(), name="model-history"),
 ]
