@@ -494,7 +494,7 @@ def words(answer: dict[str, Any]) -> str:
             how += ", promoted automatically"
         if c["break_glass"]:
             how += f" (break-glass by {c['break_glass']['by']})"
-        if c["reason"]:
+        if c["reason"] and c["reason"] != f"promoted by {c['promoted_by']}":  # no need to say it twice
             how += f": {c['reason']}"
         parts.append(how.rstrip(".") + ".")
     return " ".join(parts)
