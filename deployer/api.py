@@ -264,11 +264,14 @@ class MarkerOut(serializers.Serializer):
                                            "resumed, alias, request, approval, rejection, break_glass")
     version = serializers.IntegerField(allow_null=True)
     deployment = serializers.IntegerField(allow_null=True)
-    label = serializers.CharField()
     actor = serializers.CharField()
     automatic = serializers.BooleanField()
     reason = serializers.CharField(allow_blank=True)
     event = serializers.IntegerField()
+
+    def get_fields(self) -> dict[str, Any]:
+        # `label` is a Field's own attribute (a serializer is a field): declared here rather than as one.
+        return {**super().get_fields(), "label": serializers.CharField(help_text="what happened, in words")}
 
 
 class EventOut(serializers.Serializer):

@@ -395,8 +395,9 @@ def state_at(model: RegisteredModel, at: datetime) -> dict[str, Any]:
     deployments = _deployments_of(model)
     state = _replay_seed(model, at, deployments)
     lanes = state.serving()
-    serving = [{"version": v, "share": lane.share, "role": lane.role, "deployment": lane.deployment,
-                "mirrored": lane.mirrored, "since": state.lanes[v][1]} for v, lane in lanes.items()]
+    serving: list[dict[str, Any]] = [
+        {"version": v, "share": lane.share, "role": lane.role, "deployment": lane.deployment,
+         "mirrored": lane.mirrored, "since": state.lanes[v][1]} for v, lane in lanes.items()]
     serving.sort(key=lambda s: (-s["share"], s["version"]))
     rollout = state.rollout
     answer = {

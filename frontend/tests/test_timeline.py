@@ -41,8 +41,8 @@ def test_the_timeline_page_draws_one_lane_per_version_with_its_shares_and_the_de
     # again to the end.
     steps = list(zip(v1["shares"], v2["shares"], v3["shares"], strict=True))
     changes = [s for i, s in enumerate(steps) if i == 0 or s != steps[i - 1]]
-    assert changes == [(None, None, None), (100, None, None), (90, 10, None), (None, 100, None), (None, 90, 10), (None, 100, None),
-                       (100, None, None)]
+    assert changes == [(None, None, None), (100, None, None), (90, 10, None), (None, 100, None), (None, 90, 10),
+                       (None, 100, None), (100, None, None)]
     assert v2["roles"][steps.index((90, 10, None))] == "canary"
     kinds = [m["kind"] for m in chart["markers"]]
     assert kinds == ["started", "promoted", "started", "promoted", "started", "rolled_back", "restore", "promoted"]
