@@ -63,15 +63,27 @@ def chart_data(found: dict[str, Any]) -> dict[str, Any]:
             "since": _seconds(start), "until": _seconds(until)}
 
 
+def _row_words(e: dict[str, Any], after: dict[str, Any]) -> str:
+    """Words for the rows that move traffic without a marker of their own: a canary's step, the stable change."""
+    before = e["before"] if isinstance(e["before"], dict) else {}
+    if e["action"] == "deployment.progressing" and isinstance(after.get("step"), int):
+        return f"v{after.get('version')} takes {after.get('weight')}% (step {after['step'] + 1})"
+    if e["action"] == "endpoint.stable":
+        was = before.get("stable_version")
+        return f"stable version {'v' + str(was) if was is not None else 'none'} → v{after.get('stable_version')}"
+    return ""
+
+
 def event_rows(found: dict[str, Any]) -> list[dict[str, Any]]:
-    """The rows read, newest first, each with what it meant in words where the history gave it a marker."""
+    """The rows read, newest first, each with what it meant in words (the history's marker, where it has one)."""
     said = {m["event"]: m for m in found["markers"]}
     rows = []
     for e in reversed(found["events"]):
         marker = said.get(e["id"])
         after = e["after"] if isinstance(e["after"], dict) else {}
         weight = after.get("weight") if e["target_type"] == "deployment" else None
-        rows.append({**e, "kind": marker["kind"] if marker else "", "words": marker["label"] if marker else "",
+        rows.append({**e, "kind": marker["kind"] if marker else "",
+                     "words": marker["label"] if marker else _row_words(e, after),
                      "reason": (marker or {}).get("reason") or str(after.get("reason") or ""),
                      "weight": weight, "target": f"{e['target_type']} {e['target_id']}"})
     return rows

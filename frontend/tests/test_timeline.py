@@ -58,6 +58,11 @@ def test_the_events_are_listed_newest_first_in_words_with_who_and_why(story, bro
     rolled = next(body for action, _, body in rows if action == "deployment.rolled_back")
     assert "v3 rolled back (automatic)" in rolled and "system" in rolled
     assert "automatic rollback: canary error rate 9.0% against stable&#x27;s 0.0%" in rolled
+    steps = [body for action, _, body in rows if action == "deployment.progressing"]
+    assert "v3 takes 10% (step 1)" in steps[0] and "v2 takes 10% (step 1)" in steps[1]
+    stables = [html.unescape(body) for action, _, body in rows if action == "endpoint.stable"]
+    assert ["stable version v2 → v1" in stables[0], "stable version v1 → v2" in stables[1],
+            "stable version none → v1" in stables[2]] == [True, True, True]
     restore = next(body for action, kind, body in rows if kind == "restore")
     assert story.oncall.username in restore and "answers wrong since 10:00" in restore
 

@@ -51,8 +51,10 @@
     ctx.save();
     ctx.font = (11 * devicePixelRatio) + "px system-ui, sans-serif";
     ctx.textBaseline = "top";
-    data.markers.forEach(function (m, k) {
-      var x = Math.round(u.valToPos(m.t, "x", true));
+    ctx.textAlign = "left";  // uPlot leaves its axes' alignment on the context
+    var rowEnds = [-Infinity, -Infinity, -Infinity];  // each label row's right edge so far
+    data.markers.forEach(function (m) {
+      var x = Math.round(u.valToPos(m.t, "x", true)) + 0.5;  // on a pixel's centre: a crisp line
       if (x < u.bbox.left || x > u.bbox.left + u.bbox.width) return;
       var colour = MARKS[m.kind] || "#667085";
       ctx.strokeStyle = colour;
@@ -63,11 +65,15 @@
       ctx.moveTo(x, top);
       ctx.lineTo(x, bottom);
       ctx.stroke();
-      // Labels step down in three rows so neighbours do not print over each other.
-      var y = top + (k % 3) * 13 * devicePixelRatio + 2;
+      // A label goes in the first of three rows where it does not print over its neighbour; where none is
+      // free (changes seconds apart on a long window) the line stays unlabelled: the events below name it.
       var text = m.label.length > 48 ? m.label.slice(0, 47) + "…" : m.label;
       var width = ctx.measureText(text).width;
       var left = x + 3 + width > u.bbox.left + u.bbox.width ? x - 3 - width : x + 3;
+      var row = rowEnds.findIndex(function (end) { return left > end + 4 * devicePixelRatio; });
+      if (row < 0) return;
+      rowEnds[row] = left + width;
+      var y = top + row * 13 * devicePixelRatio + 2;
       ctx.fillStyle = "rgba(255,255,255,.85)";
       ctx.fillRect(left - 1, y - 1, width + 2, 12 * devicePixelRatio);
       ctx.fillStyle = colour;
