@@ -240,10 +240,12 @@ class _FromTo(serializers.Serializer):
     """`from` is a Python keyword: declared here rather than as an attribute."""
 
     def get_fields(self) -> dict[str, Any]:
-        return {"from": serializers.DateTimeField(allow_null=True), **super().get_fields()}
+        return {"from": serializers.DateTimeField(), **super().get_fields()}
 
 
 class SegmentOut(_FromTo):
+    """A stretch of time in which a version held one share of the model's client traffic, in one role."""
+
     to = serializers.DateTimeField(allow_null=True, help_text="null while it still held at the end")
     version = serializers.IntegerField()
     share = serializers.IntegerField(help_text="percent of the model's client traffic")
@@ -253,6 +255,8 @@ class SegmentOut(_FromTo):
 
 
 class AliasSpanOut(_FromTo):
+    """A stretch of time in which an alias pointed at one version."""
+
     alias = serializers.CharField()
     version = serializers.IntegerField()
     to = serializers.DateTimeField(allow_null=True)
