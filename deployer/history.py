@@ -356,8 +356,10 @@ def _approval(model: RegisteredModel, state: Replay, at: datetime) -> dict[str, 
     promotions = events.filter(target_type="promotion", after__model=model.name)
     mine = promotions.filter(after__deployment=dep) if dep is not None else promotions.none()
     if dep is None or not mine.exists():
-        # A request made before its deployment existed names the version only; earlier than the promotion.
-        mine = promotions.filter(after__version=state.stable)
+        # A request that names no deployment (made before one existed) counts by its version, if it came before
+        # the promotion; one naming another deployment (an earlier reign of the same version) never does.
+        mine = promotions.filter(Q(after__deployment=None) | Q(after__deployment__isnull=True),
+                                 after__version=state.stable)
         if promoted is not None:
             mine = mine.filter(at__lte=promoted.at)
     approved = mine.filter(action="promotion.approved").order_by("-at", "-id").first()

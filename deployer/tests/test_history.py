@@ -195,6 +195,35 @@ def test_an_approved_promotion_names_its_approvers_at_any_later_moment(unique_na
     assert kinds == ["started", "promoted", "started", "awaiting_approval", "request", "approval", "promoted"]
 
 
+def test_aliases_moved_by_people_are_followed_beside_the_reconcilers_champion(story, make_user):
+    person = Actor(make_user(Role.DATA_SCIENTIST), "api")
+    audit_record(person, "alias.set", "registered_model", story.model.name, after={"alias": "staging", "version": 3})
+    set_at = timezone.now()
+    audit_record(person, "alias.delete", "registered_model", story.model.name, after={"alias": "staging",
+                                                                                      "version": 3})
+    deleted_at = timezone.now()
+    assert history.state_at(story.model, set_at)["aliases"] == {"champion": 1, "staging": 3}
+    assert history.state_at(story.model, deleted_at)["aliases"] == {"champion": 1}
+    spans = [(a["alias"], a["version"], a["to"] is None) for a in history.timeline(story.model)["aliases"]]
+    assert spans == [("champion", 1, False), ("champion", 2, False), ("champion", 1, True), ("staging", 3, False)]
+    marks = history.timeline(story.model, since=story.times["v1 restored"])["markers"]
+    assert [(m["label"], m["actor"]) for m in marks] == [("staging → v3", person.name), ("staging removed",
+                                                                                          person.name)]
+
+
+def test_an_approval_of_an_earlier_reign_is_not_taken_for_the_restored_champions(story):
+    d1 = story.deployments["d1"].pk
+    # Written after the fact for the sake of the test: an approval of v1's first deployment, and one naming v1
+    # with no deployment but after the restore's promotion; neither approved the restore.
+    audit_record(SYSTEM, "promotion.approved", "promotion", 90, after={
+        "model": story.model.name, "version": 1, "deployment": d1, "approvers": ["erin"]})
+    audit_record(SYSTEM, "promotion.approved", "promotion", 91, after={
+        "model": story.model.name, "version": 1, "deployment": None, "approvers": ["frank"]})
+    champion = history.state_at(story.model, timezone.now())["champion"]
+    assert champion["deployment"] == story.deployments["d4"].pk
+    assert champion["approvers"] == [] and champion["source"] == "deployment.promoted"
+
+
 def test_an_automatic_rollback_gives_all_traffic_back_to_the_stable_version_with_its_reason(story):
     during = history.state_at(story.model, story.times["v3 canary at 10%"])
     assert shares(during) == {2: (90, "stable"), 3: (10, "canary")}
