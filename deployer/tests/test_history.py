@@ -356,3 +356,11 @@ def test_the_api_gives_the_timeline_bounded_and_refuses_bad_times_and_unknown_mo
     from rest_framework.test import APIClient
 
     assert APIClient().get(url).status_code == 401
+
+
+@pytest.mark.parametrize("role", Role.values)
+def test_every_role_may_read_a_models_history(role, client_as, unique_name):
+    servable_model(unique_name, versions=1, int8=False)
+    resp = client_as(role).get(f"/api/v1/models/{unique_name}/history/", {"at": "2026-11-30T06:13:24Z"})
+    assert resp.status_code == 200, resp.content  # deploy.read: everyone
+    assert resp.json()["serving"] == [] and resp.json()["rollout"] is None

@@ -120,3 +120,14 @@ def test_a_range_that_ends_before_it_starts_is_refused_in_words(story, browser_a
     resp = browser_as(Role.DATA_SCIENTIST).get(f"/models/{story.model.name}/timeline/", {
         "since": since.isoformat(), "until": (since - timedelta(hours=1)).isoformat()})
     assert resp.status_code == 400 and "since must be before until" in resp.content.decode()
+
+
+def test_a_quiet_window_still_shows_what_served_through_it(story, browser_as):
+    from django.utils import timezone
+
+    page = browser_as(Role.DATA_SCIENTIST).get(f"/models/{story.model.name}/timeline/", {
+        "since": timezone.now().isoformat()}).content.decode()
+    chart = chart_of(page)
+    assert [lane["label"] for lane in chart["lanes"]] == ["v1"]
+    assert set(chart["lanes"][0]["shares"]) == {100} and chart["markers"] == []
+    assert chart["times"][0] == chart["since"] and "Nothing recorded in this window." in page
