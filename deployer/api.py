@@ -7,13 +7,13 @@ from __future__ import annotations
 from typing import Any
 
 from django.http import Http404
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiParameter, PolymorphicProxySerializer, extend_schema
 from rest_framework import serializers, status
 from rest_framework.exceptions import PermissionDenied
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from deployer import champions, promotions, selectors, services
+from deployer import champions, history, promotions, selectors, services
 from deployer.models import (
     ACTIVE_ROLLOUT_STATES,
     AnalysisPoint,
@@ -384,3 +384,141 @@ class EndpointListView(BaseView):
     def get(self, request: Request) -> Response:
         return self.paginate(Endpoint.objects.select_related("model", "stable_version").order_by("model__name"),
                              EndpointOut)
+
+
+# ---- a model's serving history (deployer/history.py) -----------------------------------------------------------
+
+
+class HistoryIn(serializers.Serializer):
+    at = serializers.CharField(required=False, help_text=f"the instant answer at this time: {history.AT_FORMAT}")
+    since = serializers.CharField(required=False, help_text="the timeline after this time (default: its beginning)")
+    until = serializers.CharField(required=False, help_text="the timeline up to this time (default: now)")
+    limit = serializers.IntegerField(required=False, min_value=1, max_value=history.MAX_LIMIT,
+                                     default=history.DEFAULT_LIMIT, help_text="audit rows read at most")
+
+    def _time(self, value: str) -> Any:
+        try:
+            return history.parse_time(value)
+        except history.HistoryError as exc:
+            raise serializers.ValidationError(str(exc)) from None
+
+    validate_at = validate_since = validate_until = _time
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if attrs.get("since") and attrs.get("until") and attrs["since"] >= attrs["until"]:
+            raise serializers.ValidationError({"since": "must be before until"})
+        return attrs
+
+
+class _FromTo(serializers.Serializer):
+    """`from` is a Python keyword: declared here rather than as an attribute."""
+
+    def get_fields(self) -> dict[str, Any]:
+        return {"from": serializers.DateTimeField(), **super().get_fields()}
+
+
+class SegmentOut(_FromTo):
+    """A stretch of time in which a version held one share of the model's client traffic, in one role."""
+
+    to = serializers.DateTimeField(allow_null=True, help_text="null while it still held at the end")
+    version = serializers.IntegerField()
+    share = serializers.IntegerField(help_text="percent of the model's client traffic")
+    role = serializers.ChoiceField(choices=["stable", "canary", "shadow"])
+    deployment = serializers.IntegerField(allow_null=True)
+    mirrored = serializers.IntegerField(allow_null=True, help_text="shadow: percent of stable's requests copied")
+
+
+class AliasSpanOut(_FromTo):
+    """A stretch of time in which an alias pointed at one version."""
+
+    alias = serializers.CharField()
+    version = serializers.IntegerField()
+    to = serializers.DateTimeField(allow_null=True)
+
+
+class MarkerOut(serializers.Serializer):
+    at = serializers.DateTimeField()
+    kind = serializers.CharField(help_text="started, restore, promoted, rolled_back, awaiting_approval, paused, "
+                                           "resumed, alias, request, approval, rejection, break_glass")
+    version = serializers.IntegerField(allow_null=True)
+    deployment = serializers.IntegerField(allow_null=True)
+    actor = serializers.CharField()
+    automatic = serializers.BooleanField()
+    reason = serializers.CharField(allow_blank=True)
+    event = serializers.IntegerField()
+
+    def get_fields(self) -> dict[str, Any]:
+        # `label` is a Field's own attribute (a serializer is a field): declared here rather than as one.
+        return {**super().get_fields(), "label": serializers.CharField(help_text="what happened, in words")}
+
+
+class EventOut(serializers.Serializer):
+    id = serializers.IntegerField()
+    at = serializers.DateTimeField()
+    action = serializers.CharField()
+    actor = serializers.CharField()
+    via = serializers.CharField()
+    target_type = serializers.CharField()
+    target_id = serializers.CharField()
+    before = serializers.JSONField(allow_null=True)
+    after = serializers.JSONField(allow_null=True)
+
+
+class TimelineOut(serializers.Serializer):
+    model = serializers.CharField()
+    since = serializers.DateTimeField(allow_null=True)
+    until = serializers.DateTimeField()
+    truncated = serializers.BooleanField(help_text="more rows were left: ask again with since=next_since")
+    next_since = serializers.DateTimeField(allow_null=True)
+    limit = serializers.IntegerField()
+    events_read = serializers.IntegerField()
+    segments = SegmentOut(many=True)
+    aliases = AliasSpanOut(many=True)
+    markers = MarkerOut(many=True)
+    events = EventOut(many=True)
+
+
+class ServingOut(serializers.Serializer):
+    version = serializers.IntegerField()
+    share = serializers.IntegerField()
+    role = serializers.CharField()
+    deployment = serializers.IntegerField(allow_null=True)
+    mirrored = serializers.IntegerField(allow_null=True)
+    since = serializers.DateTimeField()
+
+
+class InstantOut(serializers.Serializer):
+    model = serializers.CharField()
+    at = serializers.DateTimeField()
+    summary = serializers.CharField(help_text="the answer in words")
+    serving = ServingOut(many=True)
+    stable_version = serializers.IntegerField(allow_null=True)
+    champion_alias = serializers.IntegerField(allow_null=True)
+    aliases = serializers.DictField(child=serializers.IntegerField())
+    alias_since = serializers.DictField(child=serializers.DateTimeField())
+    rollout = serializers.DictField(allow_null=True, help_text="the rollout in progress then")
+    champion = serializers.DictField(allow_null=True, help_text="how the stable version became champion: "
+                                                                "approvers, promoted_by, break_glass, reason")
+    last_event = serializers.DictField(allow_null=True)
+
+
+class ModelHistoryView(BaseView):
+    capabilities = {"GET": Cap.DEPLOY_READ}
+
+    @extend_schema(parameters=[HistoryIn], responses=PolymorphicProxySerializer(
+        component_name="ModelHistory", serializers=[TimelineOut, InstantOut], resource_type_field_name=None),
+        description="What served the model over time, rebuilt from the audit log: traffic segments per version, "
+                    "alias values, markers (rollouts started, promotions with who approved, rollbacks automatic "
+                    "or by whom with the reason, break-glass) and the rows read, between `since` and `until`, "
+                    "at most `limit` rows (`truncated` and `next_since` say where to continue). With `at`, the "
+                    "answer for that instant instead: the versions serving and their shares, the aliases, the "
+                    "rollout in progress and who approved the champion.")
+    def get(self, request: Request, name: str) -> Response:
+        query = HistoryIn(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        args = query.validated_data
+        model = model_or_404(name)
+        if "at" in args:
+            return Response(InstantOut(history.state_at(model, args["at"])).data)
+        return Response(TimelineOut(history.timeline(model, args.get("since"), args.get("until"),
+                                                     args["limit"])).data)

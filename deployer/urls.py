@@ -20,4 +20,5 @@ urlpatterns = [
     path("promotions/<int:req_id>/cancel/", api.PromotionCancelView.as_view(), name="promotion-cancel"),
     path("endpoints/", api.EndpointListView.as_view(), name="endpoint-list"),
     path("models/<str:name>/rollback/", api.ChampionRollbackView.as_view(), name="champion-rollback"),
+    path("models/<str:name>/history/", api.ModelHistoryView.as_view(), name="model-history"),
 ]

@@ -1,7 +1,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from frontend import views
+from frontend import timeline, views
 
 urlpatterns = [
     path("login/", auth_views.LoginView.as_view(template_name="frontend/login.html", redirect_authenticated_user=True),
@@ -10,6 +10,7 @@ urlpatterns = [
     path("", views.model_list, name="model-list"),
     path("models/<str:name>/", views.model_detail, name="model-detail"),
     path("models/<str:name>/versions-table/", views.model_version_rows, name="model-version-rows"),
+    path("models/<str:name>/timeline/", timeline.model_timeline, name="model-timeline"),
     path("models/<str:name>/versions/<int:version>/", views.version_detail, name="version-detail"),
     path("models/<str:name>/versions/<int:version>/status/", views.version_status, name="version-status"),
     path("models/<str:name>/versions/<int:version>/engines/", views.version_engines, name="version-engines"),
