@@ -101,36 +101,33 @@ def _int(value: Any) -> int | None:
         return None
 
 
+def _of_version(version: ModelVersion | None, path: str) -> Subject:
+    return Subject(version.model.name, version.version, path) if version else Subject(None, None, "")
+
+
 def subject_of(row: AuditEvent) -> Subject:
     """The row's model and version, from the row where it says them, else from the thing it names."""
     after = row.after or {}
+    pk = _int(row.target_id) or 0  # of a target named by its id (no row has id 0)
     if row.target_type == "model_version":  # target id "<model>/<number>"
-        model, _, number = row.target_id.rpartition("/")
-        return Subject(model or None, _int(number), _version_path(model, _int(number)))
+        name, _, number = row.target_id.rpartition("/")
+        return Subject(name or None, _int(number), _version_path(name, _int(number)))
     if row.target_type == "promotion":
-        model, version = after.get("model"), _int(after.get("version"))
-        deployment = _int(after.get("deployment"))
-        return Subject(str(model) if model else None, version,
-                       f"/deployments/{deployment}/" if deployment else _version_path(model, version))
+        model = str(after["model"]) if after.get("model") else None
+        version, deployment = _int(after.get("version")), _int(after.get("deployment"))
+        return Subject(model, version, f"/deployments/{deployment}/" if deployment else _version_path(model, version))
     if row.target_type == "engine_build":
-        build = EngineBuild.objects.select_related("version__model").filter(pk=_int(row.target_id)).first()
-        if build is None:
-            return Subject(None, None, "")
-        v = build.version
-        return Subject(v.model.name, v.version, _version_path(v.model.name, v.version))
+        build = EngineBuild.objects.select_related("version__model").filter(pk=pk).first()
+        v = build.version if build else None
+        return _of_version(v, _version_path(v.model.name, v.version) if v else "")
     if row.target_type == "hil_run":
-        run = HilRun.objects.select_related("build__version__model").filter(pk=_int(row.target_id)).first()
-        if run is None:
-            return Subject(None, None, "")
-        v = run.build.version
-        return Subject(v.model.name, v.version, f"/hil/{run.pk}/")
+        run = HilRun.objects.select_related("build__version__model").filter(pk=pk).first()
+        return _of_version(run.build.version if run else None, f"/hil/{pk}/")
     if row.target_type == "deployment":
         # The deployer sits above monitoring: its deployment is reached through the version's reverse
         # relation (a query), never by importing the deployer.
-        found = ModelVersion.objects.select_related("model").filter(deployments=_int(row.target_id)).first()
-        if found is None:
-            return Subject(None, _int(after.get("version")), "")
-        return Subject(found.model.name, found.version, f"/deployments/{row.target_id}/")
+        found = ModelVersion.objects.select_related("model").filter(deployments=pk).first()
+        return _of_version(found, f"/deployments/{pk}/")
     return Subject(str(after["model"]) if after.get("model") else None, _int(after.get("version")), "")
 
 
