@@ -345,7 +345,7 @@ def test_an_event_reaches_a_real_receiver_signed_and_a_slack_one_in_words(
     hook = receiver_at(receiver_server, "/events", event_types=["promotion.approved"], models=[unique_name])
     slack = receiver_at(receiver_server, "/slack", kind="slack", event_types=["promotion.approved"])
     row = _promotion_row("promotion.approved", unique_name, 3, 12)
-    events.events_dispatch()
+    assert tasks.events_dispatch() == 2  # the periodic task, as beat runs it
 
     for receiver in (hook, slack):
         [delivery] = Delivery.objects.filter(receiver=receiver)
@@ -361,6 +361,14 @@ def test_an_event_reaches_a_real_receiver_signed_and_a_slack_one_in_words(
     assert words.json["blocks"][0]["text"]["text"] == (f"[promotion.approved] promotion of {unique_name} v3 "
                                                        "approved by system")
     assert words.json["blocks"][1]["text"]["text"] == f"{unique_name} v3 · by system"
+
+
+def test_beat_runs_the_dispatcher_every_few_seconds_on_the_reconcilers_queue(settings):
+    from config.celery import app
+
+    entry = settings.CELERY_BEAT_SCHEDULE["events-dispatch"]
+    assert entry["task"] == tasks.events_dispatch.name and entry["task"] in app.tasks
+    assert entry["schedule"] <= 10 and entry["options"]["queue"] == "reconcile"
 
 
 # ---- the API -----------------------------------------------------------------------------------------------------
