@@ -21,6 +21,7 @@ def test_on_call_adds_a_receiver_subscribed_to_some_events_of_some_models_and_se
     page = oncall.get("/receivers/")
     assert page.status_code == 200 and b'id="receiver-form"' in page.content
     assert b"promotion.break_glass" in page.content  # the catalogue is offered
+    assert re.search(rb'name="enabled"[^>]*checked', page.content)  # a new receiver is enabled unless unticked
 
     created = oncall.post("/receivers/", {"name": "releases", "kind": "slack", "url": "https://hooks.example/T1/x",
                                           "enabled": "on", "event_types": ["rollout.promoted", "canary.started"],
