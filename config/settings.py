@@ -295,6 +295,9 @@ CELERY_BEAT_SCHEDULE = {
     # Webhook deliveries due whose message was lost (a broker or worker gone with a retry's countdown).
     "deliveries-reconcile": {"task": "monitoring.tasks.deliveries_reconcile", "schedule": 5.0,
                              "options": {"queue": "reconcile", "expires": 5.0}},
+    # Outbound events: the audit log past the dispatcher's cursor, told to the receivers subscribed to it.
+    "events-dispatch": {"task": "monitoring.tasks.events_dispatch", "schedule": 5.0,
+                        "options": {"queue": "reconcile", "expires": 5.0}},
     "rollouts-reconcile": {"task": "deployer.tasks.rollouts_reconcile", "schedule": PLATFORM["ROLLOUT_TICK_S"],
                            "options": {"queue": "deployer", "expires": PLATFORM["ROLLOUT_TICK_S"] * 2}},
     "capture-ingest": {"task": "monitoring.tasks.capture_ingest", "schedule": PLATFORM["CAPTURE_S"],

@@ -7,6 +7,8 @@ from typing import Any, cast
 from django import forms
 from django.conf import settings
 
+from monitoring.models import ReceiverKind
+from monitoring.notify import EVENT_TYPES
 from pipelines.models import Target
 from registry import archives
 from registry.roles import Role
@@ -200,3 +202,38 @@ class AlertSilenceForm(forms.Form):
 class AlertResolveForm(forms.Form):
     resolution = forms.CharField(required=False, max_length=500,
                                  widget=forms.TextInput(attrs={"placeholder": "what was done or found"}))
+
+
+class ReceiverForm(forms.Form):
+    """A receiver and its subscription; notify's services check the rest (URL, name taken, event types)."""
+
+    name = forms.CharField(max_length=100, widget=forms.TextInput(attrs={"placeholder": "oncall-slack",
+                                                                         "autocomplete": "off"}))
+    kind = forms.ChoiceField(choices=ReceiverKind.choices)
+    url = forms.CharField(label="URL", max_length=2000, help_text="The http:// or https:// URL the events are "
+                          "POSTed to (a Slack incoming webhook's, or your service's).",
+                          widget=forms.TextInput(attrs={"placeholder": "https://hooks.example.com/…",
+                                                        "autocomplete": "off"}))
+    enabled = forms.BooleanField(required=False, initial=True)
+    event_types = forms.MultipleChoiceField(
+        label="Event types", required=False, widget=forms.CheckboxSelectMultiple,
+        choices=[(event, f"{event}: {words}") for event, words in EVENT_TYPES.items()],
+        help_text="None ticked: every event.")
+    models = forms.CharField(
+        label="Models", required=False, max_length=5000, help_text="One model name per line (or separated by "
+        "commas). Empty: every model. A model not registered yet may be named.",
+        widget=forms.Textarea(attrs={"rows": 2, "placeholder": "fraud-detector\ndigits"}))
+
+    def __init__(self, *args: Any, editing: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if editing:  # a receiver's kind is fixed: its messages' shape is what its URL expects
+            del self.fields["kind"]
+
+    def clean_models(self) -> list[str]:
+        text: str = self.cleaned_data["models"]
+        names = [n.strip() for n in text.replace(",", "\n").splitlines() if n.strip()]
+        too_long = [n for n in names if len(n) > 128]
+        if too_long:
+            raise forms.ValidationError(f"“{too_long[0][:40]}…” is not a model name: names have at most 128 "
+                                        "characters")
+        return names

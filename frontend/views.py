@@ -30,10 +30,19 @@ from deployer import selectors as deployer_selectors
 from deployer import services as deploy_services
 from deployer.models import ACTIVE_ROLLOUT_STATES, Deployment, Endpoint, RolloutStatus
 from frontend import hil as hil_evidence
-from frontend.forms import AlertResolveForm, AlertSilenceForm, AuditFilterForm, DeploymentForm, RegisterForm, TokenForm
+from frontend.forms import (
+    AlertResolveForm,
+    AlertSilenceForm,
+    AuditFilterForm,
+    DeploymentForm,
+    ReceiverForm,
+    RegisterForm,
+    TokenForm,
+)
 from monitoring import alerts as alert_services
+from monitoring import notify
 from monitoring import selectors as monitoring_selectors
-from monitoring.models import Alert, AlertStatus, DriftCheck, DriftReport
+from monitoring.models import Alert, AlertStatus, DriftCheck, DriftReport, Receiver
 from monitoring.selectors import policy_for
 from pipelines import hardware
 from pipelines import selectors as pipeline_selectors
@@ -772,3 +781,55 @@ def alert_action(request: HttpRequest, alert_id: int, action: str) -> HttpRespon
     else:
         messages.success(request, done)
     return redirect("frontend:alert-detail", alert_id=alert.pk)
+
+
+# ---- notification receivers ----------------------------------------------------------------------------
+
+@require_http_methods(["GET", "POST"])
+@page_needs(Cap.ALERT_READ)
+def receiver_list(request: HttpRequest) -> HttpResponse:
+    """The receivers and what each subscribes to; receiver managers also create one here (its signing
+    secret is on the answer, once) and see URLs in full (a Slack webhook URL is itself a credential)."""
+    manager = roles_allow(user_roles(request.user), Cap.RECEIVER_MANAGE)
+    if request.method == "POST" and not manager:
+        return forbidden(request, Cap.RECEIVER_MANAGE)
+    form = ReceiverForm(request.POST if request.method == "POST" else None)
+    created, status = None, 200
+    if request.method == "POST":
+        status = 400
+        if form.is_valid():
+            try:
+                created = notify.receiver_create(Actor(request.user, "web"), **form.cleaned_data)
+            except notify.NotifyError as exc:
+                form.add_error(None, str(exc))
+                status = exc.status_code
+            else:
+                status, form = 201, ReceiverForm()
+    rows = [(r, r.url if manager else notify.url_hint(r.url)) for r in notify.receiver_list()]
+    response = render(request, "frontend/receivers.html", {"form": form, "created": created, "rows": rows,
+                                                           "manager": manager}, status=status)
+    if created is not None:
+        response["Cache-Control"] = "no-store"  # the secret is on this page, once
+    return response
+
+
+@require_http_methods(["GET", "POST"])
+@page_needs(Cap.RECEIVER_MANAGE)
+def receiver_edit(request: HttpRequest, receiver_id: int) -> HttpResponse:
+    receiver = get_object_or_404(Receiver, pk=receiver_id)
+    initial = {"name": receiver.name, "url": receiver.url, "enabled": receiver.enabled,
+               "event_types": list(receiver.event_types), "models": "\n".join(receiver.model_names)}
+    form = ReceiverForm(request.POST if request.method == "POST" else None, initial=initial, editing=True)
+    status = 200
+    if request.method == "POST":
+        status = 400
+        if form.is_valid():
+            try:
+                notify.receiver_update(Actor(request.user, "web"), receiver, **form.cleaned_data)
+            except notify.NotifyError as exc:
+                form.add_error(None, str(exc))
+                status = exc.status_code
+            else:
+                messages.success(request, f"Saved receiver “{form.cleaned_data['name']}”.")
+                return redirect("frontend:receiver-list")
+    return render(request, "frontend/receiver_edit.html", {"form": form, "receiver": receiver}, status=status)

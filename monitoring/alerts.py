@@ -80,17 +80,21 @@ def _runbook(version: ModelVersion, kind: str) -> str:
     return str(tags.get(f"runbook.{kind}") or RUNBOOKS[AlertKind(kind)])
 
 
-def _notify(alert: Alert, event_type: str) -> None:
-    """Tell the receivers (in this transaction: nothing is sent for a change that rolls back)."""
+def _notify(alert: Alert, event_type: str, actor: Actor = SYSTEM) -> None:
+    """Tell the receivers subscribed to the event and the alert's model (in this transaction: nothing is sent
+    for a change that rolls back). The payload has the events' common fields (monitoring/events.py) besides
+    the alert's own."""
     if alert.silenced_until and alert.silenced_until > timezone.now() and event_type != "alert.resolved":
         return
+    detail = {"id": alert.pk, "fingerprint": alert.fingerprint, "kind": alert.kind, "status": alert.status,
+              "model": alert.model.name, "version": alert.version.version, "evidence": alert.evidence,
+              "first_seen_at": alert.first_seen_at.isoformat(), "last_seen_at": alert.last_seen_at.isoformat(),
+              "owner": alert.owner.get_username() if alert.owner else None}
     notify.notify(event_type, {
-        "title": alert.title, "text": alert.summary, "url": _url(alert), "severity": alert.severity,
-        "alert": {"id": alert.pk, "fingerprint": alert.fingerprint, "kind": alert.kind, "status": alert.status,
-                  "model": alert.model.name, "version": alert.version.version, "evidence": alert.evidence,
-                  "first_seen_at": alert.first_seen_at.isoformat(), "last_seen_at": alert.last_seen_at.isoformat(),
-                  "owner": alert.owner.get_username() if alert.owner else None},
-    })
+        "event": event_type, "at": timezone.now().isoformat(), "model": alert.model.name,
+        "version": alert.version.version, "actor": actor.name, "summary": alert.title, "url": _url(alert),
+        "detail": detail, "title": alert.title, "text": alert.summary, "severity": alert.severity, "alert": detail,
+    }, model=alert.model.name)
     Alert.objects.filter(pk=alert.pk).update(last_notified_at=timezone.now())
 
 
@@ -148,7 +152,7 @@ def alert_acknowledge(actor: Actor, alert_id: int) -> Alert:
     """Someone has it: they become its owner, and it is not notified again."""
     with transaction.atomic():
         done = ALERTS.move(alert_id, AlertStatus.ACKNOWLEDGED, actor, owner=actor.user_or_none)
-        _notify(done, "alert.acknowledged")
+        _notify(done, "alert.acknowledged", actor)
     return done
 
 
@@ -156,7 +160,7 @@ def alert_resolve(actor: Actor, alert_id: int, resolution: str = "") -> Alert:
     with transaction.atomic():
         done = ALERTS.move(alert_id, AlertStatus.RESOLVED, actor, note={"resolution": resolution[:500]},
                            resolution=resolution.strip() or f"resolved by {actor.name}")
-        _notify(done, "alert.resolved")
+        _notify(done, "alert.resolved", actor)
     return done
 
 

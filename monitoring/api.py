@@ -277,10 +277,14 @@ def _full_urls(request: Request) -> bool:
 class ReceiverOut(serializers.ModelSerializer):
     created_by = serializers.CharField(source="created_by.username", allow_null=True, default=None)
     url = serializers.SerializerMethodField(help_text="in full for receiver managers; scheme and host for others")
+    event_types = serializers.ListField(child=serializers.CharField(), help_text="subscribed event types; [] all")
+    models = serializers.ListField(child=serializers.CharField(), source="model_names",
+                                   help_text="names of the models whose events it gets; [] all")
 
     class Meta:
         model = Receiver
-        fields = ["id", "name", "kind", "url", "enabled", "created_by", "created_at", "updated_at"]
+        fields = ["id", "name", "kind", "url", "enabled", "event_types", "models", "created_by", "created_at",
+                  "updated_at"]
 
     def get_url(self, receiver: Receiver) -> str:
         return receiver.url if self.context.get("full_urls") else notify.url_hint(receiver.url)
@@ -294,17 +298,31 @@ class ReceiverCreatedOut(ReceiverOut):
         fields = [*ReceiverOut.Meta.fields, "secret"]
 
 
+# The subscription's lists are checked by the service (notify._valid_event_types: an unknown type is a 400
+# that names the known ones), the same for the API, the pages and any other caller.
+_EVENT_TYPES_HELP = "Event types it gets, of: " + ", ".join(notify.EVENT_TYPES) + ". Empty or absent: all."
+_MODELS_HELP = "Names of the models whose events it gets. Empty or absent: all models."
+
+
 class ReceiverCreateIn(serializers.Serializer):
     name = serializers.CharField(max_length=100)
     kind = serializers.ChoiceField(choices=ReceiverKind.choices)
     url = serializers.CharField(max_length=2000, help_text="http:// or https:// URL the events are POSTed to")
     enabled = serializers.BooleanField(default=True)
+    event_types = serializers.ListField(child=serializers.CharField(max_length=64), required=False,
+                                        help_text=_EVENT_TYPES_HELP)
+    models = serializers.ListField(child=serializers.CharField(max_length=128), required=False,
+                                   help_text=_MODELS_HELP)
 
 
 class ReceiverUpdateIn(serializers.Serializer):
     name = serializers.CharField(max_length=100, required=False)
     url = serializers.CharField(max_length=2000, required=False)
     enabled = serializers.BooleanField(required=False)
+    event_types = serializers.ListField(child=serializers.CharField(max_length=64), required=False,
+                                        help_text=_EVENT_TYPES_HELP)
+    models = serializers.ListField(child=serializers.CharField(max_length=128), required=False,
+                                   help_text=_MODELS_HELP)
 
 
 class DeliveryOut(serializers.ModelSerializer):

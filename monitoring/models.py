@@ -5,6 +5,7 @@ receivers with every delivery made to them."""
 from __future__ import annotations
 
 from django.conf import settings
+from django.contrib.postgres.fields import ArrayField
 from django.core.serializers.json import DjangoJSONEncoder
 from django.core.validators import URLValidator
 from django.db import models
@@ -202,14 +203,20 @@ class ReceiverKind(models.TextChoices):
 
 
 class Receiver(models.Model):
-    """Where notifications go: a URL that gets every event as a signed POST (Standard Webhooks). The secret
-    signs; it is shown once, in the answer that created the receiver."""
+    """Where notifications go: a URL that gets the events it subscribes to as signed POSTs (Standard
+    Webhooks). The secret signs; it is shown once, in the answer that created the receiver."""
 
     name = models.CharField(max_length=100, unique=True)
     kind = models.CharField(max_length=8, choices=ReceiverKind.choices)
     url = models.URLField(max_length=2000, validators=[URLValidator(schemes=["http", "https"])])
     secret = models.CharField(max_length=120, help_text="whsec_<base64 of the key bytes>; never shown again")
     enabled = models.BooleanField(default=True)
+    # The subscription: an event reaches the receiver when its type is listed and its model is listed; an
+    # empty list means all. An event about no model (a platform-wide one) reaches only receivers of all models.
+    event_types = ArrayField(models.CharField(max_length=64), default=list, blank=True,
+                             help_text="Event types it gets (monitoring/notify.py EVENT_TYPES); empty: all")
+    model_names = ArrayField(models.CharField(max_length=128), default=list, blank=True,
+                             help_text="Names of the models whose events it gets; empty: all")
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
                                    related_name="+")
     created_at = models.DateTimeField(auto_now_add=True)
@@ -263,3 +270,29 @@ class Delivery(models.Model):
 
     def __str__(self) -> str:
         return f"delivery {self.pk} ({self.event_type}): {self.status}"
+
+
+class EventCursor(models.Model):
+    """Where the events dispatcher (monitoring/events.py) stands in the audit log: every audit row with an
+    id at or below `last_id` has been dispatched, or was not an event. One row (name "events")."""
+
+    name = models.CharField(max_length=32, unique=True)
+    last_id = models.BigIntegerField(default=0)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"event cursor {self.name} at {self.last_id}"
+
+
+class DispatchedEvent(models.Model):
+    """An audit row the dispatcher has turned into deliveries, written in the same transaction as they are:
+    its unique audit id is what makes each row dispatched once, however many dispatchers race. Kept while
+    the row is above the cursor (its window is scanned again for rows committed late), then dropped."""
+
+    audit_id = models.BigIntegerField(unique=True)
+    event_type = models.CharField(max_length=64)
+    deliveries = models.PositiveIntegerField(default=0)
+    at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self) -> str:
+        return f"audit {self.audit_id} dispatched as {self.event_type} ({self.deliveries} deliveries)"

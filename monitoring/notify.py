@@ -24,6 +24,7 @@ import re
 import secrets
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -62,6 +63,29 @@ _URL = URLValidator(schemes=["http", "https"])
 
 class NotifyError(RegistryError):
     pass
+
+
+# The public events a receiver may subscribe to (README, "Events"). The lifecycle ones come from the audit log
+# through the events dispatcher (monitoring/events.py); the alert ones straight from monitoring/alerts.py.
+EVENT_TYPES: dict[str, str] = {
+    "version.registered": "a model version was registered",
+    "version.validated": "a version passed validation and is ready",
+    "engine.built": "an engine build of a version succeeded (passed its parity gate)",
+    "hil.passed": "a hardware-in-the-loop run passed",
+    "hil.failed": "a HIL run ended without passing: failed, unstable, error or timed_out (detail.status)",
+    "canary.started": "a rollout's canary was loaded and takes its first traffic step",
+    "canary.advanced": "a rollout's canary moved to its next traffic step",
+    "rollout.promoted": "a rollout ended promoted: its version serves all traffic",
+    "rollout.rolled_back": "a rollout ended rolled back",
+    "promotion.requested": "someone asked for a promotion that needs approval",
+    "promotion.approved": "a release manager approved a promotion request",
+    "promotion.rejected": "a release manager rejected a promotion request",
+    "promotion.break_glass": "a promotion was forced past its approval (break glass)",
+    "alert.firing": "an alert started firing",
+    "alert.acknowledged": "someone took a firing alert",
+    "alert.renotify": "a firing alert nobody acknowledged, again",
+    "alert.resolved": "an alert was resolved",
+}
 
 
 def _delivery_view(d: Delivery) -> dict[str, Any]:
@@ -120,9 +144,15 @@ def _clip(text: str, limit: int) -> str:
 
 def slack_message(event_type: str, payload: dict[str, Any]) -> dict[str, Any]:
     """A Slack incoming-webhook message (Block Kit): the title as header, the evidence, severity and a
-    button to the alert's page; `text` is the fallback shown in notifications."""
-    title = str(payload.get("title") or event_type)
+    button to the alert's page; `text` is the fallback shown in notifications. An event (monitoring/events.py)
+    has no title: its summary is the header, and who did it to which version the text."""
+    title = str(payload.get("title") or payload.get("summary") or event_type)
     text = str(payload.get("text") or "")
+    if not text and payload.get("event"):
+        subject = (f"{payload['model']} v{payload['version']}" if payload.get("version") is not None else
+                   str(payload.get("model") or ""))
+        text = " · ".join(part for part in (subject, f"by {payload.get('actor')}" if payload.get("actor") else "")
+                          if part)
     url = str(payload.get("url") or "")
     severity = str(payload.get("severity") or "")
     headline = f"[{_SLACK_LABELS.get(event_type, event_type)}] {title}"
@@ -271,7 +301,35 @@ def backoff_s(attempts: int, retry_after_s: float | None = None) -> float:
 
 
 def _receiver_view(r: Receiver) -> dict[str, Any]:
-    return {"name": r.name, "kind": r.kind, "url": url_hint(r.url), "enabled": r.enabled}
+    return {"name": r.name, "kind": r.kind, "url": url_hint(r.url), "enabled": r.enabled,
+            "event_types": list(r.event_types), "models": list(r.model_names)}
+
+
+def _valid_event_types(event_types: Any) -> list[str]:
+    """The subscription's event types, each one of EVENT_TYPES, sorted and without repeats; [] is all."""
+    if event_types is None:
+        return []
+    if isinstance(event_types, str) or not isinstance(event_types, list | tuple):
+        raise NotifyError(f"event_types must be a list of event types (empty: all), got {event_types!r}")
+    unknown = sorted({str(t) for t in event_types} - EVENT_TYPES.keys())
+    if unknown:
+        raise NotifyError(f"unknown event type{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))}: "
+                          f"the known ones are {', '.join(EVENT_TYPES)}")
+    return sorted(set(event_types))
+
+
+def _valid_model_names(names: Any) -> list[str]:
+    """The subscription's model names, sorted and without repeats; [] is all. A model need not exist yet:
+    a team subscribes before its first version is registered."""
+    if names is None:
+        return []
+    if isinstance(names, str) or not isinstance(names, list | tuple):
+        raise NotifyError(f"models must be a list of model names (empty: all), got {names!r}")
+    cleaned = {str(n).strip() for n in names}
+    bad = sorted(n for n in cleaned if not n or len(n) > 128)
+    if bad:
+        raise NotifyError(f"models: a model name has 1 to 128 characters, got {', '.join(map(repr, bad))}")
+    return sorted(cleaned)
 
 
 def _valid_name(name: str) -> str:
@@ -300,16 +358,19 @@ def _name_free(name: str, but: int | None = None) -> None:
 
 
 @transaction.atomic
-def receiver_create(actor: Actor, name: str, kind: str, url: str, enabled: bool = True) -> Receiver:
-    """A new receiver with a new signing secret (on the returned row: show it once, then never again)."""
+def receiver_create(actor: Actor, name: str, kind: str, url: str, enabled: bool = True,
+                    event_types: list[str] | None = None, models: list[str] | None = None) -> Receiver:
+    """A new receiver with a new signing secret (on the returned row: show it once, then never again),
+    subscribed to `event_types` of `models` (None or empty: all)."""
     name, url = _valid_name(name), _valid_url(url)
     if kind not in ReceiverKind.values:
         raise NotifyError(f"kind must be one of {', '.join(ReceiverKind.values)}, got {kind!r}")
+    types, names = _valid_event_types(event_types), _valid_model_names(models)
     _name_free(name)
     try:
         with transaction.atomic():
             receiver = Receiver.objects.create(name=name, kind=kind, url=url, secret=new_secret(), enabled=enabled,
-                                               created_by=actor.user_or_none)
+                                               event_types=types, model_names=names, created_by=actor.user_or_none)
     except IntegrityError:  # created by someone else since the check
         raise NotifyError(f"a receiver named {name!r} exists already", 409) from None
     audit_record(actor, "receiver.create", "receiver", receiver.pk, after=_receiver_view(receiver))
@@ -318,7 +379,9 @@ def receiver_create(actor: Actor, name: str, kind: str, url: str, enabled: bool 
 
 @transaction.atomic
 def receiver_update(actor: Actor, receiver: Receiver, *, name: str | None = None, url: str | None = None,
-                    enabled: bool | None = None) -> Receiver:
+                    enabled: bool | None = None, event_types: list[str] | None = None,
+                    models: list[str] | None = None) -> Receiver:
+    """Change what is given (None: leave it); an empty list of event types or models subscribes to all."""
     current = Receiver.objects.select_for_update().get(pk=receiver.pk)
     before = _receiver_view(current)
     changed = []
@@ -332,6 +395,12 @@ def receiver_update(actor: Actor, receiver: Receiver, *, name: str | None = None
     if enabled is not None and enabled != current.enabled:
         current.enabled = enabled
         changed.append("enabled")
+    if event_types is not None and _valid_event_types(event_types) != list(current.event_types):
+        current.event_types = _valid_event_types(event_types)
+        changed.append("event_types")
+    if models is not None and _valid_model_names(models) != list(current.model_names):
+        current.model_names = _valid_model_names(models)
+        changed.append("model_names")
     if changed:
         try:
             with transaction.atomic():
@@ -352,8 +421,9 @@ def receiver_delete(actor: Actor, receiver: Receiver) -> None:
     Receiver.objects.filter(pk=receiver.pk).delete()
 
 
-def _delivery_create(receiver: Receiver, event_type: str, payload: dict[str, Any]) -> Delivery:
-    delivery = Delivery.objects.create(receiver=receiver, event_type=event_type, event_id=new_event_id(),
+def _delivery_create(receiver: Receiver, event_type: str, payload: dict[str, Any],
+                     event_id: str | None = None) -> Delivery:
+    delivery = Delivery.objects.create(receiver=receiver, event_type=event_type, event_id=event_id or new_event_id(),
                                        payload=payload, next_attempt_at=timezone.now())
     outbox_enqueue(DELIVER_TASK, [delivery.pk])
     return delivery
@@ -379,16 +449,29 @@ def receiver_test(actor: Actor, receiver: Receiver) -> Delivery:
 # ---- deliveries ------------------------------------------------------------------------------------------------
 
 
-def notify(event_type: str, payload: dict[str, Any]) -> list[Delivery]:
-    """One delivery of the event for each enabled receiver, in the caller's transaction; each is sent after
-    commit (through the outbox). `payload`: {"title", "text", "url", "severity": "page"|"ticket", "alert"}."""
+def subscribed(event_type: str, model: str | None) -> QuerySet[Receiver]:
+    """The enabled receivers whose subscription takes this event: its type listed (or all types) and its
+    model listed (or all models; an event about no model reaches only those)."""
+    of_model = Q(model_names=[]) | (Q(model_names__contains=[model]) if model else Q(pk__in=[]))
+    return Receiver.objects.filter(of_model, Q(event_types=[]) | Q(event_types__contains=[event_type]),
+                                   enabled=True)
+
+
+def notify(event_type: str, payload: dict[str, Any], model: str | None = None,
+           event_id: Callable[[Receiver], str] | None = None) -> list[Delivery]:
+    """One delivery of the event for each enabled receiver subscribed to it (its type, about `model`), in
+    the caller's transaction; each is sent after commit (through the outbox). `payload`: for alerts
+    {"title", "text", "url", "severity": "page"|"ticket", "alert", ...}, for events monitoring/events.py's.
+    `event_id(receiver)`, when given, names each delivery (its webhook-id) instead of a random id: a caller
+    that could record the same event twice gets an IntegrityError rather than a second delivery."""
     if not _EVENT_TYPE.match(event_type or ""):
         raise NotifyError(f"event type must be lowercase words with dots, e.g. 'alert.firing'; got {event_type!r}")
     if not isinstance(payload, dict):
         raise NotifyError(f"payload must be a dict, got {type(payload).__name__}")
     with transaction.atomic():
-        receivers = list(Receiver.objects.filter(enabled=True).order_by("pk"))
-        return [_delivery_create(receiver, event_type, payload) for receiver in receivers]
+        receivers = list(subscribed(event_type, model).order_by("pk"))
+        return [_delivery_create(receiver, event_type, payload, event_id(receiver) if event_id else None)
+                for receiver in receivers]
 
 
 def delivery_redeliver(actor: Actor, delivery: Delivery) -> Delivery:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from monitoring import alerts, capture, notify
+from monitoring import alerts, capture, events, notify
 from registry.kv import redis_client
 from registry.services import DATABASE_UNAVAILABLE
 
@@ -41,3 +41,9 @@ def deliver(self, delivery_id: int) -> str:  # type: ignore[no-untyped-def]
 def deliveries_reconcile() -> int:
     """Send again the deliveries due whose message was lost."""
     return notify.deliveries_reconcile()
+
+
+@shared_task
+def events_dispatch() -> int:
+    """Tell the receivers what the audit log recorded since the last pass (monitoring/events.py)."""
+    return events.events_dispatch()
