@@ -228,7 +228,9 @@ def _detail(request: HttpRequest, req: PromotionRequest, *, status: int = 200, e
         "rows": evidence_rows(req), "champion_version": (req.champion_evidence or {}).get("version"),
         "approve_problem": person or state_problem(req), "person_problem": person,
         "reject_problem": reject_problem(request.user, roles, req),
-        "may_withdraw": may_withdraw(request.user, roles, req), "may_break_glass": may_break_glass(roles, req),
+        # Offered to its requester; a release manager may withdraw one too (as through the API), but rejects instead.
+        "may_withdraw": may_withdraw(request.user, roles, req) and req.requested_by_id == request.user.pk,
+        "may_break_glass": may_break_glass(roles, req),
         "min_break_glass": promotions.MIN_BREAK_GLASS_CHARS, "error": error, "posted": posted or {},
     }
     return render(request, "frontend/approval_detail.html", context, status=status)
