@@ -202,8 +202,8 @@ def approval_list(request: HttpRequest) -> HttpResponse:
     pending = _annotate(request, list(found.filter(status=PromotionStatus.PENDING)[:PENDING_SHOWN]))
     page = paginate(request, found.exclude(status=PromotionStatus.PENDING), DECIDED_PER_PAGE)
     _annotate(request, list(page.object_list))
-    context = {"pending": pending, "page": page,
-               "yours": sum(1 for r in pending if not r.your_problem)}  # type: ignore[attr-defined]
+    yours = sum(1 for r in pending if not getattr(r, "your_problem", ""))
+    context = {"pending": pending, "page": page, "yours": yours}
     return render(request, "frontend/approval_list.html", context)
 
 
