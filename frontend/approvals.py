@@ -5,7 +5,9 @@ count of requests the viewer may review now is the in-app notice to approvers (c
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from typing import Any
 
 from django.contrib import messages
@@ -42,6 +44,7 @@ SECTION_LABELS = {
 }
 OUTCOME_WORDS = {"ok": "good", "warn": "look closer", "fail": "failing", "none": "no evidence"}
 FIGURES_SHOWN = 12
+ISO_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d")
 
 
 # ---- who may do what ----------------------------------------------------------------------------------------
@@ -116,6 +119,11 @@ def _sections(evidence: Any) -> dict[str, dict[str, Any]]:
 
 
 def _shown(value: Any) -> str:
+    if isinstance(value, str) and ISO_TIME.match(value):
+        try:
+            return f"{datetime.fromisoformat(value).astimezone(UTC):%Y-%m-%d %H:%M} UTC"
+        except ValueError:
+            return value
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
