@@ -1,7 +1,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from frontend import timeline, views
+from frontend import approvals, timeline, views
 
 urlpatterns = [
     path("login/", auth_views.LoginView.as_view(template_name="frontend/login.html", redirect_authenticated_user=True),
@@ -39,4 +39,8 @@ urlpatterns = [
     path("deployments/<int:deployment_id>/live/", views.deployment_live, name="deployment-live"),
     path("deployments/<int:deployment_id>/points/", views.deployment_points, name="deployment-points"),
     path("deployments/<int:deployment_id>/<str:action>/", views.deployment_action, name="deployment-action"),
+    path("approvals/", approvals.approval_list, name="approval-list"),
+    path("approvals/<int:req_id>/", approvals.approval_detail, name="approval-detail"),
+    path("approvals/<int:req_id>/<str:action>/", approvals.approval_action, name="approval-action"),
+    path("approvals/request/<int:deployment_id>/", approvals.approval_request, name="approval-request"),
 ]

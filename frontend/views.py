@@ -491,16 +491,17 @@ def _history(d: Deployment) -> list[AuditEvent]:
     return list(deployer_selectors.deployment_history(d))[::-1]  # newest first
 
 
-def _actions(request: HttpRequest, d: Deployment) -> list[dict[str, str]]:
-    """The buttons this person may press on this deployment now, each with its confirm question."""
+def _actions(request: HttpRequest, d: Deployment, protected: bool = False) -> list[dict[str, str]]:
+    """The buttons this person may press on this deployment now, each with its confirm question (no promote for a
+    protected model: its promotion is approved in the approvals inbox)."""
     mine = user_roles(request.user)
     label = f"{d.model.name} v{d.version.version}"
     shown = []
     for name, (capability, _, _) in DEPLOYMENT_ACTIONS.items():
         if not roles_allow(mine, capability) or d.status not in ACTION_STATES[name]:
             continue
-        if name == "promote" and d.step_index < 0:
-            continue  # not taking traffic yet: the service would refuse
+        if name == "promote" and (d.step_index < 0 or protected):
+            continue  # not taking traffic yet, or protected: the service would refuse
         text = {
             "pause": ("Pause", f"Pause the rollout of {label}? The canary keeps its current weight and is still "
                                "rolled back if it fails."),
@@ -524,8 +525,12 @@ def _deployment_context(request: HttpRequest, d: Deployment) -> dict[str, Any]:
         else:
             state = "pending"
         steps.append({"weight": weight, "state": state})
+    from frontend.approvals import deployment_promotion  # here: frontend.approvals builds on this module
+
+    promotion = deployment_promotion(request, d)
     return {
-        "d": d, "steps": steps, "actions": _actions(request, d), "history": _history(d),
+        "d": d, "steps": steps, "actions": _actions(request, d, promotion["protected"]), "history": _history(d),
+        "promotion": promotion,
         "analysis": d.analysis if isinstance(d.analysis, dict) else {},
         "polling": d.is_active, "poll_seconds": POLL_SECONDS,
     }

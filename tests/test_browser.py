@@ -65,8 +65,8 @@ def test_a_data_scientist_uploads_a_model_and_watches_it_become_ready(platform_s
     # The vendored assets loaded from this site: htmx is defined and the stylesheet applied.
     assert page.evaluate("typeof htmx") == "object"
     assert page.evaluate("getComputedStyle(document.body).backgroundColor") == "rgb(245, 246, 250)"
-    assert page.locator(".nav-links").inner_text().split() == ["Models", "Deployments", "Alerts", "Targets",
-                                                                        "Register", "Tokens", "API"]
+    assert page.locator(".nav-links").inner_text().split() == ["Models", "Deployments", "Approvals", "Alerts",
+                                                                        "Targets", "Register", "Tokens", "API"]
 
     # Register: upload the archive for a new model name.
     page.fill("#id_name", unique_name)
