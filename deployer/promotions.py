@@ -222,6 +222,14 @@ def reviewer_problem(user: Any, roles: set[str], req: PromotionRequest, policy: 
     return ""
 
 
+def withdraw_problem(user: Any, roles: set[str], req: PromotionRequest) -> str:
+    """Why this person may not withdraw the request, or "" when they may (its requester, or a release manager)."""
+    mine = req.requested_by_id is not None and req.requested_by_id == getattr(user, "pk", None)
+    if not (mine and roles_allow(roles, Cap.PROMOTION_REQUEST)) and not roles_allow(roles, Cap.DEPLOY_PROMOTE):
+        return "only its requester or a release manager can withdraw a promotion request"
+    return ""
+
+
 def _locked(req_id: int) -> PromotionRequest:
     return (PromotionRequest.objects.select_for_update(of=("self",))
             .select_related("model", "version", "deployment__model", "deployment__version", "deployment__engine")
@@ -324,9 +332,9 @@ def promotion_cancel(actor: Actor, roles: set[str], req_id: int, why: str) -> Pr
     files a new request when it waits for approval)."""
     with transaction.atomic():
         req = _locked(req_id)
-        mine = req.requested_by_id is not None and req.requested_by_id == getattr(actor.user, "pk", None)
-        if not mine and not roles_allow(roles, Cap.DEPLOY_PROMOTE):
-            raise PromotionError("only its requester or a release manager can withdraw a promotion request", 403)
+        problem = withdraw_problem(actor.user, roles, req)
+        if problem:
+            raise PromotionError(problem, 403)
         return PROMOTIONS.move(req.pk, PromotionStatus.CANCELLED, actor, only_from={PromotionStatus.PENDING},
                                note={"why": why[:500]}, outcome=f"cancelled by {actor.name}: {why}")
 

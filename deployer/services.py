@@ -121,7 +121,8 @@ def _check_steps(steps: list[int]) -> list[int]:
 
 
 def _view(d: Deployment) -> dict[str, Any]:
-    return {"status": d.status, "step": d.step_index, "weight": d.weight, "version": d.version.version}
+    return {"status": d.status, "step": d.step_index, "weight": d.weight, "version": d.version.version,
+            "model": d.model.name}
 
 
 def deployment_create(actor: Actor, model: RegisteredModel, version_number: int, *, target: str = Target.CPU,

@@ -91,8 +91,7 @@ def reject_problem(user: Any, roles: set[str], req: PromotionRequest) -> str:
 
 def may_withdraw(user: Any, roles: set[str], req: PromotionRequest) -> bool:
     """Its requester, or a release manager (as the API allows), while it is pending."""
-    return (req.status == PromotionStatus.PENDING and roles_allow(roles, Cap.PROMOTION_REQUEST)
-            and (req.requested_by_id == user.pk or roles_allow(roles, Cap.DEPLOY_PROMOTE)))
+    return req.status == PromotionStatus.PENDING and not promotions.withdraw_problem(user, roles, req)
 
 
 def may_break_glass(roles: set[str], req: PromotionRequest) -> bool:
@@ -278,13 +277,9 @@ def _reject(request: HttpRequest, req: PromotionRequest) -> str:
 
 
 def _withdraw(request: HttpRequest, req: PromotionRequest) -> str:
-    roles = user_roles(request.user)
-    if not may_withdraw(request.user, roles, req):
-        raise promotions.PromotionError("only its requester or a release manager can withdraw a pending promotion "
-                                        "request", 403)
     why = _text(request, "comment")
     _too_long(why, "reason")
-    promotions.promotion_cancel(Actor(request.user, "web"), req.pk, why or "withdrawn")
+    promotions.promotion_cancel(Actor(request.user, "web"), user_roles(request.user), req.pk, why or "withdrawn")
     return (f"Withdrew promotion request #{req.pk}. The rollout goes on; a new request is filed once it waits for "
             "approval again.")
 

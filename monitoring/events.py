@@ -114,8 +114,8 @@ def subject_of(row: AuditEvent) -> Subject:
         return Subject(name or None, _int(number), _version_path(name, _int(number)))
     if row.target_type == "promotion":
         model = str(after["model"]) if after.get("model") else None
-        version, deployment = _int(after.get("version")), _int(after.get("deployment"))
-        return Subject(model, version, f"/deployments/{deployment}/" if deployment else _version_path(model, version))
+        version = _int(after.get("version"))
+        return Subject(model, version, f"/approvals/{pk}/")  # the request's page, with its evidence
     if row.target_type == "engine_build":
         build = EngineBuild.objects.select_related("version__model").filter(pk=pk).first()
         v = build.version if build else None
@@ -124,8 +124,10 @@ def subject_of(row: AuditEvent) -> Subject:
         run = HilRun.objects.select_related("build__version__model").filter(pk=pk).first()
         return _of_version(run.build.version if run else None, f"/hil/{pk}/")
     if row.target_type == "deployment":
-        # The deployer sits above monitoring: its deployment is reached through the version's reverse
-        # relation (a query), never by importing the deployer.
+        if after.get("model") and _int(after.get("version")) is not None:  # the deployer's rows say both
+            return Subject(str(after["model"]), _int(after.get("version")), f"/deployments/{pk}/")
+        # Older rows: the deployment is reached through the version's reverse relation (a query), never by
+        # importing the deployer, which sits above monitoring.
         found = ModelVersion.objects.select_related("model").filter(deployments=pk).first()
         return _of_version(found, f"/deployments/{pk}/")
     return Subject(str(after["model"]) if after.get("model") else None, _int(after.get("version")), "")

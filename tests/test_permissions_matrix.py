@@ -53,6 +53,8 @@ ENDPOINTS = [
     ("DELETE", "/api/v1/models/{m}/aliases/staging/", Cap.MODEL_EDIT, None),
     ("GET", "/api/v1/models/{m}/promotion-policy/", Cap.MODEL_READ, None),
     ("PATCH", "/api/v1/models/{m}/promotion-policy/", Cap.POLICY_EDIT, {"approvals_required": 2}),
+    ("GET", "/api/v1/models/{m}/history/", Cap.DEPLOY_READ, None),
+    ("GET", "/api/v1/models/{m}/history/?at=2026-01-01T00:00:00Z", Cap.DEPLOY_READ, None),
     ("GET", "/api/v1/endpoints/", Cap.DEPLOY_READ, None),
     ("GET", "/api/v1/targets/", Cap.MODEL_READ, None),
     ("GET", "/api/v1/models/{free}/versions/1/hil/", Cap.MODEL_READ, None),
