@@ -198,3 +198,35 @@ def platform_process(tmp_path: Path, transactional_db: None) -> Callable[..., An
 def celery_worker_process(_worker_process: Path, transactional_db: None) -> Path:
     """Path of the worker's log; tasks enqueued after commit run in the real worker."""
     return _worker_process
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.fixture
+def browser_page(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A page of Debian's headless Chromium driven by Playwright; fails the test on a page error, a server
+    error or a missing static asset."""
+    if not CHROMIUM.exists():
+        pytest.skip("Debian's chromium is not installed at /usr/bin/chromium (run `make browser` as root)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    # Playwright's sync API keeps an event loop in this thread; the test's own ORM calls are still synchronous.
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=str(CHROMIUM),
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        page = context.new_page()
+        page.set_default_timeout(30_000)
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.on("response", lambda r: errors.append(f"{r.status} {r.url}") if r.status >= 500 or (
+            "/static/" in r.url and r.status >= 400) else None)
+        try:
+            yield page
+        finally:
+            context.close()
+            browser.close()
+        assert not errors, errors

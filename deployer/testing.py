@@ -263,3 +263,28 @@ def champion_after(model: Any, previous: int, current: int, *, restored: bool = 
         model=model, version=v_cur, previous_version=v_prev, engine=engine, triton_model=f"{model.name}_v{current}",
         steps=[100], status=RolloutStatus.PROMOTED, step_index=0, weight=100, finished_at=timezone.now(),
         mode=RolloutMode.RESTORE if restored else RolloutMode.CANARY)
+
+
+def awaiting_rollout(name: str, make_user: Callable[..., Any], **policy: Any) -> dict[str, Any]:
+    """Rows only: a deployed, protected model (its promotion policy's other fields from `policy`): v2 its
+    champion, v3's canary waiting for approval; v3 registered by `author` (a data scientist), its rollout
+    started by `releaser` (a release manager). No promotion request is filed yet (the reconciler files it)."""
+    from deployer.models import Deployment, RolloutStatus
+    from registry import governance
+    from registry.models import PromotionPolicy
+    from registry.roles import Role
+
+    model = servable_model(name, versions=3)
+    champion_after(model, 1, 2)
+    governance.model_mark_deployed(model)
+    PromotionPolicy.objects.filter(model=model).update(protected=True, **policy)  # whatever the settings say
+    author, releaser = make_user(Role.DATA_SCIENTIST), make_user(Role.RELEASE_MANAGER)
+    v3 = model.versions.get(version=3)
+    v3.created_by = author
+    v3.save()
+    d = Deployment.objects.create(model=model, version=v3, engine=v3.engine_builds.get(precision="fp32"),
+                                  previous_version=model.versions.get(version=2), triton_model=f"{name}_v3",
+                                  steps=[10, 50], step_index=1, weight=50, status=RolloutStatus.AWAITING_APPROVAL,
+                                  requested_by=releaser, analysis={"outcome": "pass", "reason": "p99 12 ms <= 500 ms",
+                                                                   "canary_requests": 400, "canary_p99_ms": 12.0})
+    return {"model": model, "deployment": d, "author": author, "releaser": releaser}

@@ -9,13 +9,13 @@ import pytest
 
 from deployer.tests.test_history import rollout_story
 from registry.roles import Role
-from tests.test_browser import ARTIFACTS, PASSWORD, _sign_in, browser_page  # noqa: F401 - the fixture
+from tests.test_browser import ARTIFACTS, PASSWORD, _sign_in
 
 pytestmark = pytest.mark.browser
 
 
 def test_a_release_manager_reads_what_served_when_on_the_timeline_and_asks_about_a_moment(
-        platform_server, browser_page, make_user, unique_name, monkeypatch):  # noqa: F811 - the fixture
+        platform_server, browser_page, make_user, unique_name, monkeypatch):
     page = browser_page
     story = rollout_story(unique_name, make_user, monkeypatch)
     user = make_user(Role.RELEASE_MANAGER, password=PASSWORD)

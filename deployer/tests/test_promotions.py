@@ -16,8 +16,7 @@ from deployer.models import (
     PromotionStatus,
     RolloutStatus,
 )
-from deployer.testing import champion_after, servable_model
-from registry import governance
+from deployer.testing import awaiting_rollout
 from registry.audit import SYSTEM
 from registry.models import AuditEvent, PromotionPolicy
 from registry.roles import Role
@@ -26,22 +25,8 @@ pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def waiting(unique_name, make_user, governed) -> dict[str, Any]:
-    """A deployed (so protected) model: v2 its champion, v3's canary waiting for approval; v3 registered by
-    `author`, its rollout started by `releaser`."""
-    model = servable_model(unique_name, versions=3)
-    champion_after(model, 1, 2)
-    governance.model_mark_deployed(model)
-    author, releaser = make_user(Role.DATA_SCIENTIST), make_user(Role.RELEASE_MANAGER)
-    v3 = model.versions.get(version=3)
-    v3.created_by = author
-    v3.save()
-    d = Deployment.objects.create(model=model, version=v3, engine=v3.engine_builds.get(precision="fp32"),
-                                  previous_version=model.versions.get(version=2), triton_model=f"{unique_name}_v3",
-                                  steps=[10, 50], step_index=1, weight=50, status=RolloutStatus.AWAITING_APPROVAL,
-                                  requested_by=releaser, analysis={"outcome": "pass", "reason": "p99 12 ms <= 500 ms",
-                                                                   "canary_requests": 400, "canary_p99_ms": 12.0})
-    return {"model": model, "deployment": d, "author": author, "releaser": releaser}
+def waiting(unique_name, make_user) -> dict[str, Any]:
+    return awaiting_rollout(unique_name, make_user)
 
 
 def _filed(waiting: dict[str, Any]) -> PromotionRequest:

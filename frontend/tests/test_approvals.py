@@ -13,38 +13,22 @@ from django.test import Client
 
 from deployer import promotions
 from deployer.models import Deployment, Endpoint, PromotionRequest, PromotionStatus, RolloutStatus
-from deployer.testing import champion_after, servable_model
-from registry import governance
+from deployer.testing import awaiting_rollout
 from registry.audit import SYSTEM
 from registry.models import AuditEvent, PromotionPolicy
 from registry.roles import Role
 
 pytestmark = pytest.mark.django_db
 
-CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 PASSWORD = "approvals-test-password-1"
 
 
 def waiting_rollout(name: str, make_user: Any, **policy: Any) -> dict[str, Any]:
-    """A deployed (so protected) model: v2 its champion, v3's canary waiting for approval; v3 registered by
-    `author`, its rollout started by `releaser`; its promotion request filed (as the reconciler files it)."""
-    model = servable_model(name, versions=3)
-    champion_after(model, 1, 2)
-    governance.model_mark_deployed(model)
-    PromotionPolicy.objects.filter(model=model).update(protected=True, **policy)  # whatever the settings say
-    author, releaser = make_user(Role.DATA_SCIENTIST), make_user(Role.RELEASE_MANAGER)
-    v3 = model.versions.get(version=3)
-    v3.created_by = author
-    v3.save()
-    d = Deployment.objects.create(model=model, version=v3, engine=v3.engine_builds.get(precision="fp32"),
-                                  previous_version=model.versions.get(version=2), triton_model=f"{name}_v3",
-                                  steps=[10, 50], step_index=1, weight=50, status=RolloutStatus.AWAITING_APPROVAL,
-                                  requested_by=releaser, analysis={"outcome": "pass", "reason": "p99 12 ms <= 500 ms",
-                                                                   "canary_requests": 400, "canary_p99_ms": 12.0})
+    """deployer.testing.awaiting_rollout with its promotion request filed, as the reconciler files it."""
+    found = awaiting_rollout(name, make_user, **policy)
     assert promotions.promotions_reconcile()["filed"] >= 1
-    req = PromotionRequest.objects.get(deployment=d)
-    return {"model": model, "deployment": d, "author": author, "releaser": releaser, "request": req}
+    return {**found, "request": PromotionRequest.objects.get(deployment=found["deployment"])}
 
 
 @pytest.fixture
@@ -87,7 +71,7 @@ def test_the_inbox_lists_pending_requests_first_with_their_approvals_and_whether
         waiting, make_user, unique_name, browser_as):
     req = waiting["request"]
     decided = waiting_rollout(f"{unique_name}-b", make_user)["request"]
-    promotions.promotion_cancel(SYSTEM, decided.pk, "superseded")
+    promotions.promotion_cancel(SYSTEM, {Role.RELEASE_MANAGER}, decided.pk, "superseded")
 
     manager = browser_as(Role.RELEASE_MANAGER)
     html = manager.get("/approvals/").content.decode()
@@ -311,7 +295,7 @@ def test_a_protected_rollout_waiting_for_approval_links_its_request_instead_of_a
 
 def test_promotion_is_requested_from_a_protected_rollouts_page_before_it_waits(waiting, browser_as):
     d = waiting["deployment"]
-    promotions.promotion_cancel(SYSTEM, waiting["request"].pk, "start again")
+    promotions.promotion_cancel(SYSTEM, {Role.RELEASE_MANAGER}, waiting["request"].pk, "start again")
     Deployment.objects.filter(pk=d.pk).update(status=RolloutStatus.PROGRESSING, step_index=0, weight=10)
     scientist = browser_as(Role.DATA_SCIENTIST)
     html = scientist.get(f"/deployments/{d.pk}/").content.decode()
@@ -327,36 +311,12 @@ def test_promotion_is_requested_from_a_protected_rollouts_page_before_it_waits(w
 
 # ---- in a real browser --------------------------------------------------------------------------
 
-@pytest.fixture
-def chromium_page(monkeypatch: pytest.MonkeyPatch):
-    if not CHROMIUM.exists():
-        pytest.skip("Debian's chromium is not installed at /usr/bin/chromium (run `make browser` as root)")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")  # Playwright's sync API keeps an event loop here
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=str(CHROMIUM),
-            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
-        )
-        context = browser.new_context(viewport={"width": 1280, "height": 900})
-        page = context.new_page()
-        page.set_default_timeout(30_000)
-        errors: list[str] = []
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
-        page.on("response", lambda r: errors.append(f"{r.status} {r.url}") if r.status >= 500 or (
-            "/static/" in r.url and r.status >= 400) else None)
-        try:
-            yield page
-        finally:
-            context.close()
-            browser.close()
-        assert not errors, errors
 
 
 @pytest.mark.browser
-def test_a_release_manager_approves_a_promotion_from_the_inbox_in_the_browser(platform_server, chromium_page,
+def test_a_release_manager_approves_a_promotion_from_the_inbox_in_the_browser(platform_server, browser_page,
                                                                               make_user, unique_name):
-    page = chromium_page
+    page = browser_page
     found = waiting_rollout(unique_name, make_user)
     req, d = found["request"], found["deployment"]
     manager = make_user(Role.RELEASE_MANAGER, password=PASSWORD)

@@ -206,7 +206,7 @@ def test_promotion_requests_are_told_from_the_deployers_audit_rows(unique_name, 
         ("promotion.requested", 3, ana.name), ("promotion.approved", 3, rm.name), ("promotion.requested", 4, ana.name),
         ("promotion.rejected", 4, rm.name), ("promotion.break_glass", 5, rm.name)]
     assert got[1]["summary"] == f"promotion of {unique_name} v3 approved by {rm.name}"
-    assert got[1]["url"] == "/deployments/12/" and got[3]["url"] == f"/models/{unique_name}/versions/4/"
+    assert got[1]["url"] == "/approvals/7/" and got[3]["url"] == "/approvals/8/"  # the request's page
     assert got[4]["summary"] == f"promotion of {unique_name} v5 forced by {rm.name} without approval (break glass)"
     assert got[0]["detail"] == {"model": unique_name, "version": 3, "deployment": 12, "status": "requested"}
 
