@@ -100,7 +100,10 @@ def _parity(engine: EngineBuild | None) -> dict[str, Any]:
     figures = parity.get("figures", {})
     shown = ", ".join(f"{k} {v:.4g}" for k, v in figures.items() if isinstance(v, int | float))
     passed = parity.get("passed")
-    return _section("parity", "ok" if passed else ("fail" if passed is False else "none"),
+    if passed is None:
+        return _section("parity", "none", f"engine {engine.variant}: no parity check recorded",
+                        {"engine": engine.variant})
+    return _section("parity", "ok" if passed else "fail",
                     f"engine {engine.variant}: parity {'passed' if passed else 'not passed'} against the original "
                     f"model ({shown or 'no figures'})" + (f"; {'; '.join(parity['failures'])}"
                                                           if parity.get("failures") else ""),

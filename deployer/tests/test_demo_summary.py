@@ -16,18 +16,20 @@ def _ended(number: int, status: str, reason: str, override: str = "") -> Deploym
 
 
 def test_the_summary_says_as_intended_only_when_both_rollouts_ended_as_intended():
-    text = Command.summary(_ended(2, RolloutStatus.PROMOTED, "all steps passed"),
+    text = Command.summary(_ended(2, RolloutStatus.PROMOTED, "promotion request 4 approved by demo-release-manager"),
                            _ended(3, RolloutStatus.ROLLED_BACK, "canary p99 latency 301 ms exceeds 100 ms",
                                   override="demo: deploying v3 without a passing HIL run (run 43 failed)"))
-    assert text == ("Demo rollouts done, as intended: v2 promoted (HIL run 42 passed); v3 rolled_back (HIL override: "
-                    "demo: deploying v3 without a passing HIL run (run 43 failed)). Traffic goes on.")
+    assert text == ("Demo rollouts done, as intended: v2 promoted (HIL run 42 passed): promotion request 4 approved by "
+                    "demo-release-manager; v3 rolled_back (HIL override: demo: deploying v3 without a passing HIL run "
+                    "(run 43 failed)): canary p99 latency 301 ms exceeds 100 ms. Traffic goes on.")
 
 
 def test_a_good_version_rolled_back_is_reported_with_its_reason():
     text = Command.summary(_ended(2, RolloutStatus.ROLLED_BACK, "canary p99 latency 232.7 ms exceeds 100 ms"),
                            _ended(3, RolloutStatus.ROLLED_BACK, "canary p99 latency 301 ms exceeds 100 ms"))
     assert text.startswith("Demo rollouts done, NOT as intended: v2 rolled_back (HIL run 42 passed) (NOT the intended "
-                           "promoted: canary p99 latency 232.7 ms exceeds 100 ms); v3 rolled_back (HIL run 43 passed).")
+                           "promoted: canary p99 latency 232.7 ms exceeds 100 ms); v3 rolled_back (HIL run 43 passed): canary p99 "
+                           "latency 301 ms exceeds 100 ms.")
 
 
 def test_the_drift_summary_reads_the_alert_and_its_check_back_or_says_it_did_not_come():

@@ -109,8 +109,8 @@ class Command(BaseCommand):
             hil = (f"HIL run {d.hil_run_id} {d.hil_run.status}" if d.hil_run and not d.hil_override
                    else f"HIL override: {d.hil_override}" if d.hil_override else "no HIL evidence")
             reached = f"v{d.version.version} {d.status} ({hil})"
-            if d.status == intended:
-                return reached
+            if d.status == intended:  # with its reason: who approved a promotion, what the analysis saw
+                return f"{reached}: {d.reason}" if d.reason else reached
             return f"{reached} (NOT the intended {intended}: {d.reason or 'no reason recorded'})"
 
         lines = [line(v2, RolloutStatus.PROMOTED), line(v3, RolloutStatus.ROLLED_BACK)]
