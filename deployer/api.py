@@ -232,7 +232,10 @@ class PromotionOut(serializers.ModelSerializer):
         return len(promotions.approvals(req))
 
     def get_approvals_required(self, req: PromotionRequest) -> int:
-        return governance.promotion_policy(req.model).approvals_required
+        seen = self.context.setdefault("policies", {})  # a page's rows share their models' policies
+        if req.model_id not in seen:
+            seen[req.model_id] = governance.promotion_policy(req.model)
+        return int(seen[req.model_id].approvals_required)
 
 
 class PromotionDetailOut(PromotionOut):

@@ -62,6 +62,10 @@ def parse_time(value: str) -> datetime:
         raise HistoryError(f"{value[:60]!r} is not a time; expected {AT_FORMAT}") from None
     if timezone.is_naive(found):
         found = found.replace(tzinfo=UTC)
+    try:
+        found.astimezone(UTC)  # 0001-01-01T00:00+01:00 is no moment UTC can name
+    except OverflowError:
+        raise HistoryError(f"{value[:60]!r} is out of range; expected {AT_FORMAT}") from None
     return found
 
 
@@ -223,7 +227,8 @@ class Replay:
         kind = e.action.partition(".")[2]
         version = _int(after.get("version"))
         approvers = [str(a) for a in after.get("approvers") or []]
-        words = {"requested": f"promotion of v{version} requested by {e.actor_name}",
+        requester = str(after.get("requested_by") or e.actor_name)  # the reconciler files for a person
+        words = {"requested": f"promotion of v{version} requested by {requester}",
                  "approved": f"promotion of v{version} approved by {', '.join(approvers) or e.actor_name}",
                  "rejected": f"promotion of v{version} rejected by {e.actor_name}",
                  "break_glass": f"v{version} promoted by break-glass by {e.actor_name}"}[kind]

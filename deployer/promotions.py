@@ -45,6 +45,7 @@ from registry.audit import SYSTEM, Actor, audit_record
 from registry.lifecycle import Lifecycle
 from registry.models import ModelVersion, PromotionPolicy
 from registry.roles import Cap, Role, roles_allow
+from registry.tokens import user_roles
 
 log = logging.getLogger("deployer.promotions")
 
@@ -209,7 +210,8 @@ def reviewer_problem(user: Any, roles: set[str], req: PromotionRequest, policy: 
     if user is None or not user.is_authenticated:
         return "only a person can approve a promotion"
     profile = getattr(user, "profile", None)
-    if Role.CI in roles or (profile is not None and profile.is_service_account):
+    # The account's own roles, not only the token's: a CI account's token scoped to release manager is CI's.
+    if Role.CI in roles or Role.CI in user_roles(user) or (profile is not None and profile.is_service_account):
         return "CI and service accounts may request promotions but never approve or reject them"
     if not roles_allow(roles, Cap.DEPLOY_PROMOTE):
         return f"approving needs {Cap.DEPLOY_PROMOTE} (release managers)"
@@ -220,6 +222,8 @@ def reviewer_problem(user: Any, roles: set[str], req: PromotionRequest, policy: 
         return f"you registered v{req.version.version}: its promotion needs another person's approval (four eyes)"
     if not policy.requester_may_approve and req.requested_by_id == user.pk:
         return "you requested this promotion: it needs another person's approval (four eyes)"
+    if not policy.requester_may_approve and req.deployment.requested_by_id == user.pk:
+        return "you started this rollout: its promotion needs another person's approval (four eyes)"
     if any(r.reviewer_id == user.pk for r in req.reviews.all()):
         return "you have already reviewed this request"
     return ""
@@ -260,11 +264,11 @@ def promotion_request(actor: Actor, d: Deployment, reason: str = "", *, on_behal
     `on_behalf_of`: the person it is filed for (the reconciler files for whoever started the rollout)."""
     if d.mode == RolloutMode.RESTORE:
         raise PromotionError("a champion rollback needs no promotion request", 409)
-    if d.status not in ACTIVE_ROLLOUT_STATES:
-        raise PromotionError(f"deployment {d.pk} has ended ({d.status}); start a new rollout to promote "
-                             f"v{d.version.version}", 409)
     with transaction.atomic():
-        Deployment.objects.select_for_update().get(pk=d.pk)  # one request at a time per rollout
+        status = Deployment.objects.select_for_update().values_list("status", flat=True).get(pk=d.pk)  # one at a time
+        if status not in ACTIVE_ROLLOUT_STATES:
+            raise PromotionError(f"deployment {d.pk} has ended ({status}); start a new rollout to promote "
+                                 f"v{d.version.version}", 409)
         pending = PromotionRequest.objects.filter(deployment=d, status=PromotionStatus.PENDING).first()
         if pending is not None:
             raise PromotionError(f"promotion request {pending.pk} for deployment {d.pk} is pending already", 409)
@@ -394,9 +398,12 @@ def promotions_reconcile() -> dict[str, int]:
                                  only_from={RolloutStatus.AWAITING_APPROVAL})
                 promoted += 1
             elif not d.promotion_requests.filter(status=PromotionStatus.PENDING).exists():
-                promotion_request(SYSTEM, d, "every canary step passed; the rollout waits for approval",
-                                  on_behalf_of=d.requested_by)
-                filed += 1
+                try:
+                    promotion_request(SYSTEM, d, "every canary step passed; the rollout waits for approval",
+                                      on_behalf_of=d.requested_by)
+                    filed += 1
+                except PromotionError as exc:  # someone filed one, or the rollout ended, meanwhile: theirs stands
+                    log.info("%s: no request filed: %s", d, exc)
         ended = PromotionRequest.objects.filter(status=PromotionStatus.PENDING).exclude(
             deployment__status__in=ACTIVE_ROLLOUT_STATES).select_related("deployment")
         for req in ended:

@@ -582,13 +582,16 @@ def fleet_converge() -> dict[str, Any]:
 
 
 def _move_champions(endpoints: list[Endpoint]) -> None:
+    """Each model's production aliases (`champion` and those its promotion policy lists) to its stable version."""
+    listed = governance.listed_aliases([ep.model_id for ep in endpoints])
     for ep in endpoints:
         number = ep.stable_version.version  # type: ignore[union-attr]
         try:
-            was = mlflow_store.alias_version(ep.model.name, CHAMPION)
-            if was != number:
-                mlflow_store.alias_set(ep.model.name, CHAMPION, number)
-                governance.alias_recorded(SYSTEM, ep.model.name, CHAMPION, was, number)
+            for alias in [CHAMPION, *listed.get(ep.model_id, [])]:
+                was = mlflow_store.alias_version(ep.model.name, alias)
+                if was != number:
+                    mlflow_store.alias_set(ep.model.name, alias, number)
+                    governance.alias_recorded(SYSTEM, ep.model.name, alias, was, number)
         except Exception as exc:  # noqa: BLE001 - MLflow's store errors vary; the next pass tries again
             log.warning("moving %s of %s to v%s: %s", CHAMPION, ep.model.name, number, exc)
 

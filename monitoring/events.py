@@ -71,6 +71,8 @@ ACTIONS: dict[str, str] = {
     "promotion.approved": "promotion.approved",
     "promotion.rejected": "promotion.rejected",
     "promotion.break_glass": "promotion.break_glass",
+    # who approves, and what is protected, changed (administrators; target the registered model)
+    "promotion_policy.update": "promotion.policy_changed",
 }
 
 
@@ -116,6 +118,8 @@ def subject_of(row: AuditEvent) -> Subject:
         model = str(after["model"]) if after.get("model") else None
         version = _int(after.get("version"))
         return Subject(model, version, f"/approvals/{pk}/")  # the request's page, with its evidence
+    if row.target_type == "registered_model":  # target id the model's name
+        return Subject(row.target_id, None, f"/models/{row.target_id}/")
     if row.target_type == "engine_build":
         build = EngineBuild.objects.select_related("version__model").filter(pk=pk).first()
         v = build.version if build else None
@@ -168,8 +172,10 @@ def summary_of(event: str, row: AuditEvent, subject: Subject) -> str:
                            f"{_percent(after.get('weight'))} of traffic (deployment {row.target_id})",
         "rollout.promoted": f"{it} promoted: it serves all traffic (deployment {row.target_id}){reason}",
         "rollout.rolled_back": f"{it} rolled back (deployment {row.target_id}){reason}",
-        "promotion.requested": f"promotion of {it} requested by {who}",
-        "promotion.approved": f"promotion of {it} approved by {who}",
+        "promotion.requested": f"promotion of {it} requested by {after.get('requested_by') or who}",
+        "promotion.approved": f"promotion of {it} approved by {', '.join(after.get('approvers') or [who])}",
+        "promotion.policy_changed": f"{it}: promotion policy changed by {who}: "
+                                    + ", ".join(f"{k} {v}" for k, v in after.items()),
         "promotion.rejected": f"promotion of {it} rejected by {who}",
         "promotion.break_glass": f"promotion of {it} forced by {who} without approval (break glass)",
     }

@@ -81,6 +81,7 @@ EVENT_TYPES: dict[str, str] = {
     "promotion.approved": "a release manager approved a promotion request",
     "promotion.rejected": "a release manager rejected a promotion request",
     "promotion.break_glass": "a promotion was forced past its approval (break glass)",
+    "promotion.policy_changed": "an administrator changed a model's promotion policy (protection, approvals)",
     "alert.firing": "an alert started firing",
     "alert.acknowledged": "someone took a firing alert",
     "alert.renotify": "a firing alert nobody acknowledged, again",

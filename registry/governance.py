@@ -50,6 +50,17 @@ def promotion_policy(model: RegisteredModel) -> PromotionPolicy:
     return found if found is not None else PromotionPolicy(model=model)
 
 
+def policies_for(model_ids: list[int]) -> dict[int, PromotionPolicy]:
+    """The policies of these models in one query (a model without one is missing: it has the defaults)."""
+    return {p.model_id: p for p in PromotionPolicy.objects.filter(model_id__in=model_ids)}
+
+
+def listed_aliases(model_ids: list[int]) -> dict[int, list[str]]:
+    """The aliases each model's policy lists beside `champion`: they follow the champion (the reconciler moves
+    them with it), so a promotion or a rollback moves them all."""
+    return {pk: sorted(p.protected_aliases) for pk, p in policies_for(model_ids).items() if p.protected_aliases}
+
+
 def is_protected(policy: PromotionPolicy) -> bool:
     if policy.protected is not None:
         return policy.protected

@@ -116,7 +116,8 @@ class MlflowGate:
                                [("WWW-Authenticate", 'Bearer realm="mlflow"')])
         user, token = found
         roles = effective_roles(user, token)
-        method = environ.get("REQUEST_METHOD", "GET")
+        # Werkzeug routes `post` as POST: every check here must see the method as MLflow will.
+        method = str(environ.get("REQUEST_METHOD", "GET")).upper()
         match = _ENDPOINT_RE.match(environ.get("PATH_INFO", ""))
         endpoint = match.group(1).rstrip("/") if match else ""
         if environ.get("PATH_INFO", "").startswith(("/api/2.0/mlflow-artifacts", "/ajax-api/2.0/mlflow-artifacts")):

@@ -28,8 +28,8 @@ def test_a_good_version_rolled_back_is_reported_with_its_reason():
     text = Command.summary(_ended(2, RolloutStatus.ROLLED_BACK, "canary p99 latency 232.7 ms exceeds 100 ms"),
                            _ended(3, RolloutStatus.ROLLED_BACK, "canary p99 latency 301 ms exceeds 100 ms"))
     assert text.startswith("Demo rollouts done, NOT as intended: v2 rolled_back (HIL run 42 passed) (NOT the intended "
-                           "promoted: canary p99 latency 232.7 ms exceeds 100 ms); v3 rolled_back (HIL run 43 passed): canary p99 "
-                           "latency 301 ms exceeds 100 ms.")
+                           "promoted: canary p99 latency 232.7 ms exceeds 100 ms); v3 rolled_back (HIL run 43 passed): "
+                           "canary p99 latency 301 ms exceeds 100 ms.")
 
 
 def test_the_drift_summary_reads_the_alert_and_its_check_back_or_says_it_did_not_come():

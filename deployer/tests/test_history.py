@@ -351,6 +351,9 @@ def test_the_api_gives_the_timeline_bounded_and_refuses_bad_times_and_unknown_mo
                                               "zone, e.g. 2026-11-30T06:13:24Z or 2026-11-30T07:13:24+01:00")
     assert client.get(url, {"since": "2026-11-30T07:00:00Z", "until": "2026-11-30T06:00:00Z"}).status_code == 400
     assert client.get(url, {"limit": 100000}).status_code == 400
+    for edge in ("0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"):  # no moment UTC can name
+        out = client.get(url, {"at": edge})
+        assert out.status_code == 400 and "out of range" in out.json()["error"]["message"]
     missing = client.get("/api/v1/models/no-such-model-here/history/", {"at": "2026-11-30T06:13:24Z"})
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
     from rest_framework.test import APIClient

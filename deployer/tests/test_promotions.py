@@ -229,3 +229,42 @@ def test_the_demos_release_manager_approves_a_waiting_rollout_quoting_its_eviden
     assert review.comment == ("demo: approved after reading the evidence (parity: none; hil: warn; canary: ok; "
                               "alerts: ok)")
     assert Deployment.objects.get(pk=waiting["deployment"].pk).status == RolloutStatus.PROMOTED
+
+
+def test_a_ci_account_cannot_approve_through_a_token_scoped_to_its_release_manager_role(waiting, make_user, token_for):
+    from rest_framework.test import APIClient
+
+    req = _filed(waiting)
+    both = make_user(Role.RELEASE_MANAGER, Role.CI)
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {token_for(both, [Role.RELEASE_MANAGER])}")
+    resp = client.post(f"/api/v1/promotions/{req.pk}/approve/", {}, format="json")
+    assert resp.status_code == 403 and "never approve" in resp.json()["error"]["message"]
+
+
+def test_whoever_started_the_rollout_cannot_approve_a_request_someone_else_filed(waiting, client_as, token_for):
+    from rest_framework.test import APIClient
+
+    Deployment.objects.filter(pk=waiting["deployment"].pk).update(status=RolloutStatus.PROGRESSING)
+    filed = client_as(Role.CI).post(f"/api/v1/deployments/{waiting['deployment'].pk}/promotion/", {}, format="json")
+    Deployment.objects.filter(pk=waiting["deployment"].pk).update(status=RolloutStatus.AWAITING_APPROVAL)
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {token_for(waiting['releaser'])}")
+    resp = client.post(f"/api/v1/promotions/{filed.json()['id']}/approve/", {}, format="json")
+    assert resp.status_code == 403 and "you started this rollout" in resp.json()["error"]["message"]
+
+
+def test_the_aliases_a_policy_lists_follow_the_champion(scientist, model_archive, unique_name):
+    from registry import mlflow_store
+    from registry.models import RegisteredModel
+
+    with open(model_archive, "rb") as fh:
+        assert scientist.post(f"/api/v1/models/{unique_name}/versions/", {"archive": fh},
+                              format="multipart").status_code == 201
+    model = RegisteredModel.objects.get(name=unique_name)
+    PromotionPolicy.objects.create(model=model, protected=True, protected_aliases=["prod-eu"])
+    endpoint = Endpoint.objects.create(model=model, stable_version=model.versions.get(version=1))
+    services._move_champions([Endpoint.objects.select_related("model", "stable_version").get(pk=endpoint.pk)])
+    assert mlflow_store.aliases(unique_name) == {"champion": 1, "prod-eu": 1}
+    moved = AuditEvent.objects.filter(action="alias.set", target_id=unique_name, actor_name="system")
+    assert sorted(r.after["alias"] for r in moved) == ["champion", "prod-eu"]

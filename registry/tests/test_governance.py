@@ -137,3 +137,23 @@ def test_other_aliases_move_through_mlflows_api_and_are_audited(platform_server,
                            timeout=30).status_code == 200
     assert mlflow_store.aliases(unique_name) == {"champion": 1}
     assert _alias_rows(unique_name) == ["alias.delete", "alias.set"]  # newest first
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_lowercase_method_is_checked_as_mlflow_routes_it(platform_server, scientist, model_archive, token_for,
+                                                           unique_name):
+    import http.client
+    from urllib.parse import urlsplit
+
+    _champion_model(scientist, model_archive, unique_name)
+    where = urlsplit(platform_server)
+    conn = http.client.HTTPConnection(where.hostname, where.port, timeout=30)
+    body = json.dumps({"name": unique_name, "alias": "champion", "version": "1"})
+    for method in ("post", "delete", "Post"):  # Werkzeug routes each as its upper case
+        conn.request(method, "/api/2.0/mlflow/registered-models/alias", body=body, headers={
+            "Authorization": f"Bearer {token_for(scientist.user)}", "Content-Type": "application/json"})
+        resp = conn.getresponse()
+        answer = json.loads(resp.read())
+        assert (resp.status, answer["error_code"]) == (403, "PERMISSION_DENIED"), (method, answer)
+    conn.close()
+    assert mlflow_store.aliases(unique_name) == {"champion": 1}
