@@ -27,7 +27,8 @@ from registry.api.guard import checked_parser
 from registry.api.pagination import PagedRows, Pagination
 from registry.api.permissions import HasCapability, request_roles
 from registry.audit import Actor
-from registry.models import ApiToken, ModelVersion, PromotionPolicy, RegisteredModel
+from registry.errors import RegistryError
+from registry.models import ApiToken, ModelVersion, PromotionPolicy, RegisteredModel, VersionStatus
 from registry.roles import CAPABILITIES, Cap, roles_allow
 from registry.samples import parse_reference_sample
 from registry.tokens import token_create, token_revoke
@@ -353,7 +354,9 @@ class AliasDetailView(BaseView):
         data = AliasIn(data=request.data)
         data.is_valid(raise_exception=True)
         number = data.validated_data["version"]
-        version_or_404(name, number)
+        if version_or_404(name, number).status == VersionStatus.ARCHIVED:
+            raise RegistryError(f"v{number} of {name!r} is archived (deleted in MLflow): an alias cannot point at it",
+                                409)
         governance.alias_change(actor_of(request), model, alias, number)
         return Response({"model": model.name, "alias": alias, "version": number})
 

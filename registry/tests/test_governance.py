@@ -10,7 +10,7 @@ import json
 import pytest
 
 from registry import governance, mlflow_store
-from registry.models import AuditEvent, PromotionPolicy, RegisteredModel
+from registry.models import AuditEvent, ModelVersion, PromotionPolicy, RegisteredModel, VersionStatus
 from registry.roles import Cap, Role, roles_allow
 
 
@@ -60,6 +60,9 @@ def test_other_aliases_stay_free_and_every_move_is_audited(scientist, model_arch
                          format="json").status_code == 400
     assert scientist.put(f"/api/v1/models/{unique_name}/aliases/staging/", {"version": 9},
                          format="json").status_code == 404
+    ModelVersion.objects.filter(model__name=unique_name, version=1).update(status=VersionStatus.ARCHIVED)
+    archived = scientist.put(f"/api/v1/models/{unique_name}/aliases/staging/", {"version": 1}, format="json")
+    assert archived.status_code == 409 and "is archived" in archived.json()["error"]["message"]
     rows = AuditEvent.objects.filter(target_id=unique_name, action__startswith="alias.").order_by("id")
     assert [(r.action, r.actor_name, r.before["version"], r.after["version"]) for r in rows] == [
         ("alias.set", scientist.user.username, None, 1), ("alias.delete", scientist.user.username, 1, None)]
