@@ -243,17 +243,32 @@ def _locked(req_id: int) -> PromotionRequest:
             .get(pk=req_id))
 
 
-def _decidable(req: PromotionRequest) -> None:
-    """A request is decided while pending and while its rollout waits for approval (its canary analysis done)."""
+def state_problem(req: PromotionRequest) -> str:
+    """Why nobody can approve the request now, or "": it is decided while pending and while its rollout waits for
+    approval (its canary analysis, part of the evidence, done)."""
     if req.status != PromotionStatus.PENDING:
-        raise PromotionError(f"promotion request {req.pk} is {req.status}", 409)
+        return f"it is {req.get_status_display().lower()}"
     d = req.deployment
     if d.status not in ACTIVE_ROLLOUT_STATES:
-        raise PromotionError(f"deployment {d.pk} has ended ({d.status}); request {req.pk} can no longer be decided",
-                             409)
+        return f"its deployment has ended ({d.get_status_display().lower()})"
     if d.status != RolloutStatus.AWAITING_APPROVAL:
-        raise PromotionError(f"deployment {d.pk} is still {d.status}: its canary analysis is part of the evidence, so "
-                             "it can be approved once every step has passed and it waits for approval", 409)
+        return (f"its canary is still {d.get_status_display().lower()}: it can be approved once every step has "
+                "passed and the rollout waits for approval")
+    return ""
+
+
+def rejecter_problem(user: Any, roles: set[str], req: PromotionRequest) -> str:
+    """Why this person may not reject the request, or "": rejecting needs no four eyes (stopping one's own
+    version is always allowed), so the person is checked against a policy that lets anyone eligible decide."""
+    return reviewer_problem(user, roles, req, PromotionPolicy(model=req.model, author_may_approve=True,
+                                                              requester_may_approve=True,
+                                                              release_manager_required=False))
+
+
+def _decidable(req: PromotionRequest) -> None:
+    problem = state_problem(req)
+    if problem:
+        raise PromotionError(f"promotion request {req.pk} cannot be decided now: {problem}", 409)
 
 
 # ---- what people do -----------------------------------------------------------------------------------------
@@ -318,10 +333,8 @@ def promotion_reject(actor: Actor, roles: set[str], req_id: int, comment: str) -
         req = _locked(req_id)
         if req.status != PromotionStatus.PENDING:
             raise PromotionError(f"promotion request {req.pk} is {req.status}", 409)
-        problem = reviewer_problem(actor.user, roles, req, PromotionPolicy(model=req.model, author_may_approve=True,
-                                                                           requester_may_approve=True,
-                                                                           release_manager_required=False))
-        if problem:  # rejecting needs no four eyes: stopping one's own version is always allowed
+        problem = rejecter_problem(actor.user, roles, req)
+        if problem:
             raise PromotionError(problem, 403)
         PromotionReview.objects.create(request=req, reviewer=actor.user_or_none, reviewer_name=actor.name,
                                        roles=sorted(roles), decision=ReviewDecision.REJECT, comment=comment.strip())

@@ -6,7 +6,6 @@ count of requests the viewer may review now is the in-app notice to approvers (c
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -49,44 +48,20 @@ ISO_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d")
 
 # ---- who may do what ----------------------------------------------------------------------------------------
 
-def _policies(model_ids: Iterable[int]) -> dict[int, PromotionPolicy]:
-    """Each model's promotion policy in one query; a model without one gets the defaults (unsaved), as
-    governance.promotion_policy gives them."""
-    ids = set(model_ids)
-    return {p.model_id: p for p in PromotionPolicy.objects.filter(model_id__in=ids)}
-
-
 def _policy(req: PromotionRequest, found: dict[int, PromotionPolicy]) -> PromotionPolicy:
     return found.get(req.model_id) or PromotionPolicy(model=req.model)
-
-
-def state_problem(req: PromotionRequest) -> str:
-    """Why nobody can approve the request now (its state, its rollout's), or "" (as promotions._decidable says)."""
-    if req.status != PromotionStatus.PENDING:
-        return f"it is {req.get_status_display().lower()}"
-    d = req.deployment
-    if not d.is_active:
-        return f"its deployment has ended ({d.get_status_display().lower()})"
-    if d.status != RolloutStatus.AWAITING_APPROVAL:
-        return (f"its canary is still {d.get_status_display().lower()}: it can be approved once every step has "
-                "passed and the rollout waits for approval")
-    return ""
 
 
 def approve_problem(user: Any, roles: set[str], req: PromotionRequest, policy: PromotionPolicy) -> str:
     """Why this person cannot approve the request now, or "": who they are first (that does not change), then
     the request's state."""
-    return promotions.reviewer_problem(user, roles, req, policy) or state_problem(req)
+    return promotions.reviewer_problem(user, roles, req, policy) or promotions.state_problem(req)
 
 
 def reject_problem(user: Any, roles: set[str], req: PromotionRequest) -> str:
-    """Rejecting needs no four eyes (stopping one's own version is always allowed): the service checks the person
-    with a policy that lets the author and the requester decide."""
     if req.status != PromotionStatus.PENDING:
         return f"it is {req.get_status_display().lower()}"
-    lenient = PromotionPolicy(model=req.model, author_may_approve=True, requester_may_approve=True,
-                              release_manager_required=False)
-    return promotions.reviewer_problem(user, roles, req, lenient)
+    return promotions.rejecter_problem(user, roles, req)
 
 
 def may_withdraw(user: Any, roles: set[str], req: PromotionRequest) -> bool:
@@ -106,7 +81,7 @@ def reviewable_count(user: Any) -> int:
         return 0
     pending = list(deployer_selectors.promotion_requests().filter(
         status=PromotionStatus.PENDING, deployment__status=RolloutStatus.AWAITING_APPROVAL)[:PENDING_SHOWN])
-    policies = _policies(r.model_id for r in pending)
+    policies = governance.policies_for([r.model_id for r in pending])
     return sum(1 for r in pending if not promotions.reviewer_problem(user, roles, r, _policy(r, policies)))
 
 
@@ -193,7 +168,7 @@ def policy_lines(policy: PromotionPolicy) -> list[str]:
 def _annotate(request: HttpRequest, found: list[PromotionRequest]) -> list[PromotionRequest]:
     """Each request with its approvals, the number needed, and why the viewer may not approve it ("" = may)."""
     roles = user_roles(request.user)
-    policies = _policies(r.model_id for r in found)
+    policies = governance.policies_for([r.model_id for r in found])
     for r in found:
         policy = _policy(r, policies)
         r.approvals_given = len(promotions.approvals(r))  # type: ignore[attr-defined]
@@ -233,7 +208,7 @@ def _detail(request: HttpRequest, req: PromotionRequest, *, status: int = 200, e
         "approvals_given": len(promotions.approvals(req)), "approvals_required": policy.approvals_required,
         "reviews": list(req.reviews.all().order_by("at", "pk")),
         "rows": evidence_rows(req), "champion_version": (req.champion_evidence or {}).get("version"),
-        "approve_problem": person or state_problem(req), "person_problem": person,
+        "approve_problem": person or promotions.state_problem(req), "person_problem": person,
         "reject_problem": reject_problem(request.user, roles, req),
         # Offered to its requester; a release manager may withdraw one too (as through the API), but rejects instead.
         "may_withdraw": may_withdraw(request.user, roles, req) and req.requested_by_id == request.user.pk,

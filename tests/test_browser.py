@@ -20,8 +20,6 @@ PASSWORD = "browser-test-password-1"
 pytestmark = pytest.mark.browser
 
 
-
-
 def test_a_data_scientist_uploads_a_model_and_watches_it_become_ready(platform_server, browser_page, make_user,
                                                                       model_archive, unique_name):
     page = browser_page
