@@ -7,9 +7,11 @@ measurement of the same engine on the same server, and a whole HIL run of the de
   (pipelines.hil_runner.hil_run_execute, the code the HIL worker runs) with the platform's default sweep
   (PLATFORM_HIL_*): timed end to end (fetch, server start, load, warm-up, sweep, accuracy, judgement,
   MLflow logging), with its status;
-- side by side: the same engine's Triton entry in a Triton server started here; at each point (batch 1 and the
-  engine's max_batch_size, concurrency 1, 2 and 4) the platform's harness (pipelines/hil.py measure_point, the
-  default window settings) and two independent clients, in turn (each side first in its turn, round after
+- side by side: the same engine's Triton entry in a Triton server started here, on the CPUs a HIL run gives
+  its server, every client on the CPUs a HIL run gives its load clients (pipelines/hil.py cpu_split); at each
+  point (batch 1 and the engine's max_batch_size, concurrency 1, 2 and 4) the platform's harness
+  (pipelines/hil.py measure_point, the default window settings) and two independent clients, in turn (each
+  side first in its turn, round after
   round) so the machine's noise touches all alike. perf_analyzer would be the natural independent measurement,
   but the `perf-analyzer` wheel needs glibc 2.38; so the independent clients are written here, sharing no code
   with the harness: N threads in a closed loop at the same concurrency and batch size, each timing its own
@@ -30,7 +32,8 @@ measurement of the same engine on the same server, and a whole HIL run of the de
   Beside them, settled_* are the largest over the points the harness settled in every round (the figures a
   HIL verdict judges; a point it did not settle is reported `unstable` and not judged), and each unsettled
   point is printed with the lean client's own p50 spread between rounds there, which shows whether the point
-  itself moves (on a 2-core machine, batch 64 with 2 and 4 clients does, for every client).
+  itself moves (on a 2-core machine with the server and the clients sharing the CPUs, batch 64 with 2 and 4
+  clients did, for every client: PLATFORM_HIL_PIN_CPUS=false shows it).
 
     python -m config.stack --state .state/bench-hil exec --fresh -- python -m bench.hil [--quick]
 
@@ -39,6 +42,7 @@ Prints tables and ends with one JSON line. Timings are reported, never asserted.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -139,10 +143,12 @@ class _Socket:
         self.sock.close()
 
 
-def independent(url: str, model: str, concurrency: int, batch: int, seconds: float, lean: bool) -> dict[str, Any]:
+def independent(url: str, model: str, concurrency: int, batch: int, seconds: float, lean: bool,
+                cpus: tuple[int, ...] | None) -> dict[str, Any]:
     """`concurrency` threads, each with its own connection (tritonclient's InferenceServerClient.infer, or
-    with `lean` tritonclient's request body sent on a plain socket), send requests back to back; after a
-    warm-up, the requests that end within a span of `seconds` are the figures."""
+    with `lean` tritonclient's request body sent on a plain socket), on `cpus` as the harness's clients are,
+    send requests back to back; after a warm-up, the requests that end within a span of `seconds` are the
+    figures."""
     import tritonclient.http as triton
 
     done: list[tuple[float, float]] = []  # (end, latency s) of every answered request
@@ -152,6 +158,8 @@ def independent(url: str, model: str, concurrency: int, batch: int, seconds: flo
     ready = threading.Barrier(concurrency + 1)
 
     def loop() -> None:
+        if cpus:
+            os.sched_setaffinity(0, cpus)  # this thread only
         client = triton.InferenceServerClient(url, connection_timeout=30.0, network_timeout=30.0)
         sock = None
         try:
@@ -253,13 +261,18 @@ def hil_run(build: Any) -> dict[str, Any]:
 def side_by_side(build: Any, work: Path, sweep: Any, rounds: int) -> list[dict[str, Any]]:
     """The engine in a Triton server of our own; at each point, the harness and the independent client in
     turn, `rounds` times, the order swapped each round."""
-    from pipelines import hil
+    from pipelines import hil, hil_runner
     from pipelines.triton_local import TritonServer
     from registry import mlflow_store
 
     name = str(build.io["triton_model_name"])
     mlflow_store.download_model(f"{build.engine_uri.rstrip('/')}/triton/python", work / "repo")
-    server = TritonServer(model_repository=work / "repo", workdir=work / "triton")
+    split = hil_runner.cpu_split()  # as a HIL run splits them
+    if split is not None:
+        sweep = dataclasses.replace(sweep, client_cpus=split.clients)
+        print(f"  {split.words()}", flush=True)
+    server = TritonServer(model_repository=work / "repo", workdir=work / "triton",
+                          cpus=split.server if split else None)
     server.start()
     rows = []
     try:
@@ -294,7 +307,7 @@ def side_by_side(build: Any, work: Path, sweep: Any, rounds: int) -> list[dict[s
                                                "cpu_us": (time.process_time() - cpu) / sent * 1e6 if sent else None})
                         else:
                             seen[side].append(independent(server.url, name, concurrency, batch, seconds,
-                                                          lean=side == "lean"))
+                                                          lean=side == "lean", cpus=sweep.client_cpus))
                     print(f"  batch {batch}, concurrency {concurrency}: " + "; ".join(
                         f"{side} p50 {seen[side][-1]['p50_ms']:.3f} ms {seen[side][-1]['inferences_per_s']:.0f}/s"
                         for side in SIDES) + f" (harness {statuses[-1]})", flush=True)

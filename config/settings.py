@@ -181,6 +181,8 @@ PLATFORM: dict[str, Any] = {
     "HIL_WINDOW_S": env_float("PLATFORM_HIL_WINDOW_S", 1.0),
     "HIL_MAX_TRIALS": env_int("PLATFORM_HIL_MAX_TRIALS", 10),
     "HIL_STALE_S": env_int("PLATFORM_HIL_STALE_S", 120),
+    # Run the HIL server and its load clients on CPUs of their own (pipelines/hil.py cpu_split).
+    "HIL_PIN_CPUS": env_bool("PLATFORM_HIL_PIN_CPUS", True),
     # Seconds an engine build may take, and after which a silent build is handed to another worker.
     "BUILD_TIMEOUT_S": env_int("PLATFORM_BUILD_TIMEOUT_S", 900),
     "BUILD_STALE_S": env_int("PLATFORM_BUILD_STALE_S", 120),

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from django.conf import settings
 from django.db.models import F
 from django.utils import timezone
 
@@ -156,8 +157,15 @@ def _load(server: TritonServer, name: str) -> None:
         raise hil.HilError(f"Triton could not load {name}: HTTP {status}: {body[:500]!r}")
 
 
-def _settings(run: HilRun, slo: dict[str, Any], max_batch: int) -> hil.Settings:
-    """The sweep of the run, with the SLO's point added: a budget is judged where it is declared."""
+def cpu_split() -> hil.CpuSplit | None:
+    """This machine's CPUs split between the run's server and its load clients, unless PLATFORM_HIL_PIN_CPUS
+    is off."""
+    return hil.cpu_split() if settings.PLATFORM["HIL_PIN_CPUS"] else None
+
+
+def _settings(run: HilRun, slo: dict[str, Any], max_batch: int, client_cpus: tuple[int, ...] | None) -> hil.Settings:
+    """The sweep of the run, with the SLO's point added (a budget is judged where it is declared), its load
+    clients on `client_cpus`."""
     sweep = run.sweep
     concurrencies = set(sweep["concurrencies"])
     batches = {1, max_batch} if max_batch > 0 else {1}
@@ -167,7 +175,8 @@ def _settings(run: HilRun, slo: dict[str, Any], max_batch: int) -> hil.Settings:
         batches.add(int(slo["batch"]["value"]))
     return hil.Settings(concurrencies=tuple(sorted(concurrencies)), batch_sizes=tuple(sorted(batches)),
                         window_s=float(sweep["window_s"]), stability_pct=float(sweep["stability_pct"]),
-                        stable_windows=int(sweep["stable_windows"]), max_trials=int(sweep["max_trials"]))
+                        stable_windows=int(sweep["stable_windows"]), max_trials=int(sweep["max_trials"]),
+                        client_cpus=client_cpus)
 
 
 def _run(run: HilRun) -> str:
@@ -186,13 +195,16 @@ def _run(run: HilRun) -> str:
         names = {"candidate": _fetch(build, tmp / "repo")}
         if champion is not None:
             names["champion"] = _fetch(champion, tmp / "repo")
-        server = TritonServer(model_repository=tmp / "repo", workdir=tmp / "triton")
+        split = cpu_split()
+        server = TritonServer(model_repository=tmp / "repo", workdir=tmp / "triton",
+                              cpus=split.server if split else None)
         server.start()
         try:
             assert server.proc is not None
             pid = server.proc.pid
             base = hil.server_pss_bytes(pid)
-            say(f"Triton started on {server.url} (pid {pid}), {base / 2**20:.1f} MiB with no model")
+            say(f"Triton started on {server.url} (pid {pid}), {base / 2**20:.1f} MiB with no model; "
+                + (f"{split.words()}" if split else "server and load clients on any CPU"))
             targets: dict[str, hil.Target] = {}
             memory: dict[str, int] = {}
             sweep: hil.Settings | None = None
@@ -202,7 +214,8 @@ def _run(run: HilRun) -> str:
                 if sweep is None:  # the candidate's config decides the sweep
                     with hil.HttpClient(server.url, 30) as control:
                         config = control.json(f"/v2/models/{name}/config")
-                    sweep = _settings(run, slo, int(config.get("max_batch_size", 0)))
+                    sweep = _settings(run, slo, int(config.get("max_batch_size", 0)),
+                                      split.clients if split else None)
                 targets[role] = hil.prepare(server.url, name, server_pid=pid, settings=sweep)
                 # The engine's memory: an empty server plus what loading and warming it up added.
                 memory[role] = base + max(0, hil.server_pss_bytes(pid) - before)
@@ -223,6 +236,8 @@ def _run(run: HilRun) -> str:
                      "triton_model": names["champion"], "points": points["champion"],
                      "memory_bytes": memory["champion"], "stability_pct": sweep.stability_pct} if champion else None,
         "accuracy": accuracy, "empty_server_memory_bytes": base, "confirmations": confirmations,
+        "cpus": {"server": list(split.server), "clients": list(split.clients), "words": split.words()} if split
+        else None,
         "settings": {**asdict(sweep), "concurrencies": list(sweep.concurrencies),
                      "batch_sizes": list(sweep.batch_sizes or ())},
     }

@@ -58,6 +58,9 @@ def triton_env() -> dict[str, str]:
     return env
 
 
+_PIN = "import os, sys; os.sched_setaffinity(0, map(int, sys.argv[1].split(','))); os.execv(sys.argv[2], sys.argv[2:])"
+
+
 @dataclass
 class TritonServer:
     model_repository: Path
@@ -67,6 +70,7 @@ class TritonServer:
     metrics_port: int = 0
     proc: subprocess.Popen[bytes] | None = None
     extra_args: list[str] = field(default_factory=list)
+    cpus: tuple[int, ...] | None = None  # the CPUs the server (and its backend stubs) may run on; None: any
 
     @property
     def url(self) -> str:
@@ -82,8 +86,11 @@ class TritonServer:
         self.grpc_port = self.grpc_port or free_port()
         self.metrics_port = self.metrics_port or free_port()
         log = open(self.workdir / "triton.log", "ab")
+        # Pinned, the command is exec'd by a Python that sets its CPUs first (preexec_fn is not safe in a
+        # threaded worker): the server's threads and the stubs it starts inherit them, from the first one.
+        pin = [sys.executable, "-c", _PIN, ",".join(map(str, self.cpus))] if self.cpus else []
         self.proc = subprocess.Popen(
-            [str(_wheel_dir() / "bin" / "tritonserver"), f"--model-repository={self.model_repository}",
+            [*pin, str(_wheel_dir() / "bin" / "tritonserver"), f"--model-repository={self.model_repository}",
              "--model-control-mode=explicit", f"--backend-directory={backends}",
              "--http-address=127.0.0.1", f"--http-port={self.http_port}",
              "--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}",

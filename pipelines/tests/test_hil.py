@@ -10,10 +10,12 @@ import pytest
 from pipelines.hil import (
     STABLE,
     UNSTABLE,
+    CpuSplit,
     HilError,
     InputSpec,
     Settings,
     Window,
+    cpu_split,
     infer_body,
     measure,
     measure_point,
@@ -186,3 +188,59 @@ def test_a_point_whose_every_request_fails_counts_the_errors_and_is_never_stable
     assert point.errors > 0 and point.first_error is not None and point.first_error.startswith("HTTP 400")
     assert math.isnan(point.p50_ms) and point.queue_ms is None and point.requests_per_s == 0
     assert "error(s), the first: HTTP 400" in point.words()
+
+
+def test_the_cpus_are_split_between_the_server_and_the_load_clients():
+    assert cpu_split([0]) is None  # nothing to split
+    assert cpu_split([3, 1]) == CpuSplit(server=(1,), clients=(3,))
+    assert cpu_split(range(8)) == CpuSplit(server=tuple(range(7)), clients=(7,))
+    assert cpu_split(range(16)) == CpuSplit(server=tuple(range(14)), clients=(14, 15))
+    assert cpu_split([0, 1]).words() == "Triton on CPU 0, the load clients on CPU 1"
+    assert cpu_split(range(4)).words() == "Triton on CPUs 0, 1, 2, the load clients on CPU 3"
+
+
+def test_a_pinned_server_and_its_backend_stubs_run_on_its_cpus_and_the_load_clients_on_theirs(tmp_path):
+    import os
+    import threading
+
+    import psutil
+
+    from pipelines.triton_local import TritonServer
+
+    mine = sorted(os.sched_getaffinity(0))
+    server_cpu, client_cpu = mine[0], mine[-1]  # one CPU for both where there is only one: still pinned
+    (tmp_path / "repo" / "identity" / "1").mkdir(parents=True)
+    (tmp_path / "repo" / "identity" / "1" / "model.py").write_text(IDENTITY_PY)
+    (tmp_path / "repo" / "identity" / "config.pbtxt").write_text(IDENTITY_CONFIG.format(name="identity", max_batch=8))
+    server = TritonServer(tmp_path / "repo", tmp_path / "work", cpus=(server_cpu,))
+    server.start()
+    try:
+        load = urllib.request.Request(f"http://{server.url}/v2/repository/models/identity/load", data=b"{}",
+                                      method="POST")
+        with urllib.request.urlopen(load, timeout=60) as resp:
+            assert resp.status == 200
+        stubs = psutil.Process(server.proc.pid).children(recursive=True)
+        assert stubs, "the Python backend runs its model in a stub process the server starts"
+        for proc in [psutil.Process(server.proc.pid), *stubs]:
+            assert proc.cpu_affinity() == [server_cpu], proc.cmdline()
+            for thread in proc.threads():
+                assert os.sched_getaffinity(thread.id) == {server_cpu}, (proc.cmdline(), thread.id)
+
+        settings = Settings(concurrencies=(2,), batch_sizes=(1,), window_s=0.3, stability_pct=1e9,
+                            warmup_requests=2, client_cpus=(client_cpu,))
+        target = prepare(server.url, "identity", server_pid=server.proc.pid, settings=settings)
+        seen: dict[int, set[int]] = {}
+        measuring = threading.Thread(target=measure_point, args=(target, 2, 1, settings))
+        measuring.start()
+        while measuring.is_alive():
+            for t in threading.enumerate():
+                if t.name.startswith("hil-client-") and t.native_id is not None:
+                    try:
+                        seen[t.native_id] = os.sched_getaffinity(t.native_id)
+                    except OSError:
+                        pass  # the thread ended meanwhile
+            measuring.join(0.1)
+        assert len(seen) == 2 and all(cpus == {client_cpu} for cpus in seen.values()), seen
+        assert os.sched_getaffinity(0) == set(mine)  # the measuring thread itself is left as it was
+    finally:
+        server.stop()

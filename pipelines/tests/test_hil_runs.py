@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from django.utils import timezone
 
-from pipelines import hardware
+from pipelines import hardware, hil
 from pipelines.builder import engine_build_execute
 from pipelines.models import BuildStatus, EngineBuild, HilRun, HilStatus
 from pipelines.services import hil_objectives, hil_runs_request, serving_profile
@@ -89,6 +89,14 @@ def test_a_kept_engine_is_measured_by_a_worker_of_its_profile_against_the_champi
         assert len(p["trials"]) == p["windows"] >= 3
     assert [r["p99_pct"] is not None for r in results["comparison"]] == [True] * 4
     assert results["candidate"]["memory_bytes"] > results["empty_server_memory_bytes"] > 0
+    # The server and the load clients on CPUs of their own, where the machine has two or more.
+    split = hil.cpu_split()
+    if split is None:
+        assert results["cpus"] is None and "server and load clients on any CPU" in run.log
+    else:
+        assert results["cpus"] == {"server": list(split.server), "clients": list(split.clients),
+                                   "words": split.words()}
+        assert results["settings"]["client_cpus"] == list(split.clients) and split.words() in run.log
     # Accuracy through the server on the version's reference set, against the original model's labels.
     assert results["accuracy"]["measured"] and results["accuracy"]["passed"]
     assert results["accuracy"]["figures"]["label_agreement"] == 1.0
