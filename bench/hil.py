@@ -7,27 +7,27 @@ measurement of the same engine on the same server, and a whole HIL run of the de
   (pipelines.hil_runner.hil_run_execute, the code the HIL worker runs) with the platform's default sweep
   (PLATFORM_HIL_*): timed end to end (fetch, server start, load, warm-up, sweep, accuracy, judgement,
   MLflow logging), with its status;
-- side by side: the same engine's Triton entry in a Triton server started here, on the CPUs a HIL run gives
-  its server, every client on the CPUs a HIL run gives its load clients (pipelines/hil.py cpu_split); at each
-  point (batch 1 and the engine's max_batch_size, concurrency 1, 2 and 4) the platform's harness
-  (pipelines/hil.py measure_point, the default window settings) and two independent clients, in turn (each
-  side first in its turn, round after
-  round) so the machine's noise touches all alike. perf_analyzer would be the natural independent measurement,
-  but the `perf-analyzer` wheel needs glibc 2.38; so the independent clients are written here, sharing no code
-  with the harness: N threads in a closed loop at the same concurrency and batch size, each timing its own
-  requests with time.perf_counter, for as long as the harness's figures' windows last (3 windows of 1 s),
-  after a warm-up of their own; p50 as the median of those latencies, throughput as the inferences answered
-  within that span divided by it. "client" is tritonclient.http (InferenceServerClient.infer, a connection per
-  thread: how a user measures); "lean" sends the body tritonclient builds, once, on a plain socket and reads
-  the answer by its length: a client about as light as perf_analyzer's, so that what the client itself costs
-  shows. The figures of each side are the medians over the rounds; the JSON's p50_diff_pct and
-  throughput_diff_pct are against "lean" (the stand-in for perf_analyzer: as light a client, measuring what
-  the server does), tritonclient_* against "client" (what a user's own script would see, its client's cost
-  included). Beside them, what tells noise from a difference of method: Triton's own compute time per request
-  during each side's measurement, and each client's CPU time per request (this process's CPU time over the
-  requests it sent; the harness's includes its per-window statistics reads and memory reading), and the
-  requests Triton counted over each side's span per request the side counted (about 1: each counts what was
-  served; the independent clients' span is read a little wider, by the statistics calls around it).
+- side by side: the same engine's Triton entry in a Triton server started here, on the CPUs a HIL run gives its
+  server, every client on the CPUs a HIL run gives its load clients (pipelines/hil.py cpu_split); at each point
+  (batch 1 and the engine's max_batch_size, concurrency 1, 2 and 4) the platform's harness (pipelines/hil.py
+  measure_point, the default window settings) and two independent clients, in turn (each side first in its turn,
+  round after round) so the machine's noise touches all alike. perf_analyzer would be the natural independent
+  measurement, but the `perf-analyzer` wheel needs glibc 2.38; so the independent clients are written here,
+  sharing no code with the harness: N threads in a closed loop at the same concurrency and batch size, each timing
+  its own requests with time.perf_counter, for as long as the harness's figures' windows last (3 windows of 1 s),
+  after a warm-up of their own; p50 as the median of those latencies, throughput as the inferences answered within
+  that span divided by it. "client" is tritonclient.http (InferenceServerClient.infer, a connection per thread:
+  how a user measures); "lean" sends the body tritonclient builds, once, on a plain socket and reads the answer by
+  its length: a client about as light as perf_analyzer's, so that what the client itself costs shows. The figures
+  of each side are the medians over the rounds (5), and beside them the lean client's own p50 spread between its
+  rounds (max/min - 1): the point's own noise, which no client can measure below. The JSON's p50_diff_pct and
+  throughput_diff_pct are against "lean" (the stand-in for perf_analyzer: as light a client, measuring what the
+  server does), tritonclient_* against "client" (what a user's own script would see, its client's cost included).
+  Beside them, what tells noise from a difference of method: Triton's own compute time per request during each
+  side's measurement, and each client's CPU time per request (this process's CPU time over the requests it sent;
+  the harness's includes its per-window statistics reads and memory reading), and the requests Triton counted over
+  each side's span per request the side counted (about 1: each counts what was served; the independent clients'
+  span is read a little wider, by the statistics calls around it).
 - p50_diff_pct and throughput_diff_pct (the issue's target) are the largest over all the points, absolute.
   Beside them, settled_* are the largest over the points the harness settled in every round (the figures a
   HIL verdict judges; a point it did not settle is reported `unstable` and not judged), and each unsettled
@@ -61,6 +61,9 @@ TARGET_DIFF_PCT = 10.0
 TARGET_HIL_RUN_S = 60.0
 CONCURRENCIES = (1, 2, 4)
 CLIENT_WARMUP_S = 0.5
+# Rounds per point: a point drifts by 10% and more over tens of seconds (batch 64 at 1 client, on 2 cores, for
+# every client alike), and each side's median over 5 rounds is what is compared.
+ROUNDS = 5
 SIDES = ["harness", "client", "lean"]  # the platform's harness; tritonclient.http; its body on a plain socket
 
 _NUMPY = {"BOOL": np.bool_, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
@@ -333,8 +336,7 @@ def _compare(batch: int, concurrency: int, seen: dict[str, list[dict[str, Any]]]
         row[f"{prefix}p50_diff_pct"] = (row["harness_p50_ms"] / row[f"{side}_p50_ms"] - 1) * 100
         row[f"{prefix}throughput_diff_pct"] = (row["harness_inferences_per_s"] / row[f"{side}_inferences_per_s"]
                                                - 1) * 100
-    # The independent clients' own spread over the rounds: at a point the harness cannot settle, the point
-    # itself moves (two modes, as requests queue behind each other or not), and this shows it for them too.
+    # The lean client's own spread over the rounds: how much the point itself moves, for any client.
     lean = [r["p50_ms"] for r in seen["lean"]]
     row["lean_p50_spread_pct"] = (max(lean) / min(lean) - 1) * 100 if len(lean) > 1 and min(lean) > 0 else None
     row["settled"] = all(s == "stable" for s in statuses)
@@ -346,7 +348,7 @@ def _compare(batch: int, concurrency: int, seen: dict[str, list[dict[str, Any]]]
 
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars in the table
-    args = stack_bench_args("bench.hil", __doc__, "1 round per point (default: 3)", argv)
+    args = stack_bench_args("bench.hil", __doc__, "1 round per point (default: 5)", argv)
     from django.conf import settings
 
     from pipelines import hil
@@ -355,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
     p = settings.PLATFORM
     sweep = hil.Settings(concurrencies=CONCURRENCIES, window_s=float(p["HIL_WINDOW_S"]),
                          max_trials=int(p["HIL_MAX_TRIALS"]))
-    rounds = 1 if args.quick else 3
+    rounds = 1 if args.quick else ROUNDS
     with tempfile.TemporaryDirectory(prefix="bench-hil-") as tmp_name:
         tmp = Path(tmp_name)
         (tmp / "model").mkdir()
@@ -379,7 +381,8 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(table(["point (same server)", "p50 ms harness/client/lean", "p50 diff % client/lean",
                  "inferences/s harness/client/lean", "inf/s diff % client/lean", "Triton compute ms h/c/l",
-                 "client CPU us/req h/c/l", "Triton/client count h/c/l", "harness status"],
+                 "client CPU us/req h/c/l", "Triton/client count h/c/l", "lean's own p50 spread %",
+                 "harness status"],
                 [[f"batch {r['batch']}, concurrency {r['concurrency']}",
                   "/".join(fmt(r[f"{side}_p50_ms"], 3) for side in SIDES),
                   f"{fmt(r['tritonclient_p50_diff_pct'], 1)}/{fmt(r['p50_diff_pct'], 1)}",
@@ -387,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"{fmt(r['tritonclient_throughput_diff_pct'], 1)}/{fmt(r['throughput_diff_pct'], 1)}",
                   "/".join(fmt(r[f"{side}_compute_ms"], 3) for side in SIDES),
                   "/".join(fmt(r[f"{side}_cpu_us"], 0) for side in SIDES),
-                  "/".join(fmt(r[f"{side}_counted"], 2) for side in SIDES),
+                  "/".join(fmt(r[f"{side}_counted"], 2) for side in SIDES), fmt(r["lean_p50_spread_pct"], 1),
                   ",".join(r["harness_status"])] for r in rows]))
     keys = ("p50_diff_pct", "throughput_diff_pct", "tritonclient_p50_diff_pct", "tritonclient_throughput_diff_pct")
     # Over all the points (the issue's target), and over those the harness settled in every round: a point it

@@ -111,8 +111,9 @@ def memory(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def hardware_facts(hardware: Any, profile: str) -> list[tuple[str, str]]:
-    """What the worker found on its machine, and the profile's requirements it met."""
+def hardware_facts(hardware: Any, profile: str, cpus: Any = None) -> list[tuple[str, str]]:
+    """What the worker found on its machine, the profile's requirements it met, and how the run split the
+    CPUs between the server and the load clients (`cpus`: the run's results["cpus"])."""
     facts = _dict(hardware)
     wanted = PROFILES_BY_NAME.get(profile)
     shown = [("Profile", wanted.description)] if wanted else []
@@ -134,6 +135,8 @@ def hardware_facts(hardware: Any, profile: str) -> list[tuple[str, str]]:
     if wanted and wanted.cpu_flags and isinstance(flags, list):
         shown.append(("CPU flags the profile needs", " ".join(
             f"{f} {'✓' if f in flags else '✗'}" for f in wanted.cpu_flags)))
+    if _dict(cpus).get("words"):
+        shown.append(("CPUs during the measurement", str(_dict(cpus)["words"])))
     return shown
 
 
@@ -150,7 +153,8 @@ def evidence(run: HilRun) -> dict[str, Any]:
         "candidate_label": _dict(results.get("candidate")).get("label") or "",
         "champion_label": _dict(results.get("champion")).get("label") or "",
         "chart": chart_data(run), "objectives": objectives(run), "memory": memory(results),
-        "hardware_facts": hardware_facts(run.hardware, run.profile), "checks": checks(run), "accuracy": accuracy,
+        "hardware_facts": hardware_facts(run.hardware, run.profile, results.get("cpus")), "checks": checks(run),
+        "accuracy": accuracy,
         "accuracy_figures": sorted(_dict(accuracy.get("figures")).items()),
         "settings": _dict(results.get("settings")),
     }

@@ -71,6 +71,7 @@ def finished_hil_run(build: EngineBuild, champion_build: EngineBuild | None = No
     judgement = hil_judge.judge(candidate, champion, objectives, accuracy)
     results = {"candidate": candidate, "champion": champion, "accuracy": accuracy,
                "empty_server_memory_bytes": 188 * MIB, "comparison": judgement.comparison,
+               "cpus": {"server": [0], "clients": [1], "words": "Triton on CPU 0, the load clients on CPU 1"},
                "settings": {"concurrencies": list(CONCURRENCIES), "batch_sizes": list(BATCHES), "window_s": 1.0,
                             "stability_pct": 10.0, "stable_windows": 3, "max_trials": 12}}
     now = timezone.now()

@@ -76,6 +76,7 @@ def test_a_passed_run_shows_its_verdict_checks_objectives_memory_and_points_besi
     for fact in (unique_name, "v2", "cpu-fp32-onnxruntime", PROFILE, "hil-3f9a2c@bench-07", "Xeon(R) Gold 6338",
                  "v1 cpu-fp32-onnxruntime"):
         assert fact in status, fact
+    assert "CPUs during the measurement Triton on CPU 0, the load clients on CPU 1" in text_of(html, "hil-hardware")
     checks = dict(re.findall(r'data-check="(\w+)" data-outcome="(\w+)"', html))
     assert checks == {"stability": "ok", "errors": "ok", "accuracy": "ok", "slo_p99": "ok", "champion": "ok"}
     assert "within the 25 ms budget (version tag hil.p99_ms)" in text_of(html, "hil-checks")
