@@ -204,7 +204,7 @@ def _run(run: HilRun) -> str:
             pid = server.proc.pid
             base = hil.server_pss_bytes(pid)
             say(f"Triton started on {server.url} (pid {pid}), {base / 2**20:.1f} MiB with no model; "
-                + (f"{split.words()}" if split else "server and load clients on any CPU"))
+                + (split.words() if split else "server and load clients on any CPU"))
             targets: dict[str, hil.Target] = {}
             memory: dict[str, int] = {}
             sweep: hil.Settings | None = None
