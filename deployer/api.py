@@ -29,6 +29,7 @@ from pipelines.models import Target
 from registry import governance
 from registry.api.permissions import request_roles
 from registry.api.views import BaseView, actor_of, model_or_404
+from registry.models import PromotionPolicy
 from registry.roles import Cap, roles_allow
 
 
@@ -232,10 +233,13 @@ class PromotionOut(serializers.ModelSerializer):
         return len(promotions.approvals(req))
 
     def get_approvals_required(self, req: PromotionRequest) -> int:
+        return self._policy(req).approvals_required
+
+    def _policy(self, req: PromotionRequest) -> PromotionPolicy:
         seen = self.context.setdefault("policies", {})  # a page's rows share their models' policies
         if req.model_id not in seen:
             seen[req.model_id] = governance.promotion_policy(req.model)
-        return int(seen[req.model_id].approvals_required)
+        return seen[req.model_id]
 
 
 class PromotionDetailOut(PromotionOut):
@@ -248,14 +252,13 @@ class PromotionDetailOut(PromotionOut):
                   "your_review"]
 
     def get_policy(self, req: PromotionRequest) -> dict[str, Any]:
-        return governance.policy_words(governance.promotion_policy(req.model))
+        return governance.policy_words(self._policy(req))
 
     def get_your_review(self, req: PromotionRequest) -> str:
         request = self.context.get("request")
         if request is None:
             return ""
-        return promotions.reviewer_problem(request.user, request_roles(request), req,
-                                           governance.promotion_policy(req.model))
+        return promotions.reviewer_problem(request.user, request_roles(request), req, self._policy(req))
 
 
 def promotion_or_404(req_id: int) -> PromotionRequest:
@@ -451,7 +454,8 @@ class MarkerOut(serializers.Serializer):
     event = serializers.IntegerField()
 
     def get_fields(self) -> dict[str, Any]:
-        # `label` is a Field's own attribute (a serializer is a field): declared here rather than as one.
+        # `label` is a Field's own attribute (a serializer is a field; typed as its text): declared here so that
+        # the type checker does not take a field for it.
         return {**super().get_fields(), "label": serializers.CharField(help_text="what happened, in words")}
 
 

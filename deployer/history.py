@@ -84,7 +84,6 @@ class Rollout:
     mirrored: int = 0
     started_at: datetime | None = None
     started_by: str = ""
-    why: str = ""
     reason: str = ""
 
     @property
@@ -172,20 +171,20 @@ class Replay:
         if e.action == "deployment.create":
             d.mode = str(after.get("mode") or RolloutMode.CANARY)
             d.steps = [s for s in after.get("steps") or [] if isinstance(s, int)]
-            d.started_at, d.started_by, d.why = e.at, e.actor_name, str(after.get("why") or "")
+            d.started_at, d.started_by = e.at, e.actor_name
             d.status = str(after.get("status") or RolloutStatus.PENDING)
             self._mark(e, "restore" if d.mode == RolloutMode.RESTORE else "started", d.version, pk,
-                       _started_words(d, after), reason=d.why)
+                       _started_words(d, after), reason=str(after.get("why") or ""))
             return
         d.status = str(after.get("status") or e.action.partition(".")[2])
         d.step = _int(after.get("step"), d.step)  # type: ignore[assignment]
         d.weight = _int(after.get("weight"), d.weight)  # type: ignore[assignment]
         d.reason = str(after.get("reason") or "")
-        if d.status == RolloutStatus.PROMOTED and d.version is not None:
-            # The endpoint.stable row of the same transaction follows; the rollout's own row already says it.
-            self.stable, self.stable_deployment = d.version, pk
         by = _who(e)
         if d.status == RolloutStatus.PROMOTED:
+            if d.version is not None:
+                # The endpoint.stable row of the same transaction follows; the rollout's own row already says it.
+                self.stable, self.stable_deployment = d.version, pk
             how = ("champion rollback" if d.mode == RolloutMode.RESTORE else "first deployment"
                    if "first deployment" in d.reason else "automatic" if by is None else f"by {by}")
             self._mark(e, "promoted", d.version, pk, f"v{d.version} promoted ({how})", reason=d.reason)

@@ -45,7 +45,6 @@ from registry.audit import SYSTEM, Actor, audit_record
 from registry.lifecycle import Lifecycle
 from registry.models import ModelVersion, PromotionPolicy
 from registry.roles import Cap, Role, roles_allow
-from registry.tokens import user_roles
 
 log = logging.getLogger("deployer.promotions")
 
@@ -211,7 +210,7 @@ def reviewer_problem(user: Any, roles: set[str], req: PromotionRequest, policy: 
         return "only a person can approve a promotion"
     profile = getattr(user, "profile", None)
     # The account's own roles, not only the token's: a CI account's token scoped to release manager is CI's.
-    if Role.CI in roles or Role.CI in user_roles(user) or (profile is not None and profile.is_service_account):
+    if Role.CI in roles or (profile is not None and (profile.is_service_account or Role.CI in profile.roles)):
         return "CI and service accounts may request promotions but never approve or reject them"
     if not roles_allow(roles, Cap.DEPLOY_PROMOTE):
         return f"approving needs {Cap.DEPLOY_PROMOTE} (release managers)"

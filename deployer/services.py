@@ -587,13 +587,14 @@ def _move_champions(endpoints: list[Endpoint]) -> None:
     for ep in endpoints:
         number = ep.stable_version.version  # type: ignore[union-attr]
         try:
+            held = mlflow_store.aliases(ep.model.name)  # one call for all of them
             for alias in [CHAMPION, *listed.get(ep.model_id, [])]:
-                was = mlflow_store.alias_version(ep.model.name, alias)
+                was = held.get(alias)
                 if was != number:
                     mlflow_store.alias_set(ep.model.name, alias, number)
                     governance.alias_recorded(SYSTEM, ep.model.name, alias, was, number)
         except Exception as exc:  # noqa: BLE001 - MLflow's store errors vary; the next pass tries again
-            log.warning("moving %s of %s to v%s: %s", CHAMPION, ep.model.name, number, exc)
+            log.warning("moving the production aliases of %s to v%s: %s", ep.model.name, number, exc)
 
 
 def _retire(backend: Fleet, desired: dict[str, Placement], routes_version: int) -> list[str]:

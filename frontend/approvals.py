@@ -19,13 +19,11 @@ from deployer import promotions
 from deployer import selectors as deployer_selectors
 from deployer.models import (
     SERVING_ROLLOUT_STATES,
-    Deployment,
     PromotionRequest,
     PromotionStatus,
-    RolloutMode,
     RolloutStatus,
 )
-from frontend.views import page_needs, paginate
+from frontend.views import _deployment, page_needs, paginate
 from registry import governance
 from registry.audit import Actor
 from registry.errors import RegistryError
@@ -204,11 +202,10 @@ def _detail(request: HttpRequest, req: PromotionRequest, *, status: int = 200, e
     person = promotions.reviewer_problem(request.user, roles, req, policy)
     context = {
         "req": req, "d": req.deployment, "policy": policy, "policy_lines": policy_lines(policy),
-        "protected": governance.is_protected(policy),
         "approvals_given": len(promotions.approvals(req)), "approvals_required": policy.approvals_required,
-        "reviews": list(req.reviews.all().order_by("at", "pk")),
+        "reviews": list(req.reviews.all()),  # prefetched, in the order they were given
         "rows": evidence_rows(req), "champion_version": (req.champion_evidence or {}).get("version"),
-        "approve_problem": person or promotions.state_problem(req), "person_problem": person,
+        "approve_problem": person or promotions.state_problem(req),
         "reject_problem": reject_problem(request.user, roles, req),
         # Offered to its requester; a release manager may withdraw one too (as through the API), but rejects instead.
         "may_withdraw": may_withdraw(request.user, roles, req) and req.requested_by_id == request.user.pk,
@@ -305,29 +302,4 @@ def approval_request(request: HttpRequest, deployment_id: int) -> HttpResponse:
                               "see it in their approvals inbox.")
     return redirect("frontend:approval-detail", req_id=req.pk)
 
-
-def _deployment(deployment_id: int) -> Deployment:
-    d = deployer_selectors.deployments().filter(pk=deployment_id).first()
-    if d is None:
-        raise Http404(f"no deployment {deployment_id}")
-    return d
-
-
-# ---- the deployment page's part -----------------------------------------------------------------------------
-
-def deployment_promotion(request: HttpRequest, d: Deployment) -> dict[str, Any]:
-    """What the deployment page says about promotion: whether the model is protected (no bare promote button
-    then), its pending request (or the newest one), and whether this person may file one."""
-    policy = governance.promotion_policy(d.model)
-    protected = governance.is_protected(policy)
-    requests = list(PromotionRequest.objects.filter(deployment=d).order_by("-created_at", "-id")[:1])
-    pending = PromotionRequest.objects.filter(deployment=d, status=PromotionStatus.PENDING).first()
-    roles = user_roles(request.user)
-    return {
-        "protected": protected, "pending": pending, "latest": requests[0] if requests else None,
-        "may_request": (protected and pending is None and d.status in SERVING_ROLLOUT_STATES
-                        and d.mode != RolloutMode.RESTORE and roles_allow(roles, Cap.PROMOTION_REQUEST)),
-        "approvals_given": len(promotions.approvals(pending)) if pending is not None else 0,
-        "approvals_required": policy.approvals_required,
-    }
 

@@ -25,10 +25,19 @@ from django.shortcuts import get_object_or_404, redirect, render, resolve_url
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from deployer import champions
+from deployer import champions, promotions
 from deployer import selectors as deployer_selectors
 from deployer import services as deploy_services
-from deployer.models import ACTIVE_ROLLOUT_STATES, Deployment, Endpoint, RolloutStatus
+from deployer.models import (
+    ACTIVE_ROLLOUT_STATES,
+    SERVING_ROLLOUT_STATES,
+    Deployment,
+    Endpoint,
+    PromotionRequest,
+    PromotionStatus,
+    RolloutMode,
+    RolloutStatus,
+)
 from frontend import hil as hil_evidence
 from frontend.forms import (
     AlertResolveForm,
@@ -48,7 +57,7 @@ from pipelines import hardware
 from pipelines import selectors as pipeline_selectors
 from pipelines.models import ACTIVE_HIL_STATES, TERMINAL_BUILD_STATES, BuildStatus, EngineBuild, HilRun, HilStatus
 from pipelines.services import engine_builds_request, hil_runs_request, hil_waiting_words, planned_variants
-from registry import archives, selectors, services
+from registry import archives, governance, selectors, services
 from registry.audit import Actor
 from registry.models import ApiToken, AuditEvent, ModelVersion, RegisteredModel, VersionStatus
 from registry.roles import CAPABILITIES, Cap, Role, roles_allow
@@ -491,7 +500,25 @@ def _history(d: Deployment) -> list[AuditEvent]:
     return list(deployer_selectors.deployment_history(d))[::-1]  # newest first
 
 
-def _actions(request: HttpRequest, d: Deployment, protected: bool = False) -> list[dict[str, str]]:
+def _promotion(request: HttpRequest, d: Deployment) -> dict[str, Any]:
+    """What the deployment page says about promotion: whether the model is protected (no bare promote button
+    then), its pending request (or the newest one), and whether this person may file one."""
+    policy = governance.promotion_policy(d.model)
+    protected = governance.is_protected(policy)
+    latest = PromotionRequest.objects.filter(deployment=d).first()  # newest first
+    # A deployment has one pending request at most, and no request is filed while one is pending: the newest.
+    pending = latest if latest is not None and latest.status == PromotionStatus.PENDING else None
+    return {
+        "protected": protected, "pending": pending, "latest": latest,
+        "may_request": (protected and pending is None and d.status in SERVING_ROLLOUT_STATES
+                        and d.mode != RolloutMode.RESTORE
+                        and roles_allow(user_roles(request.user), Cap.PROMOTION_REQUEST)),
+        "approvals_given": len(promotions.approvals(pending)) if pending is not None else 0,
+        "approvals_required": policy.approvals_required,
+    }
+
+
+def _actions(request: HttpRequest, d: Deployment, protected: bool) -> list[dict[str, str]]:
     """The buttons this person may press on this deployment now, each with its confirm question (no promote for a
     protected model: its promotion is approved in the approvals inbox)."""
     mine = user_roles(request.user)
@@ -525,9 +552,7 @@ def _deployment_context(request: HttpRequest, d: Deployment) -> dict[str, Any]:
         else:
             state = "pending"
         steps.append({"weight": weight, "state": state})
-    from frontend.approvals import deployment_promotion  # here: frontend.approvals builds on this module
-
-    promotion = deployment_promotion(request, d)
+    promotion = _promotion(request, d)
     return {
         "d": d, "steps": steps, "actions": _actions(request, d, promotion["protected"]), "history": _history(d),
         "promotion": promotion,

@@ -69,11 +69,6 @@ def _setting(name: str) -> float:
     return float(settings.PLATFORM[name])
 
 
-def _url(alert: Alert) -> str:
-    base = str(settings.PLATFORM["BASE_URL"]).rstrip("/")
-    return f"{base}/alerts/{alert.pk}/"
-
-
 def _runbook(version: ModelVersion, kind: str) -> str:
     """The model's own runbook for this kind (tag `runbook.<kind>`), else the platform's."""
     tags = {**version.model.tags, **version.tags}
@@ -90,11 +85,10 @@ def _notify(alert: Alert, event_type: str, actor: Actor = SYSTEM) -> None:
               "model": alert.model.name, "version": alert.version.version, "evidence": alert.evidence,
               "first_seen_at": alert.first_seen_at.isoformat(), "last_seen_at": alert.last_seen_at.isoformat(),
               "owner": alert.owner.get_username() if alert.owner else None}
-    notify.notify(event_type, {
-        "event": event_type, "at": timezone.now().isoformat(), "model": alert.model.name,
-        "version": alert.version.version, "actor": actor.name, "summary": alert.title, "url": _url(alert),
-        "detail": detail, "title": alert.title, "text": alert.summary, "severity": alert.severity, "alert": detail,
-    }, model=alert.model.name)
+    notify.notify(event_type, notify.event_payload(
+        event_type, timezone.now(), model=alert.model.name, version=alert.version.version, actor=actor.name,
+        summary=alert.title, path=f"/alerts/{alert.pk}/", detail=detail,
+        title=alert.title, text=alert.summary, severity=alert.severity, alert=detail), model=alert.model.name)
     Alert.objects.filter(pk=alert.pk).update(last_notified_at=timezone.now())
 
 

@@ -304,25 +304,24 @@ _EVENT_TYPES_HELP = "Event types it gets, of: " + ", ".join(notify.EVENT_TYPES) 
 _MODELS_HELP = "Names of the models whose events it gets. Empty or absent: all models."
 
 
-class ReceiverCreateIn(serializers.Serializer):
+class _SubscriptionIn(serializers.Serializer):
+    event_types = serializers.ListField(child=serializers.CharField(max_length=64), required=False,
+                                        help_text=_EVENT_TYPES_HELP)
+    models = serializers.ListField(child=serializers.CharField(max_length=128), required=False,
+                                   help_text=_MODELS_HELP)
+
+
+class ReceiverCreateIn(_SubscriptionIn):
     name = serializers.CharField(max_length=100)
     kind = serializers.ChoiceField(choices=ReceiverKind.choices)
     url = serializers.CharField(max_length=2000, help_text="http:// or https:// URL the events are POSTed to")
     enabled = serializers.BooleanField(default=True)
-    event_types = serializers.ListField(child=serializers.CharField(max_length=64), required=False,
-                                        help_text=_EVENT_TYPES_HELP)
-    models = serializers.ListField(child=serializers.CharField(max_length=128), required=False,
-                                   help_text=_MODELS_HELP)
 
 
-class ReceiverUpdateIn(serializers.Serializer):
+class ReceiverUpdateIn(_SubscriptionIn):
     name = serializers.CharField(max_length=100, required=False)
     url = serializers.CharField(max_length=2000, required=False)
     enabled = serializers.BooleanField(required=False)
-    event_types = serializers.ListField(child=serializers.CharField(max_length=64), required=False,
-                                        help_text=_EVENT_TYPES_HELP)
-    models = serializers.ListField(child=serializers.CharField(max_length=128), required=False,
-                                   help_text=_MODELS_HELP)
 
 
 class DeliveryOut(serializers.ModelSerializer):

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import Max
 from django.utils import timezone
@@ -183,10 +182,8 @@ def summary_of(event: str, row: AuditEvent, subject: Subject) -> str:
 
 
 def payload_of(event: str, row: AuditEvent, subject: Subject) -> dict[str, Any]:
-    base = str(settings.PLATFORM.get("BASE_URL", "") or "").rstrip("/")
-    return {"event": event, "at": row.at.isoformat(), "model": subject.model, "version": subject.version,
-            "actor": row.actor_name, "summary": summary_of(event, row, subject),
-            "url": f"{base}{subject.path}" if subject.path else "", "detail": row.after or {}}
+    return notify.event_payload(event, row.at, model=subject.model, version=subject.version, actor=row.actor_name,
+                                summary=summary_of(event, row, subject), path=subject.path, detail=row.after or {})
 
 
 def event_id_for(audit_id: int, receiver: Receiver) -> str:
@@ -197,12 +194,7 @@ def event_id_for(audit_id: int, receiver: Receiver) -> str:
 def _cursor() -> None:
     """The cursor row exists (the migration makes it, starting at the end of the log it found; one lost
     since, as a test database's flush loses it, starts from the beginning)."""
-    if not EventCursor.objects.filter(name=CURSOR).exists():
-        try:
-            with transaction.atomic():
-                EventCursor.objects.create(name=CURSOR, last_id=0)
-        except IntegrityError:  # made by another dispatcher meanwhile
-            pass
+    EventCursor.objects.get_or_create(name=CURSOR, defaults={"last_id": 0})
 
 
 def _dispatch(row: AuditEvent) -> int:
@@ -212,10 +204,9 @@ def _dispatch(row: AuditEvent) -> int:
         return 0
     subject = subject_of(row)
     with transaction.atomic():  # a savepoint: a row marked by another pass meanwhile is left to that one
-        mark = DispatchedEvent.objects.create(audit_id=row.pk, event_type=event)
         deliveries = notify.notify(event, payload_of(event, row, subject), model=subject.model,
                                    event_id=lambda receiver: event_id_for(row.pk, receiver))
-        DispatchedEvent.objects.filter(pk=mark.pk).update(deliveries=len(deliveries))
+        DispatchedEvent.objects.create(audit_id=row.pk, event_type=event, deliveries=len(deliveries))
     return len(deliveries)
 
 

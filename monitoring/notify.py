@@ -306,12 +306,18 @@ def _receiver_view(r: Receiver) -> dict[str, Any]:
             "event_types": list(r.event_types), "models": list(r.model_names)}
 
 
+def _subscription_list(values: Any, field: str, what: str) -> list[Any]:
+    """A subscription's list as given (None: []), refused unless it is a list or tuple."""
+    if values is None:
+        return []
+    if isinstance(values, str) or not isinstance(values, list | tuple):
+        raise NotifyError(f"{field} must be a list of {what} (empty: all), got {values!r}")
+    return list(values)
+
+
 def _valid_event_types(event_types: Any) -> list[str]:
     """The subscription's event types, each one of EVENT_TYPES, sorted and without repeats; [] is all."""
-    if event_types is None:
-        return []
-    if isinstance(event_types, str) or not isinstance(event_types, list | tuple):
-        raise NotifyError(f"event_types must be a list of event types (empty: all), got {event_types!r}")
+    event_types = _subscription_list(event_types, "event_types", "event types")
     unknown = sorted({str(t) for t in event_types} - EVENT_TYPES.keys())
     if unknown:
         raise NotifyError(f"unknown event type{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))}: "
@@ -322,11 +328,7 @@ def _valid_event_types(event_types: Any) -> list[str]:
 def _valid_model_names(names: Any) -> list[str]:
     """The subscription's model names, sorted and without repeats; [] is all. A model need not exist yet:
     a team subscribes before its first version is registered."""
-    if names is None:
-        return []
-    if isinstance(names, str) or not isinstance(names, list | tuple):
-        raise NotifyError(f"models must be a list of model names (empty: all), got {names!r}")
-    cleaned = {str(n).strip() for n in names}
+    cleaned = {str(n).strip() for n in _subscription_list(names, "models", "model names")}
     bad = sorted(n for n in cleaned if not n or len(n) > 128)
     if bad:
         raise NotifyError(f"models: a model name has 1 to 128 characters, got {', '.join(map(repr, bad))}")
@@ -396,11 +398,11 @@ def receiver_update(actor: Actor, receiver: Receiver, *, name: str | None = None
     if enabled is not None and enabled != current.enabled:
         current.enabled = enabled
         changed.append("enabled")
-    if event_types is not None and _valid_event_types(event_types) != list(current.event_types):
-        current.event_types = _valid_event_types(event_types)
+    if event_types is not None and (types := _valid_event_types(event_types)) != list(current.event_types):
+        current.event_types = types
         changed.append("event_types")
-    if models is not None and _valid_model_names(models) != list(current.model_names):
-        current.model_names = _valid_model_names(models)
+    if models is not None and (names := _valid_model_names(models)) != list(current.model_names):
+        current.model_names = names
         changed.append("model_names")
     if changed:
         try:
@@ -420,6 +422,15 @@ def receiver_delete(actor: Actor, receiver: Receiver) -> None:
     audit_record(actor, "receiver.delete", "receiver", receiver.pk, before=_receiver_view(receiver),
                  after={"deliveries_deleted": deliveries})
     Receiver.objects.filter(pk=receiver.pk).delete()
+
+
+def event_payload(event: str, at: datetime, *, model: str | None, version: int | None, actor: str, summary: str,
+                  path: str, detail: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """What every event's delivery carries (alerts add their own fields as `extra`); `url` is `path` on the
+    platform's BASE_URL ("" without a path)."""
+    base = str(settings.PLATFORM.get("BASE_URL", "") or "").rstrip("/")
+    return {"event": event, "at": at.isoformat(), "model": model, "version": version, "actor": actor,
+            "summary": summary, "url": f"{base}{path}" if path else "", "detail": detail, **extra}
 
 
 def _delivery_create(receiver: Receiver, event_type: str, payload: dict[str, Any],
@@ -453,7 +464,9 @@ def receiver_test(actor: Actor, receiver: Receiver) -> Delivery:
 def subscribed(event_type: str, model: str | None) -> QuerySet[Receiver]:
     """The enabled receivers whose subscription takes this event: its type listed (or all types) and its
     model listed (or all models; an event about no model reaches only those)."""
-    of_model = Q(model_names=[]) | (Q(model_names__contains=[model]) if model else Q(pk__in=[]))
+    of_model = Q(model_names=[])
+    if model:
+        of_model |= Q(model_names__contains=[model])
     return Receiver.objects.filter(of_model, Q(event_types=[]) | Q(event_types__contains=[event_type]),
                                    enabled=True)
 

@@ -80,8 +80,7 @@ class CpuSplit:
     clients: tuple[int, ...]
 
     def words(self) -> str:
-        return (f"Triton on CPU{'s' if len(self.server) > 1 else ''} {_cpu_list(self.server)}, the load clients on "
-                f"CPU{'s' if len(self.clients) > 1 else ''} {_cpu_list(self.clients)}")
+        return f"Triton on {_cpus(self.server)}, the load clients on {_cpus(self.clients)}"
 
 
 def cpu_split(available: Sequence[int] | None = None) -> CpuSplit | None:
@@ -95,8 +94,8 @@ def cpu_split(available: Sequence[int] | None = None) -> CpuSplit | None:
     return CpuSplit(server=tuple(cpus[:-clients]), clients=tuple(cpus[-clients:]))
 
 
-def _cpu_list(cpus: Sequence[int]) -> str:
-    return ", ".join(map(str, cpus))
+def _cpus(cpus: Sequence[int]) -> str:
+    return f"CPU{'s' if len(cpus) > 1 else ''} {', '.join(map(str, cpus))}"
 
 
 @dataclass
